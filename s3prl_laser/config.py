@@ -1,0 +1,237 @@
+"""The fine-tuning configuration: one dataclass with every default, plus YAML merging.
+
+Resolution order (dinov2 style): dataclass defaults < the upstream's preset
+(``upstream_configs/<upstream>_laser.yaml``) < ``--demo`` preset (``demo.yaml``) < a user YAML
+(``--config``) < ``key=value`` overrides. Each override value is parsed with ``yaml.safe_load``
+(so ``lr=1e-4`` is a float and ``speed_factors=[0.9,1.1]`` a list), never ``eval``.
+
+Example::
+
+    >>> cfg = resolve_config("hubert", overrides=["steps=10", "lr=1e-4"])
+    >>> cfg.steps, cfg.lr, cfg.alpha
+    (10, 0.0001, 0.4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+UPSTREAMS = ("hubert", "wavlm")
+PRESET_PACKAGE = "s3prl_laser.upstream_configs"
+
+
+@dataclass
+class LaserConfig:
+    """Every knob of a LASER fine-tuning run, with the paper's HuBERT recipe as defaults."""
+
+    # --- model ---
+    upstream: str = "hubert"  # base SSL model family: "hubert" or "wavlm"
+    ckpt: str | None = None  # base checkpoint path/URL; None = s3prl's hubert_base / wavlm_base download
+    trainable_layers: int = 2  # top transformer layers that are trained (the rest is frozen)
+    train_final_layer_norm: bool = True  # also train the encoder's final layer norm
+    proj_dim: int = 256  # projection head output size (Linear 768 -> 256, then L2 norm)
+    # --- loss ---
+    loss_type: str = "softdtw_lav"  # "softdtw_lav" (divergence + contrastive-IDM) or "softdtw" (ablation)
+    gamma: float = 0.1  # soft-DTW smoothing
+    alpha: float = 0.4  # weight of the temporal regulariser
+    sigma: int = 0  # regulariser window: |i - j| <= sigma counts as a neighbour
+    margin: float = 1.1  # regulariser margin for non-neighbour frames
+    bandwidth: int | None = None  # Sakoe-Chiba band for soft-DTW; None = full matrix (paper)
+    softdtw_backend: str = "auto"  # "auto" (Triton on GPU), or a backend name of s3prl_laser.softdtw
+    # --- perturbation (second view) ---
+    speed_factors: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])  # speed factor choices
+    pitch_semitones: float = 2.0  # pitch shift of +/- this many semitones (50/50)
+    swap_prob: float = 0.5  # probability of swapping the (clean, perturbed) pair
+    # --- data ---
+    data: str | None = None  # LibriSpeech root, audio folder or manifest file
+    data_subsets: list[str] = field(default_factory=lambda: ["train-clean-100"])  # LibriSpeech splits
+    sample_rate: int = 16000  # audio must be at this rate (LibriSpeech is 16 kHz)
+    # Random crop length. The paper and the official code do not crop: LibriSpeech train-clean-100 clips
+    # are at most 24.5 s (median 14 s), so 16 s leaves 95 % of clips whole and bounds the soft-DTW
+    # cost (frames^2) and the memory of one batch; set null to disable.
+    max_seconds: float | None = 16.0
+    min_samples: int = 400  # clips shorter than this (one conv receptive field) are skipped
+    bucket_batches: int = 50  # length bucketing: sort chunks of this many batches by length
+    num_workers: int = 2  # DataLoader workers (perturbation runs in them, on the CPU)
+    # --- optimisation ---
+    steps: int = 3600  # optimizer steps (3600 x 8 pairs is about one epoch of train-clean-100)
+    batch_size: int = 8  # pairs per optimizer step (per process under DDP: the global batch is N x this)
+    lr: float = 2e-5  # AdamW peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default)
+    warmup_steps: int = 1000  # linear warm-up steps, then linear decay to 0 at `steps`
+    grad_clip: float = 1.0  # gradient clipping by global norm
+    precision: str = "bf16"  # "bf16" autocast on CUDA (soft-DTW in fp32) or "fp32"; CPU always fp32
+    seed: int = 0  # seeds the head init, the data order and the per-clip perturbations
+    # --- bookkeeping ---
+    save_every: int = 500  # write a training checkpoint every this many steps
+    log_every: int = 10  # TensorBoard scalars every this many steps
+    # --- demo report (only with --demo) ---
+    report_clips: int = 8  # held-out clips in the before/after report
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def validate(cfg: LaserConfig) -> None:
+    """Raise ``ValueError`` naming the key when a value is out of range."""
+    if cfg.upstream not in UPSTREAMS:
+        raise ValueError(f"upstream={cfg.upstream!r}: choose one of {UPSTREAMS}")
+    if cfg.loss_type not in ("softdtw_lav", "softdtw"):
+        raise ValueError(f"loss_type={cfg.loss_type!r}: choose 'softdtw_lav' or 'softdtw'")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
+    positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 1")
+    for key in ("lr", "gamma"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} must be > 0")
+    for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 0")
+    if not 0.0 <= cfg.swap_prob <= 1.0:
+        raise ValueError(f"swap_prob={cfg.swap_prob!r} must be in [0, 1]")
+    if not cfg.speed_factors or any(f <= 0 for f in cfg.speed_factors):
+        raise ValueError(f"speed_factors={cfg.speed_factors!r} must be a non-empty list of positive numbers")
+    if not cfg.data_subsets:
+        raise ValueError("data_subsets must name at least one LibriSpeech split, e.g. [train-clean-100]")
+    if cfg.max_seconds is not None and cfg.max_seconds * cfg.sample_rate < max(cfg.min_samples, 1):
+        raise ValueError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")
+
+
+def config_keys() -> list[str]:
+    """Names of all configuration keys, in declaration order."""
+    return [f.name for f in dataclasses.fields(LaserConfig)]
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """Read ``upstream_configs/<name>.yaml`` shipped with the package (works after ``pip install``)."""
+    resource = importlib.resources.files(PRESET_PACKAGE) / f"{name}.yaml"
+    if not resource.is_file():
+        raise ValueError(f"no preset {name}.yaml in {PRESET_PACKAGE}; is the package installed correctly?")
+    return _as_mapping(yaml.safe_load(resource.read_text()), f"preset {name}.yaml")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a user configuration YAML (a flat mapping of config keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    return _as_mapping(yaml.safe_load(path.read_text()), str(path))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``."""
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return parsed
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
+    """Return ``base`` updated with ``update``; an unknown key raises ``ValueError`` naming it and ``source``."""
+    known = set(config_keys())
+    for key in update:
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}")
+    return {**base, **update}
+
+
+def resolve_config(
+    upstream: str,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    demo: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> LaserConfig:
+    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides."""
+    if upstream not in UPSTREAMS:
+        raise ValueError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
+    values: dict[str, Any] = {"upstream": upstream}
+    values = merge(values, read_preset(f"{upstream}_laser"), f"{upstream}_laser.yaml")
+    if demo:
+        values = merge(values, read_preset("demo"), "demo.yaml")
+    if config_file is not None:
+        values = merge(values, read_yaml(config_file), str(config_file))
+    values = merge(values, extra or {}, "command-line flags")
+    values = merge(values, parse_overrides(overrides or []), "key=value overrides")
+    return from_dict(values)
+
+
+def from_dict(values: dict[str, Any]) -> LaserConfig:
+    """Build a validated ``LaserConfig``, coercing YAML scalars to the declared types."""
+    values = merge({}, values, "config")
+    coerced = {}
+    for f in dataclasses.fields(LaserConfig):
+        if f.name in values:
+            coerced[f.name] = _coerce(f.name, values[f.name], f.default, f.default_factory)
+    return LaserConfig(**coerced)
+
+
+def to_dict(cfg: LaserConfig) -> dict[str, Any]:
+    """Plain-dict view (YAML/JSON/``torch.save(weights_only)`` friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def write_config(cfg: LaserConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (reloadable with ``--config``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _coerce(key: str, value: Any, default: Any, factory: Any) -> Any:
+    """Coerce ints to floats where the default is a float; check lists; keep None where allowed."""
+    example = factory() if factory is not dataclasses.MISSING else default
+    if value is None:
+        if example is None or key in ("max_seconds", "bandwidth", "ckpt", "data"):
+            return None
+        raise ValueError(f"{key}: null is not allowed (default {example!r})")
+    if isinstance(example, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be true or false")
+        return value
+    if isinstance(example, list):
+        if not isinstance(value, list):
+            value = [value]
+        if example and isinstance(example[0], float):
+            return [_number(key, v, float) for v in value]
+        return [str(v) for v in value]
+    if isinstance(example, float) or key == "max_seconds":
+        return _number(key, value, float)
+    if isinstance(example, int) or key == "bandwidth":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return _number(key, value, int)
+    if isinstance(example, str) or example is None:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+        raise ValueError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}")
+    return kind(value)
+
+
+def _as_mapping(data: Any, source: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must be a YAML mapping of config keys, got {type(data).__name__}")
+    return data
