@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: tiny HuBERT/WavLM checkpoints built once per session, the bundled demo corpus.
+
+Nothing heavy happens at import time: torch and s3prl are imported inside the fixtures.
+
+- ``tiny_hubert_ckpt`` / ``tiny_wavlm_ckpt``: ``Path`` of a tiny random-init checkpoint (seed 0) in
+  s3prl's own format (HuBERT converted / WavLM cfg+model), 4 layers, 64 dims, frame stride 320 samples.
+  Loadable by ``s3prl.hub.hubert_local(ckpt=str(path))`` / ``wavlm_local`` and by
+  ``torch.load(weights_only=True)``.
+  Treat the files as read-only; build your own variant with ``s3prl_laser.fixtures.build_tiny_*``.
+- ``demo_corpus``: ``Path`` of the bundled LibriSpeech-layout root (``.../LibriSpeech``) with
+  ``train-clean-100``, ``dev-clean``, ``test-clean`` and ``phonemes/<split>.txt``.
+"""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert_ckpt(tmp_path_factory) -> Path:
+    from s3prl_laser.fixtures import build_tiny_hubert
+
+    return build_tiny_hubert(tmp_path_factory.mktemp("tiny_hubert") / "tiny_hubert.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_wavlm_ckpt(tmp_path_factory) -> Path:
+    from s3prl_laser.fixtures import build_tiny_wavlm
+
+    return build_tiny_wavlm(tmp_path_factory.mktemp("tiny_wavlm") / "tiny_wavlm.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus() -> Path:
+    from s3prl_laser.fixtures import demo_corpus_root
+
+    return demo_corpus_root()
