@@ -5,3 +5,22 @@ sub-modules that need them (``s3prl_laser.softdtw``, ``s3prl_laser.finetune``, .
 """
 
 __version__ = "0.1.0"
+
+
+def register() -> tuple[str, ...]:
+    """Put ``hubert_laser`` and ``wavlm_laser`` on ``s3prl.hub`` (imports torch and s3prl).
+
+    The installed start-up hook does this by itself when ``s3prl.hub`` is first imported; call this
+    when embedding s3prl where the hook is not installed (e.g. the package is only on ``PYTHONPATH``).
+
+    Example::
+
+        >>> import s3prl_laser, s3prl.hub
+        >>> s3prl_laser.register()
+        ('hubert_laser', 'wavlm_laser')
+        >>> "hubert_laser" in s3prl.hub.options()
+        True
+    """
+    from s3prl_laser.registration import register as _register
+
+    return _register()

@@ -1,0 +1,97 @@
+"""The ``hubert_laser`` and ``wavlm_laser`` upstream entries, in s3prl's hubconf style.
+
+Each entry is a plain public function returning s3prl's own upstream expert for a LASER-tuned
+checkpoint in s3prl's format (HuBERT "converted": ``task_cfg``, ``model_cfg``, ``model_weight``,
+``dictionaries_symbols``; WavLM: ``cfg``, ``model``), which is what ``python -m s3prl_laser.finetune``
+writes. The expert returns ``{"hidden_states": [x_0, ..., x_L]}`` (each ``[B, T, D]``, CNN output
+after projection plus one state per transformer layer, ``T = ceil(samples / 320)``) and reports a
+downsample rate of 320, exactly like s3prl's stock ``hubert_local`` / ``wavlm_local``.
+
+Checkpoint lookup: ``ckpt`` (``run_downstream.py -k FILE``) when given, else
+``$S3PRL_LASER_HOME/<entry>.pt`` with ``S3PRL_LASER_HOME`` defaulting to ``~/.cache/s3prl_laser``.
+The file is first read with ``torch.load(weights_only=True)``, so a checkpoint holding anything but
+tensors and plain containers is refused before s3prl's expert (which calls ``torch.load`` without
+``weights_only``) reads it, even under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
+
+Example::
+
+    >>> import torch
+    >>> from s3prl_laser.hubconf import hubert_laser
+    >>> upstream = hubert_laser(ckpt="runs/demo/hubert_laser.pt").eval()
+    >>> hidden = upstream([torch.randn(16000)])["hidden_states"]  # list of [1, 50, D]
+"""
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
+from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
+
+HOME_ENV = "S3PRL_LASER_HOME"
+DEFAULT_HOME = "~/.cache/s3prl_laser"
+
+# entry name -> (finetune --upstream value, keys of the checkpoint format, s3prl format name)
+_FORMATS = {
+    "hubert_laser": (
+        "hubert",
+        ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
+        "s3prl HuBERT (converted)",
+    ),
+    "wavlm_laser": ("wavlm", ("cfg", "model"), "s3prl WavLM"),
+}
+
+
+def laser_home() -> Path:
+    """The folder searched when no checkpoint is given: ``$S3PRL_LASER_HOME`` or ``~/.cache/s3prl_laser``."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+
+
+def default_ckpt_path(name: str) -> Path:
+    """Where entry ``name`` (``hubert_laser`` or ``wavlm_laser``) looks without ``ckpt``."""
+    if name not in _FORMATS:
+        raise ValueError(f"unknown LASER entry {name!r}; expected one of {sorted(_FORMATS)}")
+    return laser_home() / f"{name}.pt"
+
+
+def _checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
+    """Resolve the checkpoint path of entry ``name`` and check its format with a weights-only load."""
+    upstream, keys, format_name = _FORMATS[name]
+    path = Path(ckpt).expanduser() if ckpt else default_ckpt_path(name)
+    if not path.is_file():
+        how = "the file given as ckpt (run_downstream -k)" if ckpt else f"the default location (${HOME_ENV})"
+        raise FileNotFoundError(
+            f"{name}: no checkpoint at {path} ({how}). Make one with "
+            f"`python -m s3prl_laser.finetune --upstream {upstream} --out {path.parent}` "
+            f"(it writes {path.parent / f'{name}.pt'}), or pass another file with ckpt=... / -k FILE."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{name}: {path} holds objects other than tensors and plain containers, so it is not loaded "
+            f"(weights-only load refused it: {err})"
+        ) from err
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(
+            f"{name}: {path} is not a checkpoint in {format_name} format (missing keys {missing}; "
+            f"expected {list(keys)}). Pass the file that "
+            f"`python -m s3prl_laser.finetune --upstream {upstream}` writes."
+        )
+    return str(path)
+
+
+def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _HubertExpert:
+    """LASER-tuned HuBERT as an s3prl upstream: s3prl's HuBERT expert on ``ckpt`` (see module doc).
+
+    ``kwds`` go to the expert like in ``hubert_local`` (s3prl's runner passes ``model_config`` and
+    ``refresh``, which it ignores).
+    """
+    return _HubertExpert(_checked_ckpt("hubert_laser", ckpt), **kwds)
+
+
+def wavlm_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _WavLMExpert:
+    """LASER-tuned WavLM as an s3prl upstream: s3prl's WavLM expert on ``ckpt`` (see module doc)."""
+    return _WavLMExpert(_checked_ckpt("wavlm_laser", ckpt), **kwds)
