@@ -1,0 +1,326 @@
+"""Audio data for LASER: find clips, read and crop them, make (clean, perturbed) pairs, bucket by length.
+
+Three kinds of ``--data``:
+
+* a LibriSpeech root (a folder holding ``train-clean-100/`` etc.): the splits named in ``data_subsets``;
+* any other folder: every ``.flac``/``.wav`` below it;
+* a manifest file: one audio path per line (relative paths are relative to the manifest), optionally
+  followed by whitespace and the length in samples (then the file is not opened while scanning).
+
+Every random choice about a clip (crop offset, speed factor, pitch sign, swap) comes from a generator
+seeded by ``(seed, epoch, index)``, so a batch is the same whichever worker builds it and after a resume.
+A clip that cannot be read, or is shorter than ``min_samples`` (before or after perturbation), is skipped
+with a warning and counted in ``PairBatch.skipped``; it never stops the run.
+
+Example::
+
+    >>> items = find_audio("LibriSpeech", ["train-clean-100"])           # doctest: +SKIP
+    >>> sampler = BucketBatchSampler([i.num_samples for i in items], batch_size=8, seed=0)
+    >>> dataset = PairDataset(items, perturb=LaserPerturbation.from_preset("hubert"))  # doctest: +SKIP
+    >>> batch = collate_pairs([dataset[key] for key in next(iter(sampler))])  # doctest: +SKIP
+    >>> batch.wavs.shape  # [2B, T]: the B first views, then the B second views
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile
+import torch
+import torchaudio
+
+logger = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".flac", ".wav")
+LIBRISPEECH_SPLITS = (
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+)
+_SEED_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One audio file and its length in samples at the target rate (``None`` = not known yet)."""
+
+    path: str
+    num_samples: int | None = None
+
+
+@dataclass
+class PairBatch:
+    """A collated batch of pairs.
+
+    Attributes:
+        wavs: ``[2B, T]`` float32, zero-padded; rows ``0..B-1`` are the first views, ``B..2B-1`` the second.
+        lengths: ``[2B]`` int64 valid samples per row.
+        skipped: reason -> number of clips of this batch that were dropped ("unreadable", "too_short").
+        position: ``(epoch, batch)`` of this batch in the sampler's order.
+    """
+
+    wavs: torch.Tensor
+    lengths: torch.Tensor
+    skipped: dict[str, int] = field(default_factory=dict)
+    position: tuple[int, int] = (0, 0)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.wavs.shape[0] // 2
+
+
+def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean-100",)) -> list[AudioItem]:
+    """List the audio of ``source`` (LibriSpeech root, folder or manifest), sorted by path.
+
+    Raises ``ValueError`` naming the path when it does not exist or holds no audio.
+    """
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise ValueError(f"--data {root}: no such file or directory")
+    if root.is_file():
+        items = _read_manifest(root)
+    elif any((root / split).is_dir() for split in LIBRISPEECH_SPLITS):
+        missing = [s for s in subsets if not (root / s).is_dir()]
+        if missing:
+            raise ValueError(
+                f"--data {root} looks like a LibriSpeech root but lacks {missing}; "
+                f"set data_subsets to some of {[s for s in LIBRISPEECH_SPLITS if (root / s).is_dir()]}"
+            )
+        items = [AudioItem(str(p)) for s in subsets for p in _audio_files(root / s)]
+    else:
+        items = [AudioItem(str(p)) for p in _audio_files(root)]
+    if not items:
+        raise ValueError(f"--data {root}: no audio found (looked for {', '.join(AUDIO_SUFFIXES)} files)")
+    return sorted(items, key=lambda item: item.path)
+
+
+def measure_lengths(items: Sequence[AudioItem], sample_rate: int = 16000) -> tuple[list[AudioItem], int]:
+    """Fill in unknown lengths from the file headers; unreadable files are dropped with a warning.
+
+    Returns the kept items and how many were dropped.
+    """
+    kept, dropped = [], 0
+    for item in items:
+        if item.num_samples is not None:
+            kept.append(item)
+            continue
+        try:
+            info = soundfile.info(item.path)
+        except (RuntimeError, OSError) as error:  # soundfile raises LibsndfileError (a RuntimeError)
+            logger.warning("skipping unreadable audio %s: %s", item.path, error)
+            dropped += 1
+            continue
+        kept.append(AudioItem(item.path, math.ceil(info.frames * sample_rate / info.samplerate)))
+    if not kept:
+        raise ValueError(f"none of the {len(items)} audio files could be read (first: {items[0].path})")
+    return kept, dropped
+
+
+def read_audio(path: str, sample_rate: int = 16000) -> torch.Tensor:
+    """Read a file as a mono float32 waveform ``[T]`` at ``sample_rate`` (averaging channels, resampling)."""
+    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    wav = torch.from_numpy(data).mean(dim=1)
+    if rate != sample_rate:
+        wav = torchaudio.functional.resample(wav, rate, sample_rate)
+    return wav
+
+
+def clip_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, epoch, index)`` alone (independent of worker and rank)."""
+    mixed = 0
+    for value, multiplier in zip((seed, epoch, index), _SEED_MIX, strict=True):
+        mixed = (mixed ^ (value * multiplier)) * 0x2545F4914F6CDD1D % (1 << 63)
+    return torch.Generator().manual_seed(mixed)
+
+
+def random_crop(wav: torch.Tensor, max_samples: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Crop ``wav [T]`` to at most ``max_samples`` at a random offset (``None``: no crop)."""
+    if max_samples is None or wav.shape[-1] <= max_samples:
+        return wav
+    start = int(torch.randint(0, wav.shape[-1] - max_samples + 1, (), generator=generator))
+    return wav[..., start : start + max_samples]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (view, view) pairs, indexed by ``(index, epoch, batch)`` keys.
+
+    ``dataset[(i, epoch, batch)]`` reads clip ``i``, crops it, perturbs a copy with
+    ``perturb(wav, generator)`` and swaps the two with probability ``swap_prob``. It returns a dict with
+    ``a``, ``b`` (``[T]`` tensors) or, for a skipped clip, ``a = b = None`` and ``skip`` naming the reason.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[AudioItem],
+        perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        sample_rate: int = 16000,
+        max_seconds: float | None = None,
+        min_samples: int = 400,
+        swap_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.items = list(items)
+        self.perturb = perturb
+        self.sample_rate = sample_rate
+        self.max_samples = None if max_seconds is None else int(max_seconds * sample_rate)
+        self.min_samples = min_samples
+        self.swap_prob = swap_prob
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, batch = key
+        path = self.items[index].path
+        sample = {"a": None, "b": None, "skip": None, "position": (epoch, batch)}
+        try:
+            wav = read_audio(path, self.sample_rate)
+        except (RuntimeError, OSError, ValueError) as error:
+            logger.warning("skipping unreadable audio %s: %s", path, error)
+            return {**sample, "skip": "unreadable"}
+        generator = clip_generator(self.seed, epoch, index)
+        clean = random_crop(wav, self.max_samples, generator)
+        if clean.shape[-1] < self.min_samples:
+            logger.warning("skipping %s: %d samples < min_samples=%d", path, len(clean), self.min_samples)
+            return {**sample, "skip": "too_short"}
+        perturbed = self.perturb(clean, generator)
+        if perturbed.shape[-1] < self.min_samples:
+            logger.warning("skipping %s: perturbed view has %d samples", path, perturbed.shape[-1])
+            return {**sample, "skip": "too_short"}
+        if torch.rand((), generator=generator) < self.swap_prob:
+            clean, perturbed = perturbed, clean
+        return {**sample, "a": clean, "b": perturbed}
+
+
+def collate_pairs(samples: Sequence[dict]) -> PairBatch:
+    """Pad the kept pairs of ``samples`` into one ``[2B, T]`` batch; count the skipped ones."""
+    kept = [s for s in samples if s["skip"] is None]
+    skipped = dict(Counter(s["skip"] for s in samples if s["skip"] is not None))
+    views = [s["a"] for s in kept] + [s["b"] for s in kept]
+    lengths = torch.tensor([v.shape[-1] for v in views], dtype=torch.long)
+    wavs = torch.zeros(len(views), int(lengths.max()) if views else 0)
+    for row, view in enumerate(views):
+        wavs[row, : view.shape[-1]] = view
+    return PairBatch(wavs=wavs, lengths=lengths, skipped=skipped, position=samples[0]["position"])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Endless, deterministic, length-bucketed batches of dataset keys, sharded over DDP ranks.
+
+    Each epoch: shuffle all clips (seeded by ``(seed, epoch)``), cut the order into chunks of
+    ``batch_size * bucket_batches`` clips, sort each chunk by length so that a batch holds clips of
+    similar length (little padding), cut into batches, shuffle the batches. The batches are dealt
+    round-robin to ``world_size`` ranks (the tail that does not divide evenly is dropped, so all ranks
+    take the same number of steps). Iteration starts at ``start = (epoch, batch)`` (for resuming) and
+    yields lists of ``(index, epoch, batch)`` keys for ``PairDataset``.
+
+    Example::
+
+        >>> sampler = BucketBatchSampler([16000, 8000, 24000, 4000], batch_size=2, seed=0)
+        >>> len(next(iter(sampler)))
+        2
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        bucket_batches: int = 50,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.bucket_batches = bucket_batches
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        if self.batches_per_epoch() == 0:
+            raise ValueError(
+                f"{len(self.lengths)} clips make {math.ceil(len(self.lengths) / batch_size)} batches of "
+                f"batch_size={batch_size}, fewer than the {world_size} processes: "
+                "use more data or a smaller batch"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (lists of clip indices) for ``epoch``."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        chunk = self.batch_size * self.bucket_batches
+        batches = []
+        for begin in range(0, len(order), chunk):
+            part = order[begin : begin + chunk]
+            part = part[torch.argsort(self.lengths[part], descending=True, stable=True)]
+            batches += [part[i : i + self.batch_size].tolist() for i in range(0, len(part), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size) // self.world_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, batch = self.start
+        while True:
+            batches = self.epoch_batches(epoch)
+            for number in range(batch, len(batches)):
+                yield [(index, epoch, number) for index in batches[number]]
+            epoch, batch = epoch + 1, 0
+
+
+def next_position(position: tuple[int, int], batches_per_epoch: int) -> tuple[int, int]:
+    """The sampler position right after the batch at ``position``."""
+    epoch, batch = position
+    return (epoch + 1, 0) if batch + 1 >= batches_per_epoch else (epoch, batch + 1)
+
+
+def build_loader(
+    dataset: PairDataset, sampler: BucketBatchSampler, num_workers: int, seed: int = 0
+) -> torch.utils.data.DataLoader:
+    """DataLoader over ``sampler``'s batches; a private generator keeps the global RNG untouched."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_pairs,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+
+
+def _read_manifest(manifest: Path) -> list[AudioItem]:
+    """Parse ``path [num_samples]`` lines; blank lines and ``#`` comments are ignored."""
+    items = []
+    for number, raw in enumerate(manifest.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        length = None
+        if len(parts) == 2 and parts[1].isdigit():
+            line, length = parts[0], int(parts[1])
+        path = Path(line).expanduser()
+        path = path if path.is_absolute() else manifest.parent / path
+        if Path(line).suffix.lower() not in AUDIO_SUFFIXES:
+            raise ValueError(f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path")
+        items.append(AudioItem(str(path), length))
+    return items
