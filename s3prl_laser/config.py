@@ -139,11 +139,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
-    """Return ``base`` updated with ``update``; an unknown key raises ``ValueError`` naming it and ``source``."""
+    """Return ``base`` updated with ``update``; an unknown key raises ``ValueError`` naming it."""
     known = set(config_keys())
     for key in update:
         if key not in known:
-            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}"
+            )
     return {**base, **update}
 
 
@@ -224,7 +226,8 @@ def _number(key: str, value: Any, kind: type) -> Any:
             value = kind(value)
         except ValueError:
             raise ValueError(f"{key}={value!r} must be a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+    wrong_type = not isinstance(value, (int, float)) or (kind is int and isinstance(value, float))
+    if isinstance(value, bool) or wrong_type:
         raise ValueError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}")
     return kind(value)
 
