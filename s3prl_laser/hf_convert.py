@@ -40,7 +40,7 @@ from __future__ import annotations
 import ast
 import pickle
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -388,7 +388,3 @@ def feature_extractor(ckpt: S3prlCheckpoint, config):
         return_attention_mask=config.feat_extract_norm == "layer",
     )
 
-
-def describe(ckpt: S3prlCheckpoint) -> dict:
-    """A small JSON-able summary of what is exported (for the CLI)."""
-    return {k: v for k, v in asdict(ckpt).items() if k not in ("state_dict", "model_cfg")}

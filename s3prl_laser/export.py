@@ -1,0 +1,150 @@
+"""Export a LASER-tuned (or any s3prl) HuBERT/WavLM checkpoint as a Hugging Face ``transformers`` model.
+
+Command line::
+
+    python -m s3prl_laser.export --ckpt OUT/hubert_laser.pt --to hf DIR [--upstream hubert] [--verify]
+
+``DIR`` becomes a ``save_pretrained`` directory: ``config.json``, ``model.safetensors`` and
+``preprocessor_config.json`` (a ``Wav2Vec2FeatureExtractor``), loadable offline with
+``transformers.AutoModel.from_pretrained(DIR)`` and ``AutoFeatureExtractor.from_pretrained(DIR)``.
+``--verify`` then runs s3prl's stock expert (``s3prl.hub.hubert_local`` / ``wavlm_local``) and the
+exported model on the same random waveforms and checks every hidden state (see :func:`verify_export`).
+
+Layer correspondence: ``hf(...).hidden_states[i]`` is s3prl's ``hidden_states[i]`` for every i, L + 1 of
+them for L layers: index 0 is the input of layer 0 (after the positional convolution, and after the
+encoder layer norm when ``layer_norm_first=False``), index i the output of layer i - 1, and the last
+index the encoder output (after the final encoder layer norm when ``layer_norm_first=True``).
+
+Example::
+
+    >>> from s3prl_laser.export import export_to_hf
+    >>> export_to_hf("runs/demo/hubert_laser.pt", "hf/hubert_laser")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from s3prl_laser.hf_convert import UPSTREAMS, feature_extractor, load_s3prl_checkpoint, to_hf_model
+
+VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
+VERIFY_TOLERANCE = 1e-4  # largest |hf - s3prl| accepted by --verify, in float32 on the CPU
+
+
+def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = None) -> list[str]:
+    """Convert ``ckpt`` and write model, config and feature extractor into ``out_dir``.
+
+    Args:
+        ckpt: s3prl HuBERT "converted" or WavLM checkpoint (format detected from its keys).
+        out_dir: target directory (created; existing files of the same names are replaced).
+        upstream: ``"hubert"``/``"wavlm"`` to insist on a format.
+
+    Returns:
+        the s3prl keys that were not exported (HuBERT's ``final_proj``/``label_embs_concat``).
+    """
+    state = load_s3prl_checkpoint(ckpt, upstream)
+    model = to_hf_model(state)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    feature_extractor(state, model.config).save_pretrained(out_dir)
+    return model.s3prl_dropped_keys
+
+
+def verify_waveforms(seconds=VERIFY_SECONDS, sample_rate: int = 16000, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded test waveforms ``[T_i]``: a chirp plus noise, peak about 0.5, one per entry of ``seconds``."""
+    gen = torch.Generator().manual_seed(seed)
+    wavs = []
+    for sec in seconds:
+        t = torch.arange(int(sec * sample_rate)) / sample_rate
+        chirp = torch.sin(2 * math.pi * (100 + 400 * t) * t)
+        wavs.append(0.4 * chirp + 0.1 * torch.randn(t.shape, generator=gen))
+    return wavs
+
+
+@torch.no_grad()
+def s3prl_hidden_states(ckpt: str | Path, upstream: str, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hidden states ``[B, T, D]`` (L + 1 of them) of s3prl's stock expert on waveforms ``[T_i]``."""
+    import s3prl.hub
+
+    expert = getattr(s3prl.hub, f"{upstream}_local")(ckpt=str(ckpt)).eval()
+    return list(expert(wavs)["hidden_states"])
+
+
+@torch.no_grad()
+def hf_hidden_states(hf_dir: str | Path, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hidden states ``[B, T, D]`` of the exported model, input prepared by its saved feature extractor."""
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    extractor = AutoFeatureExtractor.from_pretrained(hf_dir)
+    model = AutoModel.from_pretrained(hf_dir).eval()
+    inputs = extractor(
+        [w.numpy() for w in wavs], sampling_rate=extractor.sampling_rate, padding=True, return_tensors="pt"
+    )
+    return list(model(**inputs, output_hidden_states=True).hidden_states)
+
+
+def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = None) -> list[float]:
+    """Largest absolute difference per hidden state between s3prl's expert and the export.
+
+    Each waveform of :func:`verify_waveforms` is run on its own (batch of one, no padding) through
+    ``s3prl.hub.<upstream>_local(ckpt=...)`` and through ``AutoFeatureExtractor`` + ``AutoModel`` loaded
+    from ``hf_dir``, both in eval mode.
+
+    Returns:
+        one float per hidden state (L + 1), the maximum over the waveforms.
+    """
+    state = load_s3prl_checkpoint(ckpt, upstream)
+    worst: list[float] = []
+    for wav in verify_waveforms(sample_rate=state.sample_rate):
+        ref = s3prl_hidden_states(ckpt, state.upstream, [wav])
+        out = hf_hidden_states(hf_dir, [wav])
+        if len(ref) != len(out):
+            raise ValueError(f"{hf_dir}: {len(out)} hidden states, s3prl's expert gives {len(ref)}")
+        errors = [(r - o).abs().max().item() for r, o in zip(ref, out, strict=True)]
+        worst = [max(a, b) for a, b in zip(worst, errors, strict=True)] if worst else errors
+    return worst
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m s3prl_laser.export",
+        description="Export an s3prl HuBERT/WavLM checkpoint (e.g. OUT/hubert_laser.pt) to transformers.",
+    )
+    parser.add_argument("--ckpt", type=Path, required=True, help="s3prl HuBERT/WavLM checkpoint")
+    parser.add_argument("--to", choices=["hf"], required=True, help="export format (hf: transformers)")
+    parser.add_argument("out_dir", type=Path, help="output directory (save_pretrained layout)")
+    parser.add_argument("--upstream", choices=UPSTREAMS, help="checkpoint format; default: detect from keys")
+    parser.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help=f"compare every hidden state with s3prl's expert; fail above {VERIFY_TOLERANCE:g}",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.out_dir} is not empty; pass --overwrite to replace its files")
+    dropped = export_to_hf(args.ckpt, args.out_dir, args.upstream)
+    print(f"exported {args.ckpt} -> {args.out_dir}")
+    if dropped:
+        print(f"not exported (pre-training heads, not part of the transformers model): {', '.join(dropped)}")
+    if args.verify:
+        errors = verify_export(args.ckpt, args.out_dir, args.upstream)
+        for i, err in enumerate(errors):
+            print(f"hidden_states[{i}]: max |hf - s3prl| = {err:.3g}")
+        if max(errors) > VERIFY_TOLERANCE:
+            print(f"FAILED: difference above {VERIFY_TOLERANCE:g}")
+            return 1
+        print(f"verified: all {len(errors)} hidden states within {VERIFY_TOLERANCE:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
