@@ -33,6 +33,7 @@ class _RegisteringLoader:
     def exec_module(self, module):
         self._loader.exec_module(module)
         self._watcher.remove()
+        module.__loader__ = module.__spec__.loader = self._loader  # leave no trace of the wrapper
         from s3prl_laser.registration import register_into
 
         register_into(module)
