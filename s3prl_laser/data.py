@@ -289,7 +289,11 @@ def next_position(position: tuple[int, int], batches_per_epoch: int) -> tuple[in
 
 
 def build_loader(
-    dataset: PairDataset, sampler: BucketBatchSampler, num_workers: int, seed: int = 0
+    dataset: PairDataset,
+    sampler: BucketBatchSampler,
+    num_workers: int,
+    seed: int = 0,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> torch.utils.data.DataLoader:
     """DataLoader over ``sampler``'s batches; a private generator keeps the global RNG untouched."""
     return torch.utils.data.DataLoader(
@@ -298,7 +302,7 @@ def build_loader(
         collate_fn=collate_pairs,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
+        worker_init_fn=worker_init_fn,
         prefetch_factor=2 if num_workers > 0 else None,
     )
 

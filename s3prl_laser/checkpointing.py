@@ -1,0 +1,76 @@
+"""Training checkpoints: one plain dict per file, written atomically, loaded with ``weights_only=True``.
+
+A checkpoint (nanoGPT style) holds::
+
+    {"model": {name: tensor} (trainable upstream parameters only), "head": head state_dict,
+     "optimizer": ..., "scheduler": ..., "step": int, "config": dict, "rng": [per-rank RNG states],
+     "data_position": {"epoch": int, "batch": int}, "counters": {reason: int}, "world_size": int}
+
+Files are ``OUT/checkpoints/step_0000500.pt``; the newest ``keep`` files are kept.
+
+Example::
+
+    >>> save_checkpoint(state, out_dir, step=500)          # doctest: +SKIP
+    >>> state = load_checkpoint(latest_checkpoint(out_dir))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from s3prl_laser.upstream import save_s3prl_checkpoint
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def checkpoint_path(out: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(out) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the run's training checkpoints, oldest first."""
+    folder = checkpoint_dir(out)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(state: dict, out: str | os.PathLike, step: int, keep: int = 2) -> Path:
+    """Write ``state`` atomically (temp file + rename) as step ``step``; keep only the newest ``keep``."""
+    path = save_s3prl_checkpoint(state, checkpoint_path(out, step))
+    for _, old in list_checkpoints(out)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a training checkpoint on the CPU without executing code (``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process' RNG states as tensors (CPU generator, and the CUDA one of ``device`` if any)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
