@@ -1,0 +1,198 @@
+"""Data: finding audio, reading/cropping/perturbing pairs, skip accounting, the bucketing sampler."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from s3prl_laser.data import (
+    AudioItem,
+    BucketBatchSampler,
+    PairDataset,
+    collate_pairs,
+    find_audio,
+    measure_lengths,
+    next_position,
+    random_crop,
+)
+from s3prl_laser.perturb import LaserPerturbation
+
+
+def write_wav(path: Path, samples: int, rate: int = 16000, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    soundfile.write(path, (0.1 * rng.standard_normal(samples)).astype("float32"), rate)
+    return path
+
+
+def test_librispeech_root_uses_the_requested_splits(demo_corpus):
+    train = find_audio(demo_corpus, ["train-clean-100"])
+    held_out = find_audio(demo_corpus, ["dev-clean", "test-clean"])
+    on_disk = sorted(str(p) for p in (demo_corpus / "train-clean-100").rglob("*.flac"))
+    assert [item.path for item in train] == on_disk
+    assert not {item.path for item in train} & {item.path for item in held_out}
+    assert all("/dev-clean/" in i.path or "/test-clean/" in i.path for i in held_out)
+    with pytest.raises(ValueError, match="train-other-500"):
+        find_audio(demo_corpus, ["train-other-500"])
+
+
+def test_folder_tree_and_manifest(tmp_path):
+    a = write_wav(tmp_path / "clips" / "x" / "a.wav", 1600)
+    b = write_wav(tmp_path / "clips" / "b.flac", 3200)
+    (tmp_path / "clips" / "notes.txt").write_text("not audio")
+    assert [i.path for i in find_audio(tmp_path / "clips")] == sorted([str(a), str(b)])
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# clips\nclips/x/a.wav 1600\n\n{b}\n")
+    items = find_audio(manifest)
+    assert items == sorted([AudioItem(str(tmp_path / "clips/x/a.wav"), 1600), AudioItem(str(b))], key=str)
+    measured, dropped = measure_lengths(items)
+    assert dropped == 0 and {i.num_samples for i in measured} == {1600, 3200}
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path / "nowhere")):
+        find_audio(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty.*no audio"):
+        find_audio(tmp_path / "empty")
+    (tmp_path / "bad.txt").write_text("clip.mp3\n")
+    with pytest.raises(ValueError, match=r"bad\.txt, line 1"):
+        find_audio(tmp_path / "bad.txt")
+
+
+def test_unreadable_files_are_dropped_while_measuring(tmp_path):
+    good = write_wav(tmp_path / "good.wav", 800)
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"this is not a flac file")
+    kept, dropped = measure_lengths([AudioItem(str(bad)), AudioItem(str(good))])
+    assert kept == [AudioItem(str(good), 800)] and dropped == 1
+
+
+def test_lengths_are_counted_at_the_target_rate(tmp_path):
+    clip = write_wav(tmp_path / "8k.wav", 4000, rate=8000)
+    [item], _ = measure_lengths([AudioItem(str(clip))], sample_rate=16000)
+    assert item.num_samples == 8000
+    dataset = PairDataset([item], LaserPerturbation([1.0], 0.0), swap_prob=0.0)
+    assert dataset[(0, 0, 0)]["a"].shape[-1] == 8000
+
+
+def make_dataset(tmp_path, lengths, **kwargs):
+    items = [AudioItem(str(write_wav(tmp_path / f"{i}.wav", n, seed=i)), n) for i, n in enumerate(lengths)]
+    perturb = kwargs.pop("perturb", LaserPerturbation([0.9, 1.0, 1.1], pitch_semitones=2))
+    return PairDataset(items, perturb, **kwargs)
+
+
+def test_pairs_are_deterministic_per_clip_and_epoch(tmp_path):
+    dataset = make_dataset(tmp_path, [24000], max_seconds=0.5)
+    first, again, other = dataset[(0, 0, 0)], dataset[(0, 0, 5)], dataset[(0, 1, 0)]
+    torch.testing.assert_close(first["a"], again["a"])
+    torch.testing.assert_close(first["b"], again["b"])
+    assert not (first["a"].shape == other["a"].shape and torch.equal(first["a"], other["a"]))
+
+
+def test_crop_and_speed_ratio(tmp_path):
+    dataset = make_dataset(
+        tmp_path, [40000], max_seconds=1.0, swap_prob=0.0, perturb=LaserPerturbation([0.8], 0.0)
+    )
+    wav = torch.from_numpy(soundfile.read(dataset.items[0].path, dtype="float32")[0])
+    for epoch in range(4):
+        sample = dataset[(0, epoch, 0)]
+        clean, perturbed = sample["a"], sample["b"]
+        assert clean.shape[-1] == 16000
+        starts = [s for s in range(40000 - 16000 + 1) if torch.equal(wav[s : s + 16000], clean)]
+        assert len(starts) == 1
+        assert perturbed.shape[-1] == math.ceil(16000 / 0.8)
+
+
+def test_swap_probability_extremes(tmp_path):
+    keep = make_dataset(tmp_path, [8000], swap_prob=0.0, perturb=LaserPerturbation([1.1], 0.0))
+    swap = make_dataset(tmp_path, [8000], swap_prob=1.0, perturb=LaserPerturbation([1.1], 0.0))
+    kept, swapped = keep[(0, 0, 0)], swap[(0, 0, 0)]
+    assert kept["a"].shape[-1] == 8000 and kept["b"].shape[-1] == math.ceil(8000 / 1.1)
+    torch.testing.assert_close(swapped["a"], kept["b"])
+    torch.testing.assert_close(swapped["b"], kept["a"])
+
+
+def test_half_of_the_pairs_are_swapped(tmp_path):
+    dataset = make_dataset(tmp_path, [1600], perturb=LaserPerturbation([1.1], 0.0))
+    swapped = sum(dataset[(0, epoch, 0)]["a"].shape[-1] != 1600 for epoch in range(400))
+    assert 150 < swapped < 250  # Binomial(400, 0.5): 5 standard deviations either side
+
+
+def test_short_and_unreadable_clips_are_skipped_and_counted(tmp_path):
+    dataset = make_dataset(tmp_path, [399, 4000, 420], perturb=LaserPerturbation([1.2], 0.0))
+    bad = tmp_path / "corrupt.flac"
+    bad.write_bytes(b"\x00" * 100)
+    dataset.items.append(AudioItem(str(bad), 4000))  # length from a manifest: not opened while scanning
+    batch = collate_pairs([dataset[(i, 0, 3)] for i in range(4)])
+    # 399 samples < 400; 420 samples at speed 1.2 -> 350 < 400; the corrupt file cannot be read.
+    assert batch.skipped == {"too_short": 2, "unreadable": 1}
+    assert batch.num_pairs == 1 and batch.position == (0, 3)
+
+
+def test_collate_pads_first_views_then_second_views():
+    samples = [
+        {"a": torch.ones(5), "b": torch.full((3,), 2.0), "skip": None, "position": (1, 2)},
+        {"a": None, "b": None, "skip": "too_short", "position": (1, 2)},
+        {"a": torch.full((2,), 3.0), "b": torch.full((6,), 4.0), "skip": None, "position": (1, 2)},
+    ]
+    batch = collate_pairs(samples)
+    assert batch.wavs.shape == (4, 6) and batch.lengths.tolist() == [5, 2, 3, 6]
+    assert batch.wavs[1].tolist() == [3, 3, 0, 0, 0, 0] and batch.wavs[2].tolist() == [2, 2, 2, 0, 0, 0]
+    empty = collate_pairs([samples[1]])
+    assert empty.num_pairs == 0 and empty.skipped == {"too_short": 1}
+
+
+def test_random_crop_keeps_short_clips():
+    wav = torch.arange(10.0)
+    assert torch.equal(random_crop(wav, 20, torch.Generator()), wav)
+    assert torch.equal(random_crop(wav, None, torch.Generator()), wav)
+
+
+def epoch_of(sampler, epoch):
+    return [[key[0] for key in batch] for batch in sampler.epoch_batches(epoch)]
+
+
+def test_sampler_covers_every_clip_once_per_epoch_and_buckets_by_length():
+    lengths = torch.randint(1000, 100000, (103,), generator=torch.Generator().manual_seed(1)).tolist()
+    sampler = BucketBatchSampler(lengths, batch_size=8, bucket_batches=100, seed=3)
+    batches = sampler.epoch_batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    # One chunk holds every clip: each batch is a run of consecutive clips in length order.
+    order = sorted(range(103), key=lambda i: -lengths[i])
+    rank_of = {i: r for r, i in enumerate(order)}
+    for batch in batches:
+        ranks = sorted(rank_of[i] for i in batch)
+        assert ranks == list(range(ranks[0], ranks[0] + len(batch)))
+    assert sampler.epoch_batches(1) != batches
+
+
+def test_sampler_shards_are_disjoint_and_equal_sized():
+    lengths = list(range(1000, 1000 + 37))
+    shards = [
+        BucketBatchSampler(lengths, 4, 2, seed=0, rank=r, world_size=3).epoch_batches(0) for r in range(3)
+    ]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 3  # 10 batches -> 3 per rank, 1 dropped
+    flat = [i for s in shards for b in s for i in b]
+    assert len(flat) == len(set(flat))
+    with pytest.raises(ValueError, match="processes"):
+        BucketBatchSampler(lengths[:4], 4, world_size=2)
+
+
+def test_sampler_resumes_at_a_position():
+    lengths = list(range(500, 530))
+    sampler = BucketBatchSampler(lengths, 4, 2, seed=5)
+    per_epoch = sampler.batches_per_epoch()
+    stream = iter(sampler)
+    straight = [next(stream) for _ in range(per_epoch + 3)]
+    position = (0, 0)
+    for _ in range(per_epoch + 1):
+        position = next_position(position, per_epoch)
+    assert position == (1, 1)
+    resumed = iter(BucketBatchSampler(lengths, 4, 2, seed=5, start=position))
+    assert [next(resumed) for _ in range(2)] == straight[per_epoch + 1 :]
+    assert all(key[1:] == (1, n + 1) for n, batch in enumerate(straight[per_epoch + 1 :]) for key in batch)
