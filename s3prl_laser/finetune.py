@@ -114,7 +114,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             from s3prl_laser.report import demo_report
 
-            demo_report(cfg, parts.base, parts.head, out)
+            base, head, _ = build_upstream(cfg)  # the untuned model, as training started
+            demo_report(cfg, (base.to(env.device), head.to(env.device)), (parts.base, parts.head), out)
     return 0
 
 
@@ -288,16 +289,21 @@ class Parts:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
-    """Load and freeze the upstream; add the head, loss, AdamW and schedule (DDP-wrapped if distributed)."""
+def build_upstream(cfg: LaserConfig) -> tuple[nn.Module, ProjectionHead, int]:
+    """The upstream frozen by name, a freshly seeded projection head, and the upstream's trainable count."""
     from s3prl_laser.upstream import load_base_model
 
-    torch.manual_seed(cfg.seed)
     base = load_base_model(cfg.upstream, cfg.ckpt)
-    n_base = base.freeze(
-        trainable_layers=cfg.trainable_layers, train_final_layer_norm=cfg.train_final_layer_norm
-    )
-    head = ProjectionHead(base.hidden_size, cfg.proj_dim)
+    n_base = base.freeze(cfg.trainable_layers, train_final_layer_norm=cfg.train_final_layer_norm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = ProjectionHead(base.hidden_size, cfg.proj_dim)
+    return base, head, n_base
+
+
+def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
+    """Load and freeze the upstream; add the head, loss, AdamW and schedule (DDP-wrapped if distributed)."""
+    base, head, n_base = build_upstream(cfg)
     model = LaserModel(base, head).to(env.device)
     model.train()
     n_head = sum(p.numel() for p in head.parameters())
