@@ -13,20 +13,20 @@ layers (WavLM: with its gated relative position bias), encoder layer norm. HuBER
 
 Option correspondence (s3prl/fairseq -> transformers config):
 
-==============================  ==========================================================
-``extractor_mode``              ``feat_extract_norm``: "default" -> "group", "layer_norm" -> "layer"
-``conv_feature_layers``         ``conv_dim``, ``conv_kernel``, ``conv_stride``
-``conv_bias``                   ``conv_bias``
-``layer_norm_first``            ``do_stable_layer_norm``
-``conv_pos``/``conv_pos_groups``  ``num_conv_pos_embeddings``/``num_conv_pos_embedding_groups``
-``activation_fn``               ``hidden_act`` (gelu -> gelu, gelu_accurate/gelu_fast -> gelu_new, relu)
-``num_buckets``/``max_distance``  ``num_buckets``/``max_bucket_distance`` (WavLM)
-==============================  ==========================================================
+- ``extractor_mode``: "default" -> ``feat_extract_norm="group"``, "layer_norm" -> ``"layer"``;
+- ``conv_feature_layers`` -> ``conv_dim``, ``conv_kernel``, ``conv_stride``; ``conv_bias`` -> ``conv_bias``;
+- ``layer_norm_first`` -> ``do_stable_layer_norm``;
+- ``conv_pos``, ``conv_pos_groups`` -> ``num_conv_pos_embeddings``, ``num_conv_pos_embedding_groups``;
+- ``activation_fn`` -> ``hidden_act`` (gelu -> gelu, gelu_accurate/gelu_fast -> gelu_new, relu -> relu);
+- WavLM ``num_buckets``, ``max_distance`` -> ``num_buckets``, ``max_bucket_distance``;
+- dropouts and ``encoder_layerdrop`` by name; ``mask_emb`` -> ``masked_spec_embed``. The training-time
+  masking settings (``mask_prob``, ...) keep transformers' defaults, as in transformers' own conversions.
 
-Configurations transformers cannot express raise ``ValueError`` naming the option: a conformer
-``layer_type``, other activations, WavLM without ``relative_position_embedding`` or ``gru_rel_pos``
-(transformers' WavLM always uses the gated relative position bias), a ``post_extract_proj`` whose
-shape does not match the config.
+What transformers cannot express raises ``ValueError`` naming the option: ``layer_type="conformer"``,
+other activations (e.g. WavLM's "glu"), WavLM with ``relative_position_embedding=False`` or
+``gru_rel_pos=False`` (transformers' WavLM always applies the gated relative position bias),
+``encoder_embed_dim`` not divisible by the heads or ``conv_pos_groups``, and any weight whose name or
+shape has no place in the transformers model.
 
 Example::
 
@@ -54,6 +54,8 @@ WAVLM_KEYS = ("cfg", "model")
 ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu"}
 
 EXTRACTOR_MODES = {"default": "group", "layer_norm": "layer"}
+
+MAX_REPEAT = 64  # largest "* n" accepted in conv_feature_layers (fairseq uses <= 4)
 
 # s3prl state-dict keys that HubertModel has no place for (pre-training heads).
 DROPPED_PREFIXES = ("final_proj.", "label_embs_concat", "target_glu.")
@@ -199,6 +201,10 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
             return items if isinstance(node, ast.List) else tuple(items)
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Mult) and not (isinstance(right, int) and 0 <= right <= MAX_REPEAT):
+                raise ValueError(
+                    f"conv_feature_layers: repeat count must be an int in [0, {MAX_REPEAT}] in {spec!r}"
+                )
             return left + right if isinstance(node.op, ast.Add) else left * right
         raise ValueError(f"conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
 
@@ -387,4 +393,3 @@ def feature_extractor(ckpt: S3prlCheckpoint, config):
         do_normalize=ckpt.normalize,
         return_attention_mask=config.feat_extract_norm == "layer",
     )
-

@@ -270,7 +270,13 @@ def test_parse_conv_layers_without_eval():
         (512, 3, 2),
         (512, 2, 2),
     ]
-    for bad in ("__import__('os').system('true')", "[(1, 2)]", "[(1, 2, 3)] -", "[(1.5, 2, 3)]"):
+    for bad in (
+        "__import__('os').system('true')",
+        "[(1, 2)]",
+        "[(1, 2, 3)] -",
+        "[(1.5, 2, 3)]",
+        "[(1, 2, 3)] * 10**6",
+    ):
         with pytest.raises(ValueError, match="conv_feature_layers"):
             parse_conv_layers(bad)
 
