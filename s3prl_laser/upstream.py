@@ -1,18 +1,65 @@
 """The upstream model layer: the only module that knows s3prl's HuBERT/WavLM internals.
 
-It loads a base model through s3prl's own model classes, freezes it by module name, runs it with the
-frozen prefix under ``torch.no_grad()``, and reads/writes checkpoints in s3prl's own formats.
+- :func:`load_base_model` builds a base HuBERT or WavLM with s3prl's own model classes from an s3prl-format
+  checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
+  (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
+  or from s3prl's default ``hubert_base`` / ``wavlm_base`` download.
+- :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
+  and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
+- :func:`save_s3prl_checkpoint` writes a checkpoint atomically.
+
+Example:
+    >>> model = load_base_model("hubert", "tiny_hubert.pt")  # doctest: +SKIP
+    >>> n_trainable = model.freeze(trainable_layers=2)  # doctest: +SKIP
+    >>> hidden, frames = model(torch.randn(2, 16000), torch.tensor([16000, 12000]))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import builtins
+import collections
+import contextlib
+import copy
 import os
+import pickle
 import tempfile
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+UPSTREAMS = ("hubert", "wavlm")
+# s3prl's hubert_base / wavlm_base entries (s3prl/upstream/{hubert,wavlm}/hubconf.py) download these.
+DEFAULT_CKPT_URLS = {
+    "hubert": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",
+    "wavlm": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_base.pt",
+}
+CKPT_KEYS = {
+    "hubert": ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
+    "wavlm": ("cfg", "model"),
+}
+SAMPLE_RATE = 16000
+# Builtins a checkpoint pickle may call: constructors of plain data, nothing that reaches the system.
+SAFE_BUILTINS = (
+    "set",
+    "frozenset",
+    "dict",
+    "list",
+    "tuple",
+    "str",
+    "int",
+    "float",
+    "bool",
+    "bytes",
+    "bytearray",
+    "object",
+)
 
 
+# ------------------------------------------------------------------------------------------- checkpoints
 def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` with ``torch.save`` atomically: a temp file in the same folder, then ``os.replace``.
 
@@ -32,3 +79,524 @@ def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint pickle names a global outside the reader's whitelist; nothing of it was executed."""
+
+
+class _Inert:
+    """Stand-in for an object of a class we do not import (fairseq ``Dictionary``, omegaconf nodes, enums).
+
+    Building it runs no code of the original class: it only keeps the constructor arguments and the
+    pickled state, which :func:`_to_plain` / :func:`_dictionary_symbols` read.
+    """
+
+    origin = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<inert {self.origin}>"
+
+
+class _Namespace(dict):
+    """Dict-like stand-in for ``argparse.Namespace``: its pickled ``__dict__`` becomes the dict's items."""
+
+    def __setstate__(self, state):
+        self.update(state)
+
+
+_INERT_TYPES: dict[str, type[_Inert]] = {}
+
+
+def _inert_type(origin: str) -> type[_Inert]:
+    if origin not in _INERT_TYPES:
+        _INERT_TYPES[origin] = type(f"Inert[{origin}]", (_Inert,), {"origin": origin})
+    return _INERT_TYPES[origin]
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Globals a fairseq checkpoint may name, mapped to what the restricted unpickler returns for them."""
+    import numpy as np
+
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "defaultdict"): collections.defaultdict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch", "device"): torch.device,
+        ("torch", "Size"): torch.Size,
+        ("argparse", "Namespace"): _Namespace,
+        ("typing", "Any"): None,  # only in omegaconf metadata, which is dropped
+        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): np.ndarray,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "scalar")] = np._core.multiarray.scalar
+        allowed[(module, "_reconstruct")] = np._core.multiarray._reconstruct
+    for module in ("builtins", "__builtin__"):
+        for name in SAFE_BUILTINS:
+            allowed[(module, name)] = getattr(builtins, name)
+        allowed[(module, "long")] = int  # Python 2 pickles
+    for name in dir(torch):
+        if isinstance(getattr(torch, name), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only whitelisted globals and raises :class:`UnsafeCheckpointError` otherwise.
+
+    Real objects come back for torch's tensor rebuilders, containers, torch dtypes and numpy scalars;
+    classes of fairseq and omegaconf come back as inert stand-ins (nothing of those packages is imported
+    or run); ``argparse.Namespace`` comes back as a dict.
+    """
+
+    _allowed: dict[tuple[str, str], object] | None = None
+
+    def find_class(self, module: str, name: str):
+        if _RestrictedUnpickler._allowed is None:
+            _RestrictedUnpickler._allowed = _allowed_globals()
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if module.split(".")[0] in ("fairseq", "omegaconf"):
+            return _inert_type(f"{module}.{name}")
+        raise UnsafeCheckpointError(
+            f"checkpoint pickle references {module}.{name}, which is not on the whitelist of the fairseq "
+            "checkpoint reader; refusing to load it (nothing was executed)"
+        )
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_RestrictedUnpickler`."""
+    module = types.ModuleType("s3prl_laser_restricted_pickle")
+    module.Unpickler = _RestrictedUnpickler
+    module.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
+    return module
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint without executing code from it.
+
+    ``torch.load(weights_only=True)`` first (s3prl formats); if the pickle names other globals (an
+    original fairseq checkpoint), the restricted unpickler reads it: see :class:`_RestrictedUnpickler`.
+    Raises ``FileNotFoundError`` naming the path, :class:`UnsafeCheckpointError` for a forbidden global.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only=False is what lets torch use our pickle_module; its find_class is the whitelist.
+        state = torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module()
+        )
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
+    return state
+
+
+def _to_plain(obj, where: str):
+    """Containers, strings, numbers and tensors only (what ``torch.load(weights_only=True)`` reads back).
+
+    omegaconf containers and nodes become dicts/lists/values, enum stand-ins their value.
+    """
+    if isinstance(obj, _Inert):
+        if obj.origin.endswith(("DictConfig", "ListConfig")) or obj.origin.startswith("omegaconf.nodes."):
+            state = obj.state or {}
+            content = state.get("_content", state.get("_val"))
+            return _to_plain(content, where)
+        if len(obj.args) == 1 and obj.state is None:  # an enum member: Enum(value)
+            return _to_plain(obj.args[0], where)
+        raise ValueError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, str | int | float | bool | type(None) | Tensor):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
+        return obj.item()
+    raise ValueError(f"{where}: unexpected {type(obj).__name__} in a checkpoint config")
+
+
+def _dictionary_symbols(dictionary, where: str) -> list[str]:
+    state = dictionary.state if isinstance(dictionary, _Inert) else dictionary
+    if not isinstance(state, dict) or "symbols" not in state:
+        raise ValueError(f"{where}: expected a fairseq Dictionary with 'symbols', found {dictionary!r}")
+    return [str(s) for s in state["symbols"]]
+
+
+def is_fairseq_checkpoint(state: dict) -> bool:
+    """True for an original fairseq checkpoint: ``model`` weights + ``cfg`` (model/task) or ``args``."""
+    if "model" not in state or "task_state" not in state:
+        return False
+    cfg = state.get("cfg")
+    return (cfg is not None and "model" in _to_plain(cfg, "cfg")) or state.get("args") is not None
+
+
+def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
+    """Convert an original fairseq HuBERT checkpoint dict to s3prl's "converted" format.
+
+    Does what ``s3prl/upstream/hubert/convert.py::load_and_convert_fairseq_ckpt`` does, without fairseq:
+    ``task_cfg = cfg["task"]``, ``model_cfg = cfg["model"]`` (old checkpoints: both from ``args``),
+    ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
+    """
+    if state.get("cfg") is not None:
+        cfg = _to_plain(state["cfg"], f"{where}:cfg")
+        missing = [k for k in ("model", "task") if not isinstance(cfg.get(k), dict)]
+        if missing:
+            raise ValueError(f"{where}: fairseq cfg lacks sections {missing}; found {sorted(cfg)}")
+        task_cfg, model_cfg = cfg["task"], cfg["model"]
+    elif state.get("args") is not None:
+        args = _to_plain(dict(state["args"]), f"{where}:args")
+        task_cfg, model_cfg = dict(args), dict(args)
+    else:
+        raise ValueError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+    dictionaries = (state.get("task_state") or {}).get("dictionaries")
+    if not isinstance(dictionaries, list | tuple) or not dictionaries:
+        raise ValueError(f"{where}: expected task_state['dictionaries'] (a HuBERT pre-training checkpoint)")
+    symbols = [
+        _dictionary_symbols(d, f"{where}:task_state.dictionaries[{i}]") for i, d in enumerate(dictionaries)
+    ]
+    weights = state["model"]
+    bad = [k for k, v in weights.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{where}: model weights that are not tensors: {bad[:5]}")
+    return {
+        "task_cfg": task_cfg,
+        "model_cfg": model_cfg,
+        "model_weight": dict(weights),
+        "dictionaries_symbols": symbols,
+    }
+
+
+def _check_keys(upstream: str, state: dict, where: str) -> None:
+    expected = CKPT_KEYS[upstream]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        other = next((u for u in UPSTREAMS if u != upstream and all(k in state for k in CKPT_KEYS[u])), None)
+        hint = f" (it looks like a {other} checkpoint)" if other else ""
+        raise ValueError(
+            f"{where} is not an s3prl {upstream} checkpoint{hint}: expected keys {list(expected)}, "
+            f"found {sorted(state)}"
+        )
+
+
+def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> BaseModel:
+    """Build the base HuBERT/WavLM of ``upstream`` ("hubert" or "wavlm") with s3prl's model classes.
+
+    ``ckpt``: an s3prl-format checkpoint (HuBERT converted: ``task_cfg``, ``model_cfg``, ``model_weight``,
+    ``dictionaries_symbols``; WavLM: ``cfg``, ``model``), an original fairseq HuBERT checkpoint (read
+    without fairseq, converted in memory), or ``None`` for s3prl's default ``hubert_base`` / ``wavlm_base``
+    (downloaded by s3prl's own helper into its cache).
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a wrong format (naming the keys found
+    and expected), :class:`UnsafeCheckpointError` for a pickle that names a non-whitelisted global.
+
+    Example:
+        >>> model = load_base_model("wavlm", "tiny_wavlm.pt")  # doctest: +SKIP
+    """
+    if upstream not in UPSTREAMS:
+        raise ValueError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
+    if ckpt is None:
+        from s3prl.util import download
+
+        ckpt = download._urls_to_filepaths(DEFAULT_CKPT_URLS[upstream])
+    where = str(ckpt)
+    state = read_checkpoint(ckpt)
+    if is_fairseq_checkpoint(state):
+        if upstream != "hubert":
+            raise ValueError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
+        state = convert_fairseq_hubert(state, where)
+    _check_keys(upstream, state, where)
+    if upstream == "hubert":
+        from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
+        from s3prl.upstream.utils import merge_with_parent
+
+        task_cfg = merge_with_parent(HubertPretrainingConfig, state["task_cfg"])
+        model = HubertModel(
+            merge_with_parent(HubertConfig, state["model_cfg"]), task_cfg, state["dictionaries_symbols"]
+        )
+        model.load_state_dict(state["model_weight"])
+        config = {k: state[k] for k in ("task_cfg", "model_cfg", "dictionaries_symbols")}
+        normalize = bool(task_cfg.normalize)
+    else:
+        from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
+
+        model = WavLM(WavLMConfig(state["cfg"]))
+        model.load_state_dict(state["model"])
+        config = {"cfg": state["cfg"]}
+        normalize = bool(model.cfg.normalize)
+    return BaseModel(upstream, model, copy.deepcopy(config), normalize=normalize)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def cnn_frame_lengths(wav_lengths: Tensor, conv_layers: list[tuple[int, int, int]]) -> Tensor:
+    """Frames the CNN makes of each waveform alone: ``L <- floor((L - kernel) / stride) + 1`` per layer.
+
+    ``wav_lengths: [B]`` -> ``[B]`` (0 for inputs shorter than the receptive field, 400 samples for base).
+    """
+    frames = wav_lengths.long()
+    for _, kernel, stride in conv_layers:
+        frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1
+    return frames.clamp(min=0)
+
+
+class _Stage:
+    """One step of the forward pass: a function of the running state and the modules whose weights it uses."""
+
+    def __init__(self, name: str, modules: list[nn.Module], fn: Callable[[dict], None]):
+        self.name, self.modules, self.fn = name, modules, fn
+
+    def trainable(self) -> bool:
+        return any(p.requires_grad for m in self.modules for p in m.parameters())
+
+
+class BaseModel(nn.Module):
+    """A base HuBERT/WavLM (s3prl's model class in ``.model``) with LASER's freezing and forward pass.
+
+    Hidden switches of s3prl's experts, made explicit here:
+    - ``model.feature_grad_mult = 0.0``: the CNN feature extractor always runs under ``torch.no_grad()``;
+    - ``model.encoder.layerdrop = 0.0``: every transformer layer runs at every step;
+    - no time masking (s3prl's experts pass ``mask=None``/``False``);
+    - dropout as in the checkpoint config (``dropout``, ``attention_dropout``, ``dropout_input``, ...)
+      when the module is in train mode, none in eval mode.
+
+    ``hidden_size``: channels C of the hidden states; ``num_layers``: transformer layers N;
+    ``downsample_rate``: samples per frame (320 for base).
+    """
+
+    def __init__(self, upstream: str, model: nn.Module, config: dict, normalize: bool):
+        super().__init__()
+        if upstream not in UPSTREAMS:
+            raise ValueError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
+        self.upstream = upstream
+        self.model = model
+        self.config = config  # the checkpoint's config entries, written back by state_for_s3prl()
+        self.normalize = normalize  # task_cfg.normalize (HuBERT) / cfg.normalize (WavLM)
+        self.model.feature_grad_mult = 0.0
+        self.model.encoder.layerdrop = 0.0
+        self.conv_layers = [(conv[0].out_channels, conv[0].kernel_size[0], conv[0].stride[0])
+                            for conv in model.feature_extractor.conv_layers]  # fmt: skip
+        self.trainable_module_names: list[str] = []
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.encoder.embedding_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.encoder.layers)
+
+    @property
+    def downsample_rate(self) -> int:
+        rate = 1
+        for _, _, stride in self.conv_layers:
+            rate *= stride
+        return rate
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples seen by one frame of the CNN (400 for base)."""
+        field, jump = 1, 1
+        for _, kernel, stride in self.conv_layers:
+            field, jump = field + (kernel - 1) * jump, jump * stride
+        return field
+
+    # --------------------------------------------------------------------------------------- freezing
+    def freeze(self, trainable_layers: int = 2, train_final_layer_norm: bool = True) -> int:
+        """Freeze everything but the top ``trainable_layers`` transformer layers and ``encoder.layer_norm``.
+
+        By module name (PAPER.md): trainable are ``encoder.layers.{N-K} .. encoder.layers.{N-1}`` and, with
+        ``train_final_layer_norm``, ``encoder.layer_norm``; frozen are the CNN (``feature_extractor``),
+        ``layer_norm``, ``post_extract_proj``, ``encoder.pos_conv``, the lower layers, ``mask_emb`` and
+        HuBERT's ``final_proj`` / ``label_embs_concat``. The names are kept in ``trainable_module_names``.
+
+        What it implies for training: in base models (``layer_norm_first=False``, post-LN) the encoder's
+        ``layer_norm`` normalises the encoder INPUT (after the positional convolution, before layer 0);
+        there is no norm after the last layer. Training it, as the paper does, makes the gradient flow
+        back through all N layers: the lower layers are frozen (no weight gradient) but build a graph,
+        and only the CNN, ``layer_norm``, ``post_extract_proj`` and ``pos_conv`` run under ``no_grad``.
+        With ``train_final_layer_norm=False`` the layers below N-K run under ``no_grad`` too (less memory).
+        In pre-LN models (``layer_norm_first=True``) it is the norm after the last layer.
+
+        Returns the number of trainable parameters.
+        """
+        if not 0 <= trainable_layers <= self.num_layers:
+            raise ValueError(f"trainable_layers must be in [0, {self.num_layers}], got {trainable_layers}")
+        names = [f"encoder.layers.{i}" for i in range(self.num_layers - trainable_layers, self.num_layers)]
+        if train_final_layer_norm:
+            names.append("encoder.layer_norm")
+        self.model.requires_grad_(False)
+        for name in names:
+            self.model.get_submodule(name).requires_grad_(True)
+        self.trainable_module_names = names
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def frame_lengths(self, wav_lengths: Tensor) -> Tensor:
+        """Frames of each waveform (CNN formula), ``[B]`` -> ``[B]``; 49 for 16000 samples on base."""
+        return cnn_frame_lengths(wav_lengths, self.conv_layers)
+
+    def _check_inputs(self, wavs: Tensor, wav_lengths: Tensor) -> None:
+        if wavs.dim() != 2 or not wavs.is_floating_point():
+            raise ValueError(f"wavs must be a float tensor [B, T], got {tuple(wavs.shape)} {wavs.dtype}")
+        if wav_lengths.shape != (wavs.size(0),):
+            raise ValueError(f"wav_lengths must be [B]={wavs.size(0)}, got {tuple(wav_lengths.shape)}")
+        if int(wav_lengths.min()) < 1 or int(wav_lengths.max()) > wavs.size(1):
+            raise ValueError(f"wav_lengths must be in [1, {wavs.size(1)}], got {wav_lengths.tolist()}")
+        if int(wav_lengths.max()) < self.receptive_field:
+            raise ValueError(
+                f"the longest input must have >= {self.receptive_field} samples, got {wav_lengths.tolist()}"
+            )
+
+    def _stages(self) -> list[_Stage]:
+        """The forward pass as stages; each reads and updates the running state ``s`` (a dict)."""
+        m, enc = self.model, self.model.encoder
+        is_hubert = self.upstream == "hubert"
+
+        def cnn(s):
+            wavs, lengths = s["wavs"], s["wav_lengths"]
+            length = int(lengths.max())
+            padded = wavs.new_zeros(wavs.size(0), length)
+            for i, n in enumerate(lengths.tolist()):  # s3prl's experts: normalise each utterance, pad with 0
+                padded[i, :n] = F.layer_norm(wavs[i, :n], (n,)) if self.normalize else wavs[i, :n]
+            s["wav_padding_mask"] = torch.arange(length, device=wavs.device)[None, :] >= lengths[:, None]
+            s["x"] = m.feature_extractor(padded)  # [B, C, F]
+
+        def features(s):
+            x = m.layer_norm(s.pop("x").transpose(1, 2))
+            s["padding_mask"] = m.forward_padding_mask(x, s.pop("wav_padding_mask"))
+            if m.post_extract_proj is not None:
+                x = m.post_extract_proj(x)
+            s["x"] = m.dropout_input(x)  # [B, F, D]
+
+        def pos_conv(s):
+            x = s["x"].masked_fill(s["padding_mask"][..., None], 0.0)
+            s["x"] = x + enc.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+
+        def encoder_input(s):
+            x = s["x"] if enc.layer_norm_first else enc.layer_norm(s["x"])
+            s["num_frames"] = x.size(1)
+            if is_hubert:  # wav2vec2's encoder pads the time axis to a multiple (undone at the output)
+                from s3prl.upstream.wav2vec2.wav2vec2_model import pad_to_multiple
+
+                x, _ = pad_to_multiple(x, enc.required_seq_len_multiple, dim=-2, value=0)
+                s["padding_mask"], _ = pad_to_multiple(
+                    s["padding_mask"], enc.required_seq_len_multiple, dim=-1, value=True
+                )
+            x = F.dropout(x, p=enc.dropout, training=enc.training)
+            s["x"], s["pos_bias"] = x.transpose(0, 1), None  # [F, B, D]
+
+        def layer_fn(layer):
+            def run(s):
+                s["hidden_states"].append(s["x"].transpose(0, 1)[:, : s["num_frames"]])
+                if is_hubert:
+                    s["x"], _ = layer(s["x"], self_attn_padding_mask=s["padding_mask"], need_weights=False)
+                else:
+                    s["x"], _, s["pos_bias"] = layer(
+                        s["x"],
+                        self_attn_padding_mask=s["padding_mask"],
+                        need_weights=False,
+                        pos_bias=s["pos_bias"],
+                    )
+
+            return run
+
+        def encoder_output(s):
+            x = s["x"].transpose(0, 1)[:, : s["num_frames"]]
+            s["x"] = enc.layer_norm(x) if enc.layer_norm_first else x
+            s["hidden_states"].append(s["x"])
+
+        stages = [
+            _Stage("feature_extractor", [], cnn),  # feature_grad_mult = 0: never builds a graph
+            _Stage(
+                "layer_norm",
+                [m.layer_norm] + ([m.post_extract_proj] if m.post_extract_proj else []),
+                features,
+            ),
+            _Stage("encoder.pos_conv", [enc.pos_conv], pos_conv),
+            _Stage("encoder.layer_norm", [] if enc.layer_norm_first else [enc.layer_norm], encoder_input),
+        ]
+        stages += [
+            _Stage(f"encoder.layers.{i}", [layer], layer_fn(layer)) for i, layer in enumerate(enc.layers)
+        ]
+        stages.append(
+            _Stage("encoder.output", [enc.layer_norm] if enc.layer_norm_first else [], encoder_output)
+        )
+        return stages
+
+    @staticmethod
+    def _first_trainable(stages: list[_Stage]) -> int:
+        return next((i for i, stage in enumerate(stages) if stage.trainable()), len(stages))
+
+    def no_grad_prefix(self) -> list[str]:
+        """Names of the stages that run under ``torch.no_grad()``: all before the first trainable module.
+
+        After ``freeze(2)`` on base: ``["feature_extractor", "layer_norm", "encoder.pos_conv"]``.
+        """
+        stages = self._stages()
+        return [stage.name for stage in stages[: self._first_trainable(stages)]]
+
+    def _run(self, wavs: Tensor, wav_lengths: Tensor) -> dict:
+        self._check_inputs(wavs, wav_lengths)
+        stages = self._stages()
+        first_trainable = self._first_trainable(stages)
+        state = {"wavs": wavs, "wav_lengths": wav_lengths.to(wavs.device), "hidden_states": []}
+        for i, stage in enumerate(stages):
+            with torch.no_grad() if i < first_trainable else contextlib.nullcontext():
+                stage.fn(state)
+        return state
+
+    def forward(self, wavs: Tensor, wav_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Last transformer layer output and frame lengths.
+
+        ``wavs: [B, T]`` float (16 kHz; samples past each length are ignored), ``wav_lengths: [B]`` ->
+        ``hidden: [B, F, C]`` with ``F`` the frames of the longest input (the same tensor as the last entry
+        of s3prl's ``hidden_states`` for this model), ``frame_lengths: [B]`` from the CNN formula
+        (frames past an utterance's length see padding). Everything before the first trainable module
+        runs under ``torch.no_grad()`` (call :meth:`freeze` first).
+
+        Example:
+            >>> hidden, frames = model(torch.randn(2, 16000), torch.tensor([16000, 8000]))  # doctest: +SKIP
+            >>> hidden.shape, frames.tolist()  # doctest: +SKIP
+            (torch.Size([2, 49, 768]), [49, 24])
+        """
+        state = self._run(wavs, wav_lengths)
+        return state["x"], self.frame_lengths(state["wav_lengths"])
+
+    def hidden_states(self, wavs: Tensor, wav_lengths: Tensor) -> list[Tensor]:
+        """All N+1 hidden states ``[B, F, C]`` like s3prl's expert: each layer's input, then the output."""
+        return self._run(wavs, wav_lengths)["hidden_states"]
+
+    # ------------------------------------------------------------------------------------- write back
+    def state_for_s3prl(self) -> dict:
+        """The checkpoint dict in s3prl's own format with the current weights (CPU tensors, plain config).
+
+        HuBERT: ``{"task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"}``; WavLM:
+        ``{"cfg", "model"}``. Loadable by s3prl's stock ``hubert_local`` / ``wavlm_local`` and by
+        ``torch.load(weights_only=True)``; write it with :func:`save_s3prl_checkpoint`.
+        """
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        state = copy.deepcopy(self.config)
+        state["model_weight" if self.upstream == "hubert" else "model"] = weights
+        return state
+
+
+__all__ = [
+    "BaseModel",
+    "UnsafeCheckpointError",
+    "cnn_frame_lengths",
+    "convert_fairseq_hubert",
+    "is_fairseq_checkpoint",
+    "load_base_model",
+    "read_checkpoint",
+    "save_s3prl_checkpoint",
+]
