@@ -15,6 +15,15 @@ them for L layers: index 0 is the input of layer 0 (after the positional convolu
 encoder layer norm when ``layer_norm_first=False``), index i the output of layer i - 1, and the last
 index the encoder output (after the final encoder layer norm when ``layer_norm_first=True``).
 
+Checked numerically (``tests/test_export.py``, float32, CPU): on the same waveforms every hidden state
+equals the expert's within 1e-5 (``torch.testing.assert_close`` rtol = atol = 1e-5; measured: identical),
+for HuBERT and WavLM, post-LN + group-norm CNN and pre-LN + layer-norm CNN, one waveform at a time and
+as a zero-padded batch with ``attention_mask`` (valid frames). Padding: transformers marks a frame valid
+when the CNN output length of the waveform covers it, s3prl when any sample of its ``N // T`` chunk is
+real; the two can differ by one frame at some lengths. Group-norm CNNs (``feat_extract_norm="group"``)
+normalise over the padding too, so their batched outputs depend on the padding in both libraries; that is
+why their feature extractor returns no attention mask, as transformers does for such models.
+
 Example::
 
     >>> from s3prl_laser.export import export_to_hf
