@@ -302,7 +302,7 @@ class LaserPerturbation:
         """
         n_fft, hop = self.n_fft, self.hop
         valid = (torch.arange(spec.shape[-1], device=spec.device)[None, :] < frames[:, None]).to(window.dtype)
-        pieces = torch.fft.irfft(spec, n=n_fft, dim=1) * window[None, :, None] * valid[:, None, :]
+        pieces = torch.fft.irfft(spec, n=n_fft, dim=1) * window[None, :, None]  # frames past a clip are 0
         total = n_fft + hop * (spec.shape[-1] - 1)
         fold = dict(output_size=(1, total), kernel_size=(1, n_fft), stride=(1, hop))
         signal = F.fold(pieces, **fold)[:, 0, 0]
