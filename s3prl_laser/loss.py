@@ -143,7 +143,7 @@ class LaserLoss(nn.Module):
         sigma: int = 0,
         margin: float = 1.1,
         loss_type: str = "softdtw_lav",
-        bandwidth: int | None = None,
+        bandwidth: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
