@@ -187,21 +187,21 @@ class LaserPerturbation:
         return PerturbParams(self.speed_factors[index], sign * self.pitch_semitones)
 
     def __call__(self, wav: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.apply(wav, *self._draw(generator))
+        """Draw the parameters with ``generator`` (None: torch's global RNG), then perturb ``wav [T]``."""
+        params = self.sample_params(generator)
+        return self.apply(wav, params.factor, params.semitones)
 
     def batch(
         self, wavs: Sequence[torch.Tensor], generator: torch.Generator | None = None
     ) -> list[torch.Tensor]:
+        """Perturb each clip of ``wavs`` (1-D tensors on one device) with its own draw, in one batch."""
         return self.apply_batch(wavs, [self.sample_params(generator) for _ in wavs])
-
-    def _draw(self, generator):
-        params = self.sample_params(generator)
-        return params.factor, params.semitones
 
     def apply(self, wav: torch.Tensor, factor: float, semitones: float) -> torch.Tensor:
         """Speed-perturb ``wav [T]`` by ``factor``, then shift its pitch by ``semitones``."""
         return self.apply_batch([wav], [PerturbParams(factor, semitones)])[0]
 
+    @torch.no_grad()
     def apply_batch(
         self, wavs: Sequence[torch.Tensor], params: Sequence[PerturbParams]
     ) -> list[torch.Tensor]:
