@@ -3,15 +3,15 @@
 Compares, on the same clips and the same parameter draws:
 - torchaudio, per clip: ``functional.speed`` + ``functional.pitch_shift`` (builds its resampling kernel on
   every call);
-- torchaudio, per clip: ``functional.speed`` + a cached ``transforms.PitchShift`` per semitone value (set-up
-  time, the first call that builds the kernel, reported apart);
+- torchaudio, per clip: ``transforms.Speed`` + a cached ``transforms.PitchShift`` per semitone value (set-up
+  time: its first calls, which build the kernels, minus steady calls);
 - ours, per clip: ``LaserPerturbation.apply``;
 - ours, batched: ``LaserPerturbation.apply_batch`` over ``--batch`` clips.
 
 Prints seconds per clip (median over repeats) and pairs per second (one perturbed view per pair).
 
-    python benchmarks/perturb.py                     # CPU
-    python benchmarks/perturb.py --device cuda       # on a GPU
+    python benchmarks/perturb.py                 # on the GPU when there is one, else the CPU
+    python benchmarks/perturb.py --device cpu    # force the CPU
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu", help="torch device of the clips (cpu, cuda, cuda:1, ...)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument(
+        "--device", default=default_device, help="device of the clips (default: cuda if present)"
+    )
     parser.add_argument("--preset", default="hubert", help="speed-factor preset: hubert or wavlm")
     parser.add_argument("--seconds", type=float, default=12.0, help="clip length")
     parser.add_argument("--batch", type=int, default=8, help="clips per batch (pairs per optimiser step)")

@@ -186,3 +186,17 @@ def test_projection_head_is_linear_then_unit_norm():
     linear = h @ head.linear.weight.T + head.linear.bias
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 4))
     torch.testing.assert_close(out, linear / linear.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_laser_loss_on_cuda_under_bf16_autocast_matches_cpu_float32():
+    z1, z2 = unit_frames(2, 30, 16, seed=10).float(), unit_frames(2, 25, 16, seed=11).float()
+    lengths1, lengths2 = torch.tensor([30, 17]), torch.tensor([25, 20])
+    loss_fn = LaserLoss()
+    reference = loss_fn(z1, z2, lengths1, lengths2)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        out = loss_fn(z1.cuda(), z2.cuda(), lengths1.cuda(), lengths2.cuda())
+    assert out.alignment.dtype == torch.float32
+    torch.testing.assert_close(out.alignment.cpu(), reference.alignment, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out.regularizer.cpu(), reference.regularizer, rtol=1e-3, atol=1e-4)

@@ -165,3 +165,17 @@ def test_rejects_bad_input():
         LaserPerturbation([1.0], pitch_semitones=-2)
     with pytest.raises(ValueError, match="parameter draws"):
         perturb.apply_batch([torch.randn(1000)], [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_on_cuda_matches_cpu():
+    perturb = LaserPerturbation.from_preset("wavlm")
+    g = torch.Generator().manual_seed(8)
+    clips = [0.2 * torch.randn(n, generator=g) for n in (16000, 9000, 12345)]
+    params = [PerturbParams(0.85, 2.0), PerturbParams(1.15, -2.0), PerturbParams(1.0, 2.0)]
+    on_cpu = perturb.apply_batch(clips, params)
+    on_gpu = perturb.apply_batch([c.cuda() for c in clips], params)
+    for c, d in zip(on_cpu, on_gpu, strict=True):
+        assert d.device.type == "cuda"
+        torch.testing.assert_close(d.cpu(), c, rtol=1e-4, atol=1e-5)
