@@ -103,10 +103,12 @@ class SincResampler:
         # start[k, i]: padded-input index of the first tap of output k * new + i
         start = (torch.arange(blocks, device=wavs.device) * self.orig)[:, None] + self.first[None, :]
         taps = self.offsets.numel()
-        positions = torch.arange(wavs.shape[1], device=wavs.device)
-        valid = positions[None, :] < torch.tensor(list(lengths), device=wavs.device)[:, None]
+        if min(lengths) < wavs.shape[1]:  # zero what lies past each clip: it is not signal
+            positions = torch.arange(wavs.shape[1], device=wavs.device)
+            valid = positions[None, :] < torch.tensor(list(lengths), device=wavs.device)[:, None]
+            wavs = torch.where(valid, wavs, 0.0)
         right = int(start[-1].max()) + taps - self.width - wavs.shape[1]
-        windows = F.pad(torch.where(valid, wavs, 0.0), (self.width, right)).unfold(1, taps, 1)  # [B, L, taps]
+        windows = F.pad(wavs, (self.width, right)).unfold(1, taps, 1)  # [B, L, taps]
         resampled = torch.einsum("bkit,it->bki", windows[:, start], self.kernel).flatten(1)
         return [resampled[b, :n] for b, n in enumerate(out_lengths)]
 
