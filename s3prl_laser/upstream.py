@@ -42,6 +42,10 @@ CKPT_KEYS = {
     "wavlm": ("cfg", "model"),
 }
 SAMPLE_RATE = 16000
+# Globals of these packages come back as inert stand-ins: fairseq's classes and enums, omegaconf's
+# containers, nodes and metadata, and the typing annotations (``Tuple[Any, ...]`` is pickled as
+# ``operator.getitem(typing.Tuple, ...)``) that omegaconf keeps in its metadata.
+INERT_MODULES = ("fairseq", "omegaconf", "typing")
 # Builtins a checkpoint pickle may call: constructors of plain data, nothing that reaches the system.
 SAFE_BUILTINS = (
     "set",
@@ -132,7 +136,6 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         ("torch", "device"): torch.device,
         ("torch", "Size"): torch.Size,
         ("argparse", "Namespace"): _Namespace,
-        ("typing", "Any"): None,  # only in omegaconf metadata, which is dropped
         ("numpy", "dtype"): np.dtype,
         ("numpy", "ndarray"): np.ndarray,
     }
@@ -143,6 +146,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         for name in SAFE_BUILTINS:
             allowed[(module, name)] = getattr(builtins, name)
         allowed[(module, "long")] = int  # Python 2 pickles
+        allowed[(module, "Ellipsis")] = Ellipsis
     for name in dir(torch):
         if isinstance(getattr(torch, name), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
@@ -153,8 +157,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only whitelisted globals and raises :class:`UnsafeCheckpointError` otherwise.
 
     Real objects come back for torch's tensor rebuilders, containers, torch dtypes and numpy scalars;
-    classes of fairseq and omegaconf come back as inert stand-ins (nothing of those packages is imported
-    or run); ``argparse.Namespace`` comes back as a dict.
+    globals of ``INERT_MODULES`` come back as inert stand-ins (nothing of those packages is imported or
+    run); ``argparse.Namespace`` comes back as a dict.
     """
 
     _allowed: dict[tuple[str, str], object] | None = None
@@ -164,7 +168,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             _RestrictedUnpickler._allowed = _allowed_globals()
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        if module.split(".")[0] in ("fairseq", "omegaconf"):
+        if module.split(".")[0] in INERT_MODULES or (module, name) == ("_operator", "getitem"):
             return _inert_type(f"{module}.{name}")
         raise UnsafeCheckpointError(
             f"checkpoint pickle references {module}.{name}, which is not on the whitelist of the fairseq "
@@ -208,10 +212,8 @@ def _to_plain(obj, where: str):
     omegaconf containers and nodes become dicts/lists/values, enum stand-ins their value.
     """
     if isinstance(obj, _Inert):
-        if obj.origin.endswith(("DictConfig", "ListConfig")) or obj.origin.startswith("omegaconf.nodes."):
-            state = obj.state or {}
-            content = state.get("_content", state.get("_val"))
-            return _to_plain(content, where)
+        if obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):  # containers and nodes
+            return _to_plain(obj.state.get("_content", obj.state.get("_val")), where)
         if len(obj.args) == 1 and obj.state is None:  # an enum member: Enum(value)
             return _to_plain(obj.args[0], where)
         raise ValueError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
