@@ -107,7 +107,8 @@ class SincResampler:
             positions = torch.arange(wavs.shape[1], device=wavs.device)
             valid = positions[None, :] < torch.tensor(list(lengths), device=wavs.device)[:, None]
             wavs = torch.where(valid, wavs, 0.0)
-        right = int(start[-1].max()) + taps - self.width - wavs.shape[1]
+        last_start = (blocks - 1) * self.orig + (self.new - 1) * self.orig // self.new  # start.max(), no sync
+        right = last_start + taps - self.width - wavs.shape[1]
         windows = F.pad(wavs, (self.width, right)).unfold(1, taps, 1)  # [B, L, taps]
         resampled = torch.einsum("bkit,it->bki", windows[:, start], self.kernel).flatten(1)
         return [resampled[b, :n] for b, n in enumerate(out_lengths)]
