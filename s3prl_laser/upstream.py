@@ -41,7 +41,6 @@ CKPT_KEYS = {
     "hubert": ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
     "wavlm": ("cfg", "model"),
 }
-SAMPLE_RATE = 16000
 # Globals of these packages come back as inert stand-ins: fairseq's classes and enums, omegaconf's
 # containers, nodes and metadata, and the typing annotations (``Tuple[Any, ...]`` is pickled as
 # ``operator.getitem(typing.Tuple, ...)``) that omegaconf keeps in its metadata.
@@ -236,11 +235,19 @@ def _dictionary_symbols(dictionary, where: str) -> list[str]:
 
 
 def is_fairseq_checkpoint(state: dict) -> bool:
-    """True for an original fairseq checkpoint: ``model`` weights + ``cfg`` (model/task) or ``args``."""
-    if "model" not in state or "task_state" not in state:
-        return False
-    cfg = state.get("cfg")
-    return (cfg is not None and "model" in _to_plain(cfg, "cfg")) or state.get("args") is not None
+    """True for an original fairseq checkpoint: ``model``, ``task_state`` and a ``cfg`` or ``args``.
+
+    (WavLM's own checkpoints, ``{"cfg", "model"}``, have no ``task_state``.)
+    """
+    has_config = state.get("cfg") is not None or state.get("args") is not None
+    return "model" in state and "task_state" in state and has_config
+
+
+def _unwrap(obj):
+    """One level of an omegaconf container stand-in: its content (a dict or list of nodes)."""
+    if isinstance(obj, _Inert) and obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):
+        return obj.state.get("_content")
+    return obj
 
 
 def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
@@ -251,14 +258,22 @@ def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
     ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
     """
     if state.get("cfg") is not None:
-        cfg = _to_plain(state["cfg"], f"{where}:cfg")
-        missing = [k for k in ("model", "task") if not isinstance(cfg.get(k), dict)]
-        if missing:
-            raise ValueError(f"{where}: fairseq cfg lacks sections {missing}; found {sorted(cfg)}")
-        task_cfg, model_cfg = cfg["task"], cfg["model"]
+        cfg = _unwrap(state["cfg"])
+        if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
+            found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+            raise ValueError(
+                f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
+            )
+        task_cfg, model_cfg = (_to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
     elif state.get("args") is not None:
-        args = _to_plain(dict(state["args"]), f"{where}:args")
-        task_cfg, model_cfg = dict(args), dict(args)
+        # Legacy checkpoints keep one flat Namespace; keep the entries s3prl's config dataclasses know.
+        from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
+
+        args = dict(state["args"])
+        task_cfg, model_cfg = (
+            {k: _to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
+            for dc in (HubertPretrainingConfig, HubertConfig)
+        )
     else:
         raise ValueError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
     dictionaries = (state.get("task_state") or {}).get("dictionaries")

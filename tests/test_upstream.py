@@ -15,7 +15,7 @@ import torch
 from s3prl_laser import fixtures, upstream
 from s3prl_laser.upstream import BaseModel, UnsafeCheckpointError, load_base_model, save_s3prl_checkpoint
 
-LENGTHS = [16000, 12345, 7001, 400]  # odd and even frame counts, down to one receptive field
+LENGTHS = [8111, 6161, 3521, 400]  # 25, 19, 10, 1 frames: odd and even, down to one receptive field
 ENTRIES = {"hubert": "hubert_local", "wavlm": "wavlm_local"}
 
 
