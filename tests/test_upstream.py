@@ -183,6 +183,28 @@ def test_frozen_prefix_builds_no_graph(case, train_final_layer_norm, no_grad_mod
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_forward_and_backward_match_cpu(case, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    name, ckpt = case
+    _, padded, lengths = batch()
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = load_base_model(name, ckpt).to(device).eval()  # eval: no dropout, comparable runs
+        model.freeze(trainable_layers=2)
+        hidden, frames = model(padded.to(device), lengths.to(device))
+        hidden.pow(2).mean().backward()
+        grads = {n: p.grad.cpu() for n, p in model.model.named_parameters() if p.grad is not None}
+        results[device] = (hidden.detach().cpu(), frames.cpu(), grads)
+    assert results["cuda"][1].tolist() == results["cpu"][1].tolist()
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-4, atol=1e-4)
+    assert results["cuda"][2].keys() == results["cpu"][2].keys()
+    for n, g in results["cpu"][2].items():
+        torch.testing.assert_close(results["cuda"][2][n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
 # ---------------------------------------------------------------------------------------------- write back
 def test_state_for_s3prl_round_trips_through_stock_loader(case, hub, tmp_path):
     name, ckpt = case
