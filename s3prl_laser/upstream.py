@@ -96,6 +96,9 @@ class _Inert:
     """
 
     origin = "?"
+    args: tuple = ()  # pickle's NEWOBJ builds instances without calling __init__
+    kwargs: dict = {}  # read-only default
+    state = None
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs, self.state = args, kwargs, None

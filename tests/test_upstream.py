@@ -336,17 +336,21 @@ def fake_fairseq(monkeypatch):
     return dictionary, choices, save
 
 
-def fairseq_style_checkpoint(converted: dict, use_args: bool, dictionary, choices) -> dict:
-    """What fairseq's trainer writes for HuBERT pre-training (cfg as a DictConfig, or legacy args)."""
+def fairseq_style_checkpoint(converted: dict, cfg_kind: str, dictionary, choices) -> dict:
+    """What fairseq's trainer writes for HuBERT pre-training: ``cfg`` as a DictConfig or as a plain
+    container (``OmegaConf.to_container``), or legacy ``args`` (an ``argparse.Namespace``)."""
     from omegaconf import OmegaConf
 
     model_cfg = {**converted["model_cfg"], "_name": "hubert", "extractor_mode": choices.DEFAULT}
     task_cfg = {**converted["task_cfg"], "_name": "hubert_pretraining", "labels": ["km"], "data": "/data"}
-    if use_args:
-        cfg, args = None, argparse.Namespace(**{**task_cfg, **model_cfg, "arch": "hubert", "seed": 1})
-    else:
-        args = None
+    args, cfg = None, None
+    if cfg_kind == "args":
+        args = argparse.Namespace(**{**task_cfg, **model_cfg, "arch": "hubert", "seed": 1})
+    elif cfg_kind == "dictconfig":
         cfg = OmegaConf.create({"common": {"seed": 1, "fp16": True}, "model": model_cfg, "task": task_cfg})
+    else:
+        common = {"seed": 1, "fp16": True, "legacy": argparse.Namespace(x=1)}  # anything, outside model/task
+        cfg = {"common": common, "model": model_cfg, "task": task_cfg}
     return {
         "args": args,
         "cfg": cfg,
@@ -359,13 +363,13 @@ def fairseq_style_checkpoint(converted: dict, use_args: bool, dictionary, choice
     }
 
 
-@pytest.mark.parametrize("use_args", [False, True])
+@pytest.mark.parametrize("cfg_kind", ["dictconfig", "container", "args"])
 def test_fairseq_hubert_checkpoint_is_read_without_fairseq(
-    use_args, fake_fairseq, tiny_hubert_ckpt, tmp_path, hub
+    cfg_kind, fake_fairseq, tiny_hubert_ckpt, tmp_path, hub
 ):
     converted = torch.load(tiny_hubert_ckpt, weights_only=True)
     dictionary, choices, save = fake_fairseq
-    path = save(fairseq_style_checkpoint(converted, use_args, dictionary, choices), tmp_path / "hubert.pt")
+    path = save(fairseq_style_checkpoint(converted, cfg_kind, dictionary, choices), tmp_path / "hubert.pt")
     with pytest.raises(pickle.UnpicklingError):  # the file really needs more than weights_only allows
         torch.load(path, weights_only=True)
 
