@@ -1,0 +1,325 @@
+"""SUPERB ASR and PR with s3prl's own, unchanged ``run_downstream``: prepare, train, evaluate, result.json.
+
+``superb_asr.sh`` and ``superb_pr.sh`` call ``python superb.py asr|pr ARGS``. Steps:
+
+1. prepare what s3prl needs: ASR: bucket CSVs of the LibriSpeech splits and a resolved copy of
+   ``configs/asr.yaml`` (SUPERB's settings, with our ``configs/char.dict``); PR: a resolved copy of the
+   s3prl checkout's ``downstream/ctc/libriphone.yaml`` with the paper's lr 5e-4, absolute lexicon and
+   vocabulary paths and the corpus location. ``--steps N`` sets ``total_steps`` and scales the log,
+   eval and save intervals by the same factor (at least 1); ``--set KEY=VALUE`` then overrides any
+   existing config key (e.g. a smaller downstream model for smoke tests).
+2. ``python -m s3prl.run_downstream -m train -u NAME -k CKPT -d asr|ctc -c CONFIG -p OUT/exp``.
+3. ``python -m s3prl.run_downstream -m evaluate -t test-clean|test -e OUT/exp/<best or last>.ckpt``
+   with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in that command's environment only: s3prl's runner
+   checkpoints hold an ``argparse.Namespace``, which torch >= 2.6 refuses to unpickle by default.
+   (Upstream checkpoints loaded by ``hubert_laser``/``wavlm_laser`` are still read weights-only.)
+4. parse s3prl's printed metric into ``OUT/result.json`` = ``{"task", "upstream", "metric", "value"}``,
+   ``value`` in percent (s3prl prints PER as a fraction; it is multiplied by 100).
+
+The PyPI package of s3prl lacks PR's recipe files (ctc corpus modules, libriphone.yaml, lexicons,
+vocabulary); PR therefore needs ``--s3prl-src`` naming an s3prl source checkout, whose code then runs
+(``PYTHONPATH``). Without it the script stops and lists what is missing.
+
+Example::
+
+    python downstream_recipes/superb.py asr --upstream hubert_laser --ckpt runs/demo/hubert_laser.pt \\
+        --librispeech /data/LibriSpeech --out runs/superb_asr --steps 4 --device cpu
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prepare_librispeech import check_characters, write_bucket_csvs, write_word_csv  # this script's folder
+
+RECIPES = Path(__file__).resolve().parent
+PR_LR = 5.0e-4  # LASER's authors' PR learning rate (libriphone.yaml's 1e-2 is too high)
+SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
+S3PRL_SOURCE_HOWTO = (
+    "Get an s3prl source checkout of the installed version and pass its root with --s3prl-src, e.g.\n"
+    "  git clone https://github.com/s3prl/s3prl.git s3prl-src && git -C s3prl-src checkout v0.4.18\n"
+    "  downstream_recipes/superb_pr.sh ... --s3prl-src s3prl-src"
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One SUPERB task as s3prl runs it."""
+
+    name: str  # SUPERB's name, written to result.json
+    downstream: str  # run_downstream -d
+    metric: str  # result.json's metric name
+    test_split: str  # run_downstream -m evaluate -t
+    printed_metric: str  # key s3prl prints as "<split> <key>: <value>"
+    to_percent: float  # factor from s3prl's printed value to percent
+
+
+TASKS = {
+    "asr": Task("ASR", "asr", "WER", "test-clean", "wer", 1.0),
+    "pr": Task("PR", "ctc", "PER", "test", "per", 100.0),
+}
+
+
+def get_args_parser(task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"superb_{task}.sh",
+        description=f"SUPERB {TASKS[task].name} with s3prl's run_downstream: train, then test on test-clean.",
+    )
+    parser.add_argument("--upstream", required=True, help="s3prl upstream name (-u), e.g. hubert_laser")
+    parser.add_argument(
+        "--ckpt",
+        type=Path,
+        help="upstream checkpoint (-k); hubert_laser/wavlm_laser default to $S3PRL_LASER_HOME/<name>.pt",
+    )
+    parser.add_argument("--librispeech", required=True, type=Path, help="LibriSpeech root holding the splits")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (configs, exp/, result.json)")
+    parser.add_argument("--steps", type=int, help="total training steps (default: SUPERB's); intervals scale")
+    parser.add_argument("--s3prl-src", type=Path, help="s3prl source checkout to run (needed for PR)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an existing key of the resolved s3prl config, applied last; dotted KEY, YAML VALUE "
+        "(e.g. --set downstream_expert.modelrc.project_dim=256); repeatable",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="run_downstream --device; auto = cuda when torch sees one, else cpu",
+    )
+    return parser
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False; use --device cpu")
+    return requested
+
+
+def scale_runner(runner: dict, steps: int | None) -> dict:
+    """``runner`` with ``total_steps = steps`` and log/eval/save intervals scaled alike (each >= 1)."""
+    if steps is None:
+        return dict(runner)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    factor = steps / runner["total_steps"]
+    scaled = {key: max(1, round(runner[key] * factor)) for key in ("log_step", "eval_step", "save_step")}
+    return {**runner, **scaled, "total_steps": steps}
+
+
+def s3prl_tree(src: Path | None) -> Path:
+    """The folder of the s3prl package to run: ``SRC/s3prl`` of a checkout, else the installed package."""
+    if src is None:
+        return Path(importlib.util.find_spec("s3prl").origin).parent
+    tree = src.resolve() / "s3prl"
+    if not (tree / "run_downstream.py").is_file():
+        raise ValueError(
+            f"--s3prl-src {src}: {tree / 'run_downstream.py'} not found; pass the checkout's root"
+        )
+    return tree
+
+
+def asr_config(args, out: Path) -> Path:
+    """Bucket CSVs and the resolved SUPERB ASR config in ``out``; returns the config path."""
+    config = yaml.safe_load((RECIPES / "configs" / "asr.yaml").read_text())
+    dict_path = RECIPES / "configs" / "char.dict"
+    splits = list(SPLITS.values())
+    check_characters(args.librispeech, splits, dict_path)
+    datarc = config["downstream_expert"]["datarc"]
+    datarc["libri_root"] = str(args.librispeech.resolve())
+    datarc["bucket_file"] = str(write_bucket_csvs(args.librispeech, splits, out / "len_for_bucket").resolve())
+    datarc["dict_path"] = str(dict_path)
+    datarc["num_workers"] = min(datarc["num_workers"], os.cpu_count() or 1)
+    config["runner"] = scale_runner(config["runner"], args.steps)
+    return write_yaml(apply_overrides(config, args.set), out / "asr.yaml")
+
+
+def pr_config(args, out: Path, tree: Path) -> Path:
+    """The s3prl checkout's libriphone.yaml, resolved for this corpus and the paper's lr; returns its path."""
+    base = tree / "downstream" / "ctc" / "libriphone.yaml"
+    required = [base, tree / "downstream" / "ctc" / "corpus" / "libriphone.py"]
+    config = yaml.safe_load(base.read_text()) if base.is_file() else None
+    if config is not None:
+        named = [
+            *config["downstream_expert"]["corpus"]["lexicon"],
+            config["downstream_expert"]["text"]["vocab_file"],
+        ]
+        required += [tree / path for path in named]
+    missing = [path for path in required if not path.is_file()]
+    if missing:
+        listed = "\n".join(f"  - {path}" for path in missing)
+        more = "" if config is not None else "\n  - the lexicon and vocabulary files libriphone.yaml names"
+        origin = (
+            "--s3prl-src" if args.s3prl_src else "the installed s3prl package (PyPI ships no recipe files)"
+        )
+        raise ValueError(
+            f"SUPERB PR needs s3prl's recipe files, missing from {origin}:\n{listed}{more}\n"
+            f"{S3PRL_SOURCE_HOWTO}"
+        )
+
+    expert = config["downstream_expert"]
+    corpus = expert["corpus"]
+    corpus["lexicon"] = [str(tree / path) for path in corpus["lexicon"]]
+    expert["text"]["vocab_file"] = str(tree / expert["text"]["vocab_file"])
+    if "csv_dir" in corpus:  # newer checkouts: wav_path/transcription tables per split
+        for key, split in SPLITS.items():
+            write_word_csv(args.librispeech, split, out / "superb_pr" / corpus[key])
+        corpus["csv_dir"] = str((out / "superb_pr").resolve())
+    elif "path" in corpus:  # older checkouts: the LibriSpeech root itself
+        corpus["path"] = str(args.librispeech.resolve())
+    else:
+        raise ValueError(f"{base}: corpus has neither csv_dir nor path; this s3prl version is not supported")
+    corpus["num_workers"] = min(corpus.get("num_workers", 12), os.cpu_count() or 1)
+    config["optimizer"]["lr"] = PR_LR
+    config["runner"] = scale_runner(config["runner"], args.steps)
+    return write_yaml(apply_overrides(config, args.set), out / "pr.yaml")
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Set each ``dotted.key=yaml value`` of ``overrides`` in ``config`` (in place); keys must exist.
+
+    Example: ``apply_overrides({"runner": {"log_step": 100}}, ["runner.log_step=5"])`` sets it to 5.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ValueError(f"--set {item!r}: the config has no key {key!r}")
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def write_yaml(config: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_logged(command: list[str], cwd: Path, env: dict, log: Path) -> str:
+    """Run ``command``, echoing its output to the console and ``log``; return the output."""
+    print(f"+ (cd {cwd} && {' '.join(command)})", flush=True)
+    lines = []
+    with (
+        open(log, "w") as log_file,
+        subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process,
+    ):
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log_file.write(line)
+            lines.append(line)
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"s3prl's run_downstream failed (exit {process.returncode}); its output is in {log}"
+        )
+    return "".join(lines)
+
+
+def pick_checkpoint(expdir: Path, eval_split: str) -> Path:
+    """SUPERB's protocol: the best checkpoint on the dev split; else (never improved) the last one saved."""
+    best = expdir / f"{eval_split}-best.ckpt"
+    if best.is_file():
+        return best
+    states = sorted(glob.glob(str(expdir / "states-*.ckpt")), key=lambda p: int(Path(p).stem.split("-")[1]))
+    if not states:
+        raise RuntimeError(f"no checkpoint in {expdir}: training saved neither {best.name} nor states-*.ckpt")
+    print(f"note: {best.name} was never written (the dev metric never improved); evaluating {states[-1]}")
+    return Path(states[-1])
+
+
+def parse_metric(output: str, split: str, key: str) -> float:
+    """The value of the last ``<split> <key>: <value>`` line s3prl printed."""
+    values = re.findall(rf"^{re.escape(split)} {re.escape(key)}: (\S+)$", output, flags=re.MULTILINE)
+    if not values:
+        raise RuntimeError(f"s3prl printed no '{split} {key}: ...' line")
+    return float(values[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    task_key, *rest = argv if argv is not None else sys.argv[1:]
+    task = TASKS[task_key]
+    args = get_args_parser(task_key).parse_args(rest)
+    out = args.out.resolve()
+    expdir = out / "exp"
+    try:
+        if expdir.exists() and any(expdir.iterdir()):
+            raise ValueError(f"{expdir} already holds a run; remove it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        tree = s3prl_tree(args.s3prl_src)
+        config = asr_config(args, out) if task_key == "asr" else pr_config(args, out, tree)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"superb_{task_key}: error: {err}", file=sys.stderr)
+        return 2
+
+    env = dict(os.environ)
+    cwd = out
+    if args.s3prl_src is not None:  # run the checkout's code; relative recipe paths resolve from its s3prl/
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree.parent), env.get("PYTHONPATH")]))
+        cwd = tree
+    upstream = ["-u", args.upstream] + (["-k", str(args.ckpt.resolve())] if args.ckpt else [])
+    run_downstream = [sys.executable, "-m", "s3prl.run_downstream"]
+    run_logged(
+        [
+            *run_downstream,
+            "-m",
+            "train",
+            *upstream,
+            "-d",
+            task.downstream,
+            "-c",
+            str(config),
+            "-p",
+            str(expdir),
+            "--device",
+            device,
+        ],
+        cwd,
+        env,
+        out / "train.log",
+    )
+
+    eval_split = yaml.safe_load(config.read_text())["runner"]["eval_dataloaders"][0]
+    checkpoint = pick_checkpoint(expdir, eval_split)
+    eval_env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # runner checkpoints hold a Namespace
+    output = run_logged(
+        [*run_downstream, "-m", "evaluate", "-t", task.test_split, "-e", str(checkpoint), "--device", device],
+        cwd,
+        eval_env,
+        out / "evaluate.log",
+    )
+
+    value = parse_metric(output, task.test_split, task.printed_metric) * task.to_percent
+    if not math.isfinite(value):
+        raise RuntimeError(f"s3prl printed a non-finite {task.metric}: {value}")
+    result = {"task": task.name, "upstream": args.upstream, "metric": task.metric, "value": value}
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"SUPERB {task.name} {task.test_split} {task.metric}: {value:.2f} % "
+        f"({args.upstream}, {checkpoint.name}) -> {out / 'result.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
