@@ -1,0 +1,196 @@
+"""Fast CPU backend: the plain-C kernel ``sdtw_cpu.c``, compiled on first use and called via ctypes.
+
+The kernel keeps the DP table as ``[N + 1, M + 1, LANES]`` and vectorises each cell update over up
+to 16 pairs ("lanes"); the lanes of a call are split into groups that run on
+``torch.get_num_threads()`` Python threads (ctypes releases the GIL, so they run in parallel).
+
+Build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -ffast-math -march=native``,
+into ``$S3PRL_LASER_HOME`` (default ``~/.cache/s3prl_laser``) under a name keyed by a hash of the
+source, flags and CPU; written atomically, so concurrent first uses are safe. Without a compiler,
+:func:`load_library` raises :class:`KernelBuildError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+LANES = 16  # must match LANES in sdtw_cpu.c
+SOURCE = Path(__file__).with_name("sdtw_cpu.c")
+FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fno-strict-aliasing"]
+NATIVE_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
+_SUFFIX = {torch.float32: "float", torch.float64: "double"}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernel could not be compiled or loaded (no C compiler, or the compiler failed)."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$S3PRL_LASER_HOME`` or ``~/.cache/s3prl_laser``."""
+    root = os.environ.get("S3PRL_LASER_HOME")
+    return Path(root) if root else Path.home() / ".cache" / "s3prl_laser"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise KernelBuildError("no C compiler found (set $CC or install gcc) for the soft-DTW CPU kernel; "
+                           "use backend='reference' instead")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _compile(cc: str, target: Path, flags: list[str]) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = []
+        for real in ("float", "double"):
+            obj = Path(tmp) / f"sdtw_{real}.o"
+            cmd = [cc, *flags, f"-DSDTW_REAL={real}", "-c", str(SOURCE), "-o", str(obj)]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            objects.append(str(obj))
+        partial = Path(tmp) / target.name
+        subprocess.run([cc, *flags, *objects, "-o", str(partial), "-lm"], check=True, capture_output=True,
+                       text=True)
+        os.replace(partial, target)  # atomic: a concurrent loader sees the old file or the whole new one
+
+
+def _build() -> Path:
+    cc = _compiler()
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(flags).encode(),
+                                         platform.machine().encode(), _cpu_id().encode()])).hexdigest()
+        target = directory / f"sdtw_cpu-{key[:16]}.so"
+        if target.exists():
+            return target
+        try:
+            _compile(cc, target, flags)
+            return target
+        except subprocess.CalledProcessError as err:
+            errors.append(err.stderr.strip())
+    raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed: {errors[-1][-2000:]}")
+
+
+def load_library() -> ctypes.CDLL:
+    """Compile (once per source/CPU) and load the kernel; raises :class:`KernelBuildError` on failure."""
+    global _library
+    with _lock:
+        if _library is None:
+            path = _build()
+            try:
+                library = ctypes.CDLL(str(path))
+            except OSError as err:
+                raise KernelBuildError(f"loading {path} failed: {err}") from err
+            for real in _SUFFIX.values():
+                getattr(library, f"sdtw_forward_{real}").restype = None
+                getattr(library, f"sdtw_backward_{real}").restype = None
+            _library = library
+    return _library
+
+
+def _groups(P: int) -> list[range]:
+    """Split ``P`` lanes into groups of at most LANES, at least one group per thread when possible."""
+    count = max(-(-P // LANES), min(torch.get_num_threads(), P))
+    bounds = [round(k * P / count) for k in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _lane_table(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
+                outs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """int64 ``[8, P]``: n, m, W, cost address, row stride, rows, cols, output address per lane."""
+    cols = []
+    for k, c in enumerate(costs):
+        elem = c.element_size()
+        for b in range(c.shape[0]):
+            out_addr = outs[k].data_ptr() + b * outs[k].stride(0) * elem if outs is not None else 0
+            addr = c.data_ptr() + b * c.stride(0) * elem
+            cols.append((addr, c.stride(1), c.shape[1], c.shape[2], out_addr))
+    addr, stride, rows, ncols, out = zip(*cols, strict=True)
+    return torch.tensor([n, m, W, addr, stride, rows, ncols, out], dtype=torch.int64)
+
+
+def _ptr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
+
+
+def _run(fn, calls: list[tuple]) -> None:
+    """``fn(*args)`` for every group, on up to ``torch.get_num_threads()`` threads."""
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    with ThreadPoolExecutor(max_workers=min(len(calls), torch.get_num_threads())) as pool:
+        for future in [pool.submit(fn, *args) for args in calls]:
+            future.result()
+
+
+def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
+            gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Values ``[P]`` and one saved ``R`` table per lane group (see ``reference.py`` for the interface)."""
+    library, dtype = load_library(), costs[0].dtype
+    fn, real = getattr(library, f"sdtw_forward_{_SUFFIX[dtype]}"), _real(dtype)
+    table = _lane_table(costs, n, m, W)
+    values = torch.empty(len(n), dtype=dtype)
+    tables, alive, calls = [], [], []  # alive: buffers the C code points into, until it returns
+    for group in _groups(len(n)):
+        lanes = table[:, group.start:group.stop].contiguous()
+        N, M = int(lanes[0].max()), int(lanes[1].max())
+        R = torch.empty((N + 1) * (M + 1) * LANES, dtype=dtype)
+        buf = torch.empty((M + 2) * LANES, dtype=dtype)
+        tables.append(R)
+        alive += [lanes, buf]
+        calls.append((ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),
+                      *(_ptr(lanes, k * len(group)) for k in range(5)), real(gamma), _ptr(R),
+                      _ptr(buf), _ptr(values, group.start)))
+    _run(fn, calls)
+    return values, tuple(tables)
+
+
+def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list[int], m: list[int],
+             W: list[int], gamma: float, grad: torch.Tensor) -> list[torch.Tensor]:
+    """``grad[p] * E`` per cost tensor, written by the kernel straight into fresh tensors."""
+    library, dtype = load_library(), costs[0].dtype
+    fn, real = getattr(library, f"sdtw_backward_{_SUFFIX[dtype]}"), _real(dtype)
+    outs = [torch.empty_like(c) for c in costs]
+    table = _lane_table(costs, n, m, W, outs)
+    grad = grad.to(dtype).contiguous()
+    alive, calls = [], []
+    for group, R in zip(_groups(len(n)), saved, strict=True):
+        lanes = table[:, group.start:group.stop].contiguous()
+        N, M = int(lanes[0].max()), int(lanes[1].max())
+        work = torch.empty(5 * (M + 2) * LANES, dtype=dtype)
+        alive += [lanes, work]
+        k = len(group)
+        calls.append((ctypes.c_int64(k), ctypes.c_int64(N), ctypes.c_int64(M),
+                      *(_ptr(lanes, i * k) for i in range(8)), _ptr(grad, group.start), real(gamma), _ptr(R),
+                      _ptr(work)))
+    _run(fn, calls)
+    return outs
+
+
+def _real(dtype: torch.dtype):
+    if dtype not in _SUFFIX:
+        raise ValueError(f"soft-DTW cpu backend: unsupported dtype {dtype}")
+    return ctypes.c_float if dtype == torch.float32 else ctypes.c_double
