@@ -1,0 +1,193 @@
+"""Throughput of LASER fine-tuning steps, where the time goes, and what the paper's recipe would cost.
+
+Builds a random-init upstream of base size (12 layers, 768 dims, the real CNN; ``--tiny``: the 4-layer test
+model), writes synthetic clips whose durations follow LibriSpeech train-clean-100 (about N(12.7 s, 3.5 s)
+clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact pieces of
+``python -m s3prl_laser.finetune`` (same data loader, model, loss, optimizer), timing each phase:
+
+* data: time the training process waits for the next batch (reading, cropping and perturbing run in the
+  DataLoader workers, in parallel with the step);
+* forward: upstream + projection head; loss: soft-DTW divergence + regulariser (forward);
+* backward + optimizer: backward of everything, gradient clipping, AdamW;
+* soft-DTW alone (measured apart, on the step's projections): divergence forward + backward;
+* perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair.
+
+The first ``--warmup`` steps are not timed. Prints one table row per upstream, with pairs/s and the
+projected time of the paper's recipe (3600 steps x 8 pairs) at that speed.
+
+    python benchmarks/finetune_throughput.py                          # base size, on the GPU if any
+    python benchmarks/finetune_throughput.py --tiny --steps 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from s3prl_laser import fixtures
+from s3prl_laser.config import resolve_config
+from s3prl_laser.finetune import DistEnv, build_data, build_model, forward_pairs, pair_loss, scan_data
+from s3prl_laser.softdtw import soft_dtw_divergence
+from s3prl_laser.upstream import save_s3prl_checkpoint
+
+BASE_ARCH = {  # the base models' architecture, restored over the fixtures' tiny one
+    "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+}
+PAPER_STEPS, PAPER_PAIRS = 3600, 8
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--upstreams", nargs="+", default=["hubert", "wavlm"], choices=["hubert", "wavlm"])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel set-up, caches)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (paper: 8)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="crop (default: the config's)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config's)")
+    parser.add_argument("--tiny", action="store_true", help="the 4-layer test model instead of base size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def synthetic_corpus(folder: Path, count: int, seed: int, max_seconds: float | None) -> None:
+    """``count`` 16-kHz FLAC clips of amplitude-modulated noise with LibriSpeech-like durations."""
+    rng = np.random.default_rng(seed)
+    seconds = np.clip(rng.normal(12.7, 3.5, count), 1.4, 24.5)
+    if max_seconds is not None:  # nothing past the crop is ever used: keep the files small
+        seconds = np.minimum(seconds, max_seconds + 0.5)
+    for index, duration in enumerate(seconds):
+        n = int(duration * 16000)
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * np.arange(n) / 16000 + rng.uniform(0, 6.3))
+        wav = (0.1 * envelope * rng.standard_normal(n)).astype("float32")
+        soundfile.write(folder / f"clip{index:05d}.flac", wav, 16000)
+
+
+def build_checkpoint(upstream: str, path: Path, tiny: bool, seed: int) -> Path:
+    if tiny:
+        build = fixtures.build_tiny_hubert if upstream == "hubert" else fixtures.build_tiny_wavlm
+        return build(path, seed=seed)
+    if upstream == "hubert":
+        return save_s3prl_checkpoint(fixtures.tiny_hubert_state(seed, final_dim=256, **BASE_ARCH), path)
+    return save_s3prl_checkpoint(fixtures.tiny_wavlm_state(seed, **BASE_ARCH), path)
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """Time ``args.steps`` steps of ``upstream``; return seconds per step of each phase and pairs/s."""
+    device = torch.device(args.device)
+    overrides = [f"batch_size={args.batch_size}", f"seed={args.seed}"]
+    if args.max_seconds is not None:
+        overrides.append(f"max_seconds={args.max_seconds}")
+    if args.workers is not None:
+        overrides.append(f"num_workers={args.workers}")
+    cfg = resolve_config(upstream, overrides=overrides)
+    corpus = workdir / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        clips = max(4 * args.batch_size, (args.steps + args.warmup) * args.batch_size)
+        synthetic_corpus(corpus, clips, args.seed, cfg.max_seconds)
+    ckpt = build_checkpoint(upstream, workdir / f"{upstream}.pt", args.tiny, args.seed)
+    cfg = dataclasses.replace(cfg, data=str(corpus), ckpt=str(ckpt))
+    env = DistEnv(device=device)
+    parts = build_model(cfg, env)
+    items = scan_data(cfg)
+    loader, _ = build_data(cfg, items, env, (0, 0))
+    phases: dict[str, list[float]] = {k: [] for k in ("data", "forward", "loss", "backward", "softdtw")}
+    pairs = 0
+    batches = iter(loader)
+    for step in range(args.warmup + args.steps):
+        t0 = sync(device)
+        batch = next(batches)
+        t1 = sync(device)
+        z, frames = forward_pairs(parts.module, batch, env, cfg)
+        t2 = sync(device)
+        out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
+        t3 = sync(device)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
+        parts.optimizer.step()
+        parts.scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        t4 = sync(device)
+        softdtw = time_softdtw(z.detach().float(), frames, batch.num_pairs, cfg, device)
+        if step >= args.warmup:
+            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, softdtw), strict=True):
+                phases[key].append(value)
+            pairs += batch.num_pairs
+    result = {key: statistics.fmean(values) for key, values in phases.items()}
+    step_time = sum(result[k] for k in ("data", "forward", "loss", "backward"))
+    result["pairs_per_s"] = pairs / (step_time * args.steps)
+    result["perturb"] = time_perturbation(loader.dataset, min(len(items), 8))
+    result["step"] = step_time
+    return result
+
+
+def time_softdtw(z: torch.Tensor, frames: torch.Tensor, b: int, cfg, device: torch.device) -> float:
+    x, y = z[:b].requires_grad_(True), z[b:].requires_grad_(True)
+    start = sync(device)
+    value = soft_dtw_divergence(x, y, cfg.gamma, frames[:b], frames[b:], cfg.bandwidth, cfg.softdtw_backend)
+    value.sum().backward()
+    return sync(device) - start
+
+
+def time_perturbation(dataset, count: int) -> float:
+    """Seconds to read, crop and perturb one pair in this process (median of ``count`` clips)."""
+    times = []
+    for index in range(count):
+        start = time.perf_counter()
+        dataset[(index, 99, 0)]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    size = "tiny (4 layers, 64 dims)" if args.tiny else "base size (12 layers, 768 dims), random init"
+    print(f"device: {args.device}; model: {size}; {args.batch_size} pairs/step; {args.steps} timed steps")
+    header = (
+        f"{'upstream':<8} {'pairs/s':>8} {'step s':>8} {'data':>6} {'fwd':>6} {'loss':>6} {'bwd+opt':>8}"
+        f" {'sdtw s':>8} {'perturb s':>10} {'3600x8 h':>9}"
+    )
+    print(header)
+    with tempfile.TemporaryDirectory() as tmp:
+        for upstream in args.upstreams:
+            r = run_one(upstream, args, Path(tmp))
+            share = {k: 100 * r[k] / r["step"] for k in ("data", "forward", "loss", "backward")}
+            projected = PAPER_STEPS * PAPER_PAIRS / r["pairs_per_s"] / 3600
+            print(
+                f"{upstream:<8} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} {share['data']:>5.0f}% "
+                f"{share['forward']:>5.0f}% {share['loss']:>5.0f}% {share['backward']:>7.0f}% "
+                f"{r['softdtw']:>8.4f} {r['perturb']:>10.4f} {projected:>9.2f}"
+            )
+    print(
+        "data/fwd/loss/bwd+opt: share of the step; sdtw s: soft-DTW divergence fwd+bwd alone per step; "
+        "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
+        "3600x8 h: projected hours of the paper's recipe on this device, one process"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
