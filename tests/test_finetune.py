@@ -1,0 +1,222 @@
+"""End to end: python -m s3prl_laser.finetune on the tiny models and the bundled corpus.
+
+Every run uses short crops, 2 pairs per step and a few steps, so that the file stays well under a minute.
+"""
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from s3prl_laser import checkpointing
+from s3prl_laser.finetune import linear_warmup_decay, main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3", "log_every=1"]
+
+
+def finetune(out, ckpt, data, *overrides, upstream="hubert", extra=()):
+    argv = ["--upstream", upstream, "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), *extra]
+    return main([*argv, *FAST, *overrides])
+
+
+def final_weights(out, upstream="hubert"):
+    state = torch.load(out / f"{upstream}_laser.pt", weights_only=True)
+    return state["model_weight" if upstream == "hubert" else "model"]
+
+
+def base_weights(ckpt, upstream="hubert"):
+    return torch.load(ckpt, weights_only=True)["model_weight" if upstream == "hubert" else "model"]
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_end():
+    factors = [linear_warmup_decay(step, 4, 10) for step in range(10)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[3:] == sorted(factors[3:], reverse=True) and min(factors) > 0
+    assert factors[-1] == pytest.approx(1 / 6)
+    assert linear_warmup_decay(0, 0, 5) == 1.0
+
+
+def test_data_errors_come_before_any_model_is_loaded(tmp_path, monkeypatch, caplog, tiny_hubert_ckpt):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    missing = tmp_path / "no_such_corpus"
+    assert finetune(tmp_path / "run", tiny_hubert_ckpt, missing) == 2
+    assert str(missing) in caplog.text
+    (tmp_path / "empty").mkdir()
+    assert finetune(tmp_path / "run", tiny_hubert_ckpt, tmp_path / "empty") == 2
+    assert "no audio found" in caplog.text
+    assert finetune(tmp_path / "run", tiny_hubert_ckpt, tmp_path / "empty", "stpes=3") == 2
+    assert "stpes" in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("upstream", ["hubert", "wavlm"])
+def test_run_trains_only_the_top_layers_and_writes_an_s3prl_checkpoint(
+    upstream, tmp_path, tiny_hubert_ckpt, tiny_wavlm_ckpt, demo_corpus
+):
+    ckpt = tiny_hubert_ckpt if upstream == "hubert" else tiny_wavlm_ckpt
+    out = tmp_path / "run"
+    assert finetune(out, ckpt, demo_corpus, "steps=3", "save_every=2", upstream=upstream) == 0
+    assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
+    assert [step for step, _ in checkpointing.list_checkpoints(out)] == [2, 3]
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert {"model", "head", "optimizer", "scheduler", "step", "config", "rng", "data_position"} <= set(state)
+    assert state["step"] == 3 and state["config"]["upstream"] == upstream
+
+    before, after = base_weights(ckpt, upstream), final_weights(out, upstream)
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    trainable = ("encoder.layers.2.", "encoder.layers.3.", "encoder.layer_norm.")  # 4 layers, top 2
+    assert changed and all(name.startswith(trainable) for name in changed)
+    assert any(name.startswith("encoder.layers.3.") for name in changed)
+    assert set(state["model"]) == {f"model.{name}" for name in before if name.startswith(trainable)}
+
+    import s3prl.hub
+
+    expert = getattr(s3prl.hub, f"{upstream}_local")(ckpt=str(out / f"{upstream}_laser.pt"))
+    hidden = expert([torch.randn(4000)])["hidden_states"]
+    assert len(hidden) == 5 and torch.isfinite(hidden[-1]).all()
+
+
+def test_resume_continues_exactly(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    """6 steps straight == 3 steps, then a new process resuming from the step-3 checkpoint for 3 more."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("steps=6", "save_every=3", "num_workers=1")
+    assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpointing.checkpoint_path(straight, 3), checkpointing.checkpoint_path(resumed, 3))
+    assert finetune(resumed, tiny_hubert_ckpt, demo_corpus, *args, extra=["--resume"]) == 0
+
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    last_a = checkpointing.load_checkpoint(checkpointing.checkpoint_path(straight, 6))
+    last_b = checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 6))
+    assert all(torch.equal(last_a["head"][k], last_b["head"][k]) for k in last_a["head"])
+    assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"]
+    assert torch.equal(last_a["rng"][0]["torch"], last_b["rng"][0]["torch"])
+    # Without restoring the step-3 state the run would differ: the base model was changed by training.
+    assert not all(torch.equal(a[name], base_weights(tiny_hubert_ckpt)[name]) for name in a)
+
+
+def write_clip(path: Path, wav: np.ndarray) -> Path:
+    soundfile.write(path, wav.astype("float32"), 16000, subtype="FLOAT")
+    return path
+
+
+def test_bad_inputs_are_skipped_counted_and_do_not_crash(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    good = sorted((demo_corpus / "train-clean-100").rglob("*.flac"))[:4]
+    corrupt = tmp_path / "corrupt.flac"
+    corrupt.write_bytes(b"fLaC" + bytes(200))
+    short = write_clip(tmp_path / "short.wav", np.zeros(300))
+    nan = write_clip(tmp_path / "nan.wav", np.full(16000, np.nan))
+    lines = [str(p) for p in good] + [f"{corrupt} 16000", str(short), str(nan)]
+    (tmp_path / "clips.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert finetune(out, tiny_hubert_ckpt, tmp_path / "clips.txt", "steps=4", "bucket_batches=1") == 0
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert state["step"] == 4
+    assert state["counters"]["unreadable"] >= 1 and state["counters"]["too_short"] >= 1
+    assert state["counters"]["nonfinite"] >= 1
+    assert all(torch.isfinite(v).all() for v in final_weights(out).values())
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    out = tmp_path / "run"
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
+    argv += ["--out", str(out), *FAST, "steps=100000", "save_every=100000"]
+    cmd = [sys.executable, "-m", "s3prl_laser.finetune", *argv]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "tb").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the TensorBoard folder appears when the training loop starts
+    process.send_signal(signal.SIGTERM)
+    log, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, log
+    path = checkpointing.latest_checkpoint(out)
+    assert path is not None, log
+    step = checkpointing.load_checkpoint(path)["step"]
+    assert step >= 1 and not list((out / "checkpoints").glob("*.tmp"))
+    assert main([*argv[:-2], f"steps={step + 1}", "--resume"]) == 0
+    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == step + 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "s3prl_laser.finetune", "--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt)]
+    cmd += [
+        "--data",
+        str(demo_corpus),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *FAST,
+        "steps=3",
+        "save_every=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 2 ranks hold identical trainable weights" in result.stderr
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # dropout differs per rank
+    assert state["step"] == 3 and state["pairs"] == 3 * 2 * 2  # each step: 2 pairs on each of 2 ranks
+    changed = [
+        n for n, w in final_weights(out).items() if not torch.equal(w, base_weights(tiny_hubert_ckpt)[n])
+    ]
+    assert changed
+
+
+def test_demo_writes_report_table_and_picture(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--upstream", "wavlm", "--demo", "--out", str(out), "steps=3", "report_clips=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "soft-DTW divergence" in printed and "far-frame distance" in printed
+    report = __import__("json").loads((out / "demo_report.json").read_text())
+    assert report["clips"] == 2 and all("/dev-clean/" in p or "/test-clean/" in p for p in report["paths"])
+    assert report["before"] != report["after"]
+    assert all(value > 0 for side in ("before", "after") for value in report[side].values())
+    assert (out / "demo_alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tiny_wavlm.pt").is_file() and (out / "wavlm_laser.pt").is_file()
+
+
+def test_throughput_benchmark_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "finetune_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "--tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--max-seconds",
+        "1",
+        "--workers",
+        "0",
+    ]
+    assert bench.main([*argv, "--device", "cpu"]) == 0
+    rows = [
+        line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.split()[:1] in (["hubert"], ["wavlm"])
+    ]
+    assert [row[0] for row in rows] == ["hubert", "wavlm"]
+    assert all(float(row[1]) > 0 and float(row[-1]) > 0 for row in rows)
