@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torchaudio.functional import phase_vocoder
 
+# Largest gcd-reduced source rate resampled with a dense polyphase conv1d rather than sparse taps
+DENSE_MAX_ORIG = 64
 PRESETS = {
     "hubert": (0.9, 1.0, 1.1),
     "wavlm": (0.8, 0.85, 0.9, 1.0, 1.1, 1.15, 1.2),
@@ -57,7 +59,9 @@ class SincResampler:
     Output sample ``j`` sits at input position ``j * orig / new`` and is a weighted sum of the input samples
     around it: the weights are torchaudio's windowed-sinc kernel evaluated at those samples only (a
     ``[new, 2 * width + 2]`` table, built once), so the cost is ``O(length * width)`` instead of
-    torchaudio's ``O(length * orig)``. ``orig`` and ``new`` are reduced by their gcd.
+    torchaudio's ``O(length * orig)``. ``orig`` and ``new`` are reduced by their gcd. When the reduced
+    ``orig`` is small (speed factors: 9 -> 10 for 0.9), the table is laid out as torchaudio's dense
+    polyphase kernel and applied with one strided ``conv1d``, which is faster there.
 
     ``__call__(wavs: [B, T], lengths: list[int]) -> list[Tensor]``: clip ``b`` holds ``lengths[b]`` valid
     samples (the rest is ignored) and comes back with ``ceil(lengths[b] * new / orig)`` samples.
@@ -93,6 +97,12 @@ class SincResampler:
         sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, 1.0, t))
         self.kernel = (sinc * window * base / self.orig).to(device=device, dtype=dtype)
         self.first, self.offsets = self.first.to(device), self.offsets.to(device)
+        self.dense = None
+        # dense[i, 0, first[i] + o + width] = tap o of phase i: torchaudio's [new, 1, orig + 2 * width + 1] layout
+        if self.orig <= DENSE_MAX_ORIG:
+            self.dense = self.kernel.new_zeros(self.new, self.orig + 2 * self.width + 1)
+            self.dense.scatter_(1, self.first[:, None] + self.offsets[None, :] + self.width, self.kernel)
+            self.dense = self.dense[:, None, :]
 
     def output_length(self, length: int) -> int:
         return -(-length * self.new // self.orig)
@@ -100,13 +110,18 @@ class SincResampler:
     def __call__(self, wavs: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
         out_lengths = [self.output_length(n) for n in lengths]
         blocks = -(-max(out_lengths) // self.new)
-        # start[k, i]: padded-input index of the first tap of output k * new + i
-        start = (torch.arange(blocks, device=wavs.device) * self.orig)[:, None] + self.first[None, :]
-        taps = self.offsets.numel()
         if min(lengths) < wavs.shape[1]:  # zero what lies past each clip: it is not signal
             positions = torch.arange(wavs.shape[1], device=wavs.device)
             valid = positions[None, :] < torch.tensor(list(lengths), device=wavs.device)[:, None]
             wavs = torch.where(valid, wavs, 0.0)
+        if self.dense is not None:
+            right = (blocks - 1) * self.orig + self.dense.shape[-1] - self.width - wavs.shape[1]
+            padded = F.pad(wavs, (self.width, right))[:, None, :]
+            resampled = F.conv1d(padded, self.dense, stride=self.orig).transpose(1, 2).flatten(1)
+            return [resampled[b, :n] for b, n in enumerate(out_lengths)]
+        # start[k, i]: padded-input index of the first tap of output k * new + i
+        start = (torch.arange(blocks, device=wavs.device) * self.orig)[:, None] + self.first[None, :]
+        taps = self.offsets.numel()
         last_start = (blocks - 1) * self.orig + (self.new - 1) * self.orig // self.new  # start.max(), no sync
         right = last_start + taps - self.width - wavs.shape[1]
         windows = F.pad(wavs, (self.width, right)).unfold(1, taps, 1)  # [B, L, taps]
