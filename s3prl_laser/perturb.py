@@ -98,7 +98,7 @@ class SincResampler:
         self.kernel = (sinc * window * base / self.orig).to(device=device, dtype=dtype)
         self.first, self.offsets = self.first.to(device), self.offsets.to(device)
         self.dense = None
-        # dense[i, 0, first[i] + o + width] = tap o of phase i: torchaudio's [new, 1, orig + 2 * width + 1] layout
+        # dense[i, 0, first[i] + o + width] = tap o of phase i (torchaudio's [new, 1, orig + 2w + 1] layout)
         if self.orig <= DENSE_MAX_ORIG:
             self.dense = self.kernel.new_zeros(self.new, self.orig + 2 * self.width + 1)
             self.dense.scatter_(1, self.first[:, None] + self.offsets[None, :] + self.width, self.kernel)
