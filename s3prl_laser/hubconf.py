@@ -63,7 +63,8 @@ def _checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
         how = "the file given as ckpt (run_downstream -k)" if ckpt else f"the default location (${HOME_ENV})"
         raise FileNotFoundError(
             f"{name}: no checkpoint at {path} ({how}). Make one with "
-            f"`python -m s3prl_laser.finetune --upstream {upstream} --out {path.parent}` "
+            f"`python -m s3prl_laser.finetune --upstream {upstream} --data LIBRISPEECH_ROOT "
+            f"--out {path.parent}` "
             f"(it writes {path.parent / f'{name}.pt'}), or pass another file with ckpt=... / -k FILE."
         )
     try:

@@ -129,7 +129,9 @@ def test_missing_file_names_the_path_and_the_finetune_command(name, upstream, tm
         getattr(hubconf, name)()
     message = str(default_error.value)
     assert str(tmp_path / "home" / f"{name}.pt") in message
-    assert f"python -m s3prl_laser.finetune --upstream {upstream} --out {tmp_path / 'home'}" in message
+    home = tmp_path / "home"
+    command = f"python -m s3prl_laser.finetune --upstream {upstream} --data LIBRISPEECH_ROOT --out {home}"
+    assert command in message
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere.pt")):
         getattr(hubconf, name)(ckpt=tmp_path / "nowhere.pt")
 
