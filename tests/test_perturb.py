@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchaudio
 
-from s3prl_laser.perturb import PRESETS, LaserPerturbation, PerturbParams, SincResampler
+from s3prl_laser.perturb import PRESETS, LaserPerturbation, PerturbParams, SincResampler, phase_vocoder
 
 SR = 16000
 
@@ -114,6 +114,15 @@ def test_batch_equals_one_clip_at_a_time():
     for b, s in zip(batch, single, strict=True):
         assert b.shape == s.shape
         torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [2 ** (-2 / 12), 2 ** (2 / 12), 1.5])
+@pytest.mark.parametrize("shape", [(257, 1), (257, 60), (3, 257, 37)])
+def test_phase_vocoder_matches_torchaudio(rate, shape):
+    spec = torch.randn(*shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(len(shape)))
+    phase_advance = torch.linspace(0, math.pi * 128, 257, dtype=torch.float64)[:, None]
+    ours = phase_vocoder(spec, rate, phase_advance)
+    torch.testing.assert_close(ours, torchaudio.functional.phase_vocoder(spec, rate, phase_advance))
 
 
 @pytest.mark.parametrize("orig,new", [(9, 10), (23, 20), (480, 441), (441, 480)])
