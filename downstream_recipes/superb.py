@@ -7,7 +7,7 @@
    s3prl checkout's ``downstream/ctc/libriphone.yaml`` with the paper's lr 5e-4, absolute lexicon and
    vocabulary paths and the corpus location. ``--steps N`` sets ``total_steps`` and scales the log,
    eval and save intervals by the same factor (at least 1); ``--set KEY=VALUE`` then overrides any
-   existing config key (e.g. a smaller downstream model for smoke tests).
+   existing config key, after ``--smoke`` (a tiny downstream for checking the pipeline on a CPU).
 2. ``python -m s3prl.run_downstream -m train -u NAME -k CKPT -d asr|ctc -c CONFIG -p OUT/exp``.
 3. ``python -m s3prl.run_downstream -m evaluate -t test-clean|test -e OUT/exp/<best or last>.ckpt``
    with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in that command's environment only: s3prl's runner
@@ -44,6 +44,22 @@ from prepare_librispeech import check_characters, write_bucket_csvs, write_word_
 RECIPES = Path(__file__).resolve().parent
 PR_LR = 5.0e-4  # LASER's authors' PR learning rate (libriphone.yaml's 1e-2 is too high)
 SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
+# --smoke: check the pipeline in a minute on a CPU, not for numbers. SUPERB's ASR downstream (2 x 1024
+# BiLSTM) takes minutes per step on 2 cores; smoke runs use one 16-unit LSTM layer, read audio in the
+# main process and evaluate dev once, at the last step. PR's libriphone downstream is already linear.
+SMOKE = {
+    "asr": [
+        "downstream_expert.modelrc.project_dim=16",
+        "downstream_expert.modelrc.RNNs.dim=[16]",
+        "downstream_expert.modelrc.RNNs.dropout=[0.2]",
+        "downstream_expert.modelrc.RNNs.layer_norm=[false]",
+        "downstream_expert.modelrc.RNNs.proj=[false]",
+        "downstream_expert.modelrc.RNNs.sample_rate=[1]",
+        "downstream_expert.datarc.num_workers=0",
+        "downstream_expert.datarc.batch_size=8",
+    ],
+    "pr": ["downstream_expert.corpus.num_workers=0"],
+}
 S3PRL_SOURCE_HOWTO = (
     "Get an s3prl source checkout of the installed version and pass its root with --s3prl-src, e.g.\n"
     "  git clone https://github.com/s3prl/s3prl.git s3prl-src && git -C s3prl-src checkout v0.4.18\n"
@@ -91,6 +107,11 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override an existing key of the resolved s3prl config, applied last; dotted KEY, YAML VALUE "
         "(e.g. --set downstream_expert.modelrc.project_dim=256); repeatable",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="pipeline check: tiny downstream, dev evaluated once (SMOKE in superb.py); no real numbers",
     )
     parser.add_argument(
         "--device",
@@ -146,7 +167,7 @@ def asr_config(args, out: Path) -> Path:
     datarc["dict_path"] = str(dict_path)
     datarc["num_workers"] = min(datarc["num_workers"], os.cpu_count() or 1)
     config["runner"] = scale_runner(config["runner"], args.steps)
-    return write_yaml(apply_overrides(config, args.set), out / "asr.yaml")
+    return write_yaml(apply_overrides(config, overrides(args, "asr", config)), out / "asr.yaml")
 
 
 def pr_config(args, out: Path, tree: Path) -> Path:
@@ -187,7 +208,13 @@ def pr_config(args, out: Path, tree: Path) -> Path:
     corpus["num_workers"] = min(corpus.get("num_workers", 12), os.cpu_count() or 1)
     config["optimizer"]["lr"] = PR_LR
     config["runner"] = scale_runner(config["runner"], args.steps)
-    return write_yaml(apply_overrides(config, args.set), out / "pr.yaml")
+    return write_yaml(apply_overrides(config, overrides(args, "pr", config)), out / "pr.yaml")
+
+
+def overrides(args, task: str, config: dict) -> list[str]:
+    """``--smoke``'s settings (when given), then the user's ``--set`` items: later ones win."""
+    smoke = [*SMOKE[task], f"runner.eval_step={config['runner']['total_steps']}"] if args.smoke else []
+    return smoke + args.set
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:

@@ -21,23 +21,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "downstream_recipes"
 SPLITS = ["train-clean-100", "dev-clean", "test-clean"]
-# Smoke-run settings: SUPERB's ASR downstream (2 x 1024 BiLSTM) takes minutes per step on 2 CPU cores, so
-# the end-to-end runs shrink it to one 16-unit LSTM layer, load audio in the main process and evaluate dev
-# once. PR's libriphone downstream is already a linear layer.
-SMOKE = {
-    "asr": [
-        "downstream_expert.modelrc.project_dim=16",
-        "downstream_expert.modelrc.RNNs.dim=[16]",
-        "downstream_expert.modelrc.RNNs.dropout=[0.2]",
-        "downstream_expert.modelrc.RNNs.layer_norm=[false]",
-        "downstream_expert.modelrc.RNNs.proj=[false]",
-        "downstream_expert.modelrc.RNNs.sample_rate=[1]",
-        "downstream_expert.datarc.num_workers=0",
-        "downstream_expert.datarc.batch_size=8",
-        "runner.eval_step=4",
-    ],
-    "pr": ["downstream_expert.corpus.num_workers=0", "runner.eval_step=4"],
-}
 
 
 @pytest.fixture
@@ -245,10 +228,9 @@ def word_error_rate(hyp_file: Path, ref_file: Path) -> float:
 @pytest.mark.slow
 def test_asr_recipe_end_to_end(tiny_hubert_ckpt, demo_corpus, tmp_path):
     out = tmp_path / "asr"
-    small = [arg for item in SMOKE["asr"] for arg in ("--set", item)]
     done = run_recipe("asr", "--upstream", "hubert_laser", "--ckpt", str(tiny_hubert_ckpt),
                       "--librispeech", str(demo_corpus), "--out", str(out), "--steps", "4", "--device", "cpu",
-                      *small)  # fmt: skip
+                      "--smoke")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     value = check_result(out, "ASR", "hubert_laser", "WER")
     recomputed = word_error_rate(
@@ -257,16 +239,17 @@ def test_asr_recipe_end_to_end(tiny_hubert_ckpt, demo_corpus, tmp_path):
     assert value == pytest.approx(recomputed)
     config = yaml.safe_load((out / "asr.yaml").read_text())
     assert (config["runner"]["total_steps"], config["optimizer"]["lr"]) == (4, 1.0e-4)
+    assert config["runner"]["eval_step"] == 4  # --smoke: dev once, at the end
+    assert config["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [16]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("S3PRL_SRC"), reason="needs an s3prl source checkout in $S3PRL_SRC")
 def test_pr_recipe_end_to_end(tiny_wavlm_ckpt, demo_corpus, tmp_path):
     out = tmp_path / "pr"
-    small = [arg for item in SMOKE["pr"] for arg in ("--set", item)]
     done = run_recipe("pr", "--upstream", "wavlm_laser", "--ckpt", str(tiny_wavlm_ckpt),
                       "--librispeech", str(demo_corpus), "--out", str(out), "--steps", "4", "--device", "cpu",
-                      "--s3prl-src", os.environ["S3PRL_SRC"], *small)  # fmt: skip
+                      "--s3prl-src", os.environ["S3PRL_SRC"], "--smoke")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check_result(out, "PR", "wavlm_laser", "PER")
 
