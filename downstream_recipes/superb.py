@@ -282,69 +282,67 @@ def parse_metric(output: str, split: str, key: str) -> float:
     return float(values[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    task_key, *rest = argv if argv is not None else sys.argv[1:]
-    task = TASKS[task_key]
-    args = get_args_parser(task_key).parse_args(rest)
-    out = args.out.resolve()
-    expdir = out / "exp"
-    try:
-        if expdir.exists() and any(expdir.iterdir()):
-            raise ValueError(f"{expdir} already holds a run; remove it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        tree = s3prl_tree(args.s3prl_src)
-        config = asr_config(args, out) if task_key == "asr" else pr_config(args, out, tree)
-        device = resolve_device(args.device)
-    except ValueError as err:
-        print(f"superb_{task_key}: error: {err}", file=sys.stderr)
-        return 2
+def prepare(task_key: str, args, out: Path) -> tuple[Path, Path, str]:
+    """Check the inputs, write data tables and the resolved config; returns (s3prl tree, config, device)."""
+    if (out / "exp").exists() and any((out / "exp").iterdir()):
+        raise ValueError(f"{out / 'exp'} already holds a run; remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tree = s3prl_tree(args.s3prl_src)
+    config = asr_config(args, out) if task_key == "asr" else pr_config(args, out, tree)
+    return tree, config, resolve_device(args.device)
 
+
+def train_and_evaluate(task: Task, args, out: Path, tree: Path, config: Path, device: str) -> dict:
+    """Run s3prl's train then evaluate commands; returns the result.json content."""
     env = dict(os.environ)
     cwd = out
     if args.s3prl_src is not None:  # run the checkout's code; relative recipe paths resolve from its s3prl/
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree.parent), env.get("PYTHONPATH")]))
         cwd = tree
+    expdir = out / "exp"
     upstream = ["-u", args.upstream] + (["-k", str(args.ckpt.resolve())] if args.ckpt else [])
     run_downstream = [sys.executable, "-m", "s3prl.run_downstream"]
-    run_logged(
-        [
-            *run_downstream,
-            "-m",
-            "train",
-            *upstream,
-            "-d",
-            task.downstream,
-            "-c",
-            str(config),
-            "-p",
-            str(expdir),
-            "--device",
-            device,
-        ],
-        cwd,
-        env,
-        out / "train.log",
-    )
+    train = ["-m", "train", *upstream, "-d", task.downstream, "-c", str(config), "-p", str(expdir)]
+    run_logged([*run_downstream, *train, "--device", device], cwd, env, out / "train.log")
 
     eval_split = yaml.safe_load(config.read_text())["runner"]["eval_dataloaders"][0]
     checkpoint = pick_checkpoint(expdir, eval_split)
     eval_env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # runner checkpoints hold a Namespace
-    output = run_logged(
-        [*run_downstream, "-m", "evaluate", "-t", task.test_split, "-e", str(checkpoint), "--device", device],
-        cwd,
-        eval_env,
-        out / "evaluate.log",
-    )
+    evaluate = ["-m", "evaluate", "-t", task.test_split, "-e", str(checkpoint), "--device", device]
+    output = run_logged([*run_downstream, *evaluate], cwd, eval_env, out / "evaluate.log")
 
     value = parse_metric(output, task.test_split, task.printed_metric) * task.to_percent
     if not math.isfinite(value):
         raise RuntimeError(f"s3prl printed a non-finite {task.metric}: {value}")
-    result = {"task": task.name, "upstream": args.upstream, "metric": task.metric, "value": value}
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"SUPERB {task.name} {task.test_split} {task.metric}: {value:.2f} % "
-        f"({args.upstream}, {checkpoint.name}) -> {out / 'result.json'}"
+        f"({args.upstream}, {checkpoint.name})"
     )
+    return {"task": task.name, "upstream": args.upstream, "metric": task.metric, "value": value}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in TASKS:
+        print(
+            f"usage: superb.py {{{','.join(TASKS)}}} ARGS (see superb_asr.sh / superb_pr.sh)", file=sys.stderr
+        )
+        return 2
+    task_key, *rest = argv
+    args = get_args_parser(task_key).parse_args(rest)
+    out = args.out.resolve()
+    try:
+        tree, config, device = prepare(task_key, args, out)
+    except ValueError as err:
+        print(f"superb_{task_key}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = train_and_evaluate(TASKS[task_key], args, out, tree, config, device)
+    except RuntimeError as err:
+        print(f"superb_{task_key}: error: {err}", file=sys.stderr)
+        return 1
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"result: {out / 'result.json'}")
     return 0
 
 
