@@ -1,0 +1,112 @@
+"""Triton backend: kernels compile for sm_90, match the reference under the interpreter, and on a GPU.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so the interpreted cases run in a child
+``pytest`` on this same file (``test_triton_interpreter_suite``); inside that child the launcher is
+skipped and the ``interpreted`` cases run. Sizes stay small: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_softdtw_support import check_backend_matches_reference, rel_err, sequences
+
+from s3prl_laser.softdtw import soft_dtw, soft_dtw_divergence, soft_dtw_from_cost
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+# the interpreter runs ~30 tl ops per anti-diagonal at numpy speed: odd shapes, kept small
+# (B, N, M, x_lengths, y_lengths, bandwidth)
+TINY = [(1, 1, 1, None, None, None), (1, 1, 7, None, None, None), (2, 7, 1, [7, 3], None, None)]
+ODD = [(1, 63, 17, None, None, None)]
+MIXED = [(3, 9, 12, [9, 5, 1], [12, 12, 4], 1.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="launcher: runs only in the parent pytest")
+def test_triton_interpreter_suite():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interpreted",
+           __file__]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles real GPU code; the interpreter replaces triton.jit")
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_kernels_compile_for_sm90_without_a_gpu(dtype):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from s3prl_laser.softdtw import triton_backend
+    from s3prl_laser.softdtw._common import BIG
+
+    common = {"n_ptr": "*i32", "m_ptr": "*i32", "w_ptr": "*i32", "N": "i32", "M": "i32", "gamma": "fp32",
+              "BIG": "constexpr", "BLOCK": "constexpr"}
+    kernels = {
+        triton_backend._softdtw_forward_kernel: {"C": f"*{dtype}", "R": f"*{dtype}", "V": f"*{dtype}"},
+        triton_backend._softdtw_backward_kernel: {"C": f"*{dtype}", "R": f"*{dtype}", "G": f"*{dtype}",
+                                                  "grad_ptr": f"*{dtype}"},
+    }
+    config = triton_backend.launch_config(1750, 2200)
+    for kernel, pointers in kernels.items():
+        source = ASTSource(kernel, {**pointers, **common}, constexprs={"BIG": BIG, "BLOCK": config["BLOCK"]})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config["num_warps"]})
+        assert "bar.sync" in compiled.asm["ptx"]  # the barrier between anti-diagonals survived
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of the launcher")
+def test_interpreted_triton_matches_reference_float32():
+    check_backend_matches_reference("triton", "cpu", torch.float32, TINY + MIXED)
+    check_backend_matches_reference("triton", "cpu", torch.float32, ODD, (soft_dtw, soft_dtw_from_cost))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of the launcher")
+def test_interpreted_triton_matches_reference_float64():
+    check_backend_matches_reference("triton", "cpu", torch.float64, MIXED,
+                                    (soft_dtw_divergence, soft_dtw_from_cost))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of the launcher")
+def test_interpreted_triton_bfloat16_and_extreme_gamma():
+    x, y, _ = sequences(2, 12, 9, torch.bfloat16)
+    x.requires_grad_()
+    for gamma in (0.01, 10.0):
+        val = soft_dtw_divergence(x, y, gamma=gamma, y_lengths=[9, 4], backend="triton")
+        (grad,) = torch.autograd.grad(val.sum(), x)
+        want = soft_dtw_divergence(x.detach().double(), y.double(), gamma=gamma, y_lengths=[9, 4],
+                                   backend="reference")
+        assert torch.isfinite(val).all() and torch.isfinite(grad.float()).all()
+        assert rel_err(val, want) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_triton_matches_reference():
+    check_backend_matches_reference("triton", "cuda", torch.float32)
+    check_backend_matches_reference("triton", "cuda", torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_long_sequences_beyond_1024_frames():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(2, 1750, 64, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(2, 2200, 64, generator=g), dim=-1)
+    grads = {}
+    for backend, device in (("auto", "cuda"), ("cpu", "cpu")):
+        a = x.to(device).requires_grad_()
+        val = soft_dtw_divergence(a, y.to(device), gamma=0.1, y_lengths=[2200, 1300], backend=backend)
+        val.sum().backward()
+        grads[backend] = (val.cpu(), a.grad.cpu())
+    assert torch.isfinite(grads["auto"][0]).all() and torch.isfinite(grads["auto"][1]).all()
+    assert rel_err(grads["auto"][0], grads["cpu"][0]) < 1e-5
+    assert rel_err(grads["auto"][1], grads["cpu"][1]) < 3e-2
