@@ -284,8 +284,10 @@ class LaserPerturbation:
         if not isinstance(wav, torch.Tensor) or wav.dim() != 1:
             shape = list(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
             raise ValueError(f"waveform {index} must be a 1-D tensor [T] (one mono clip), got {shape}")
-        if not wav.is_floating_point():
-            raise ValueError(f"waveform {index} must be floating point, got {wav.dtype}")
+        if wav.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"waveform {index} must be float32 or float64 (convert with .float()), got {wav.dtype}"
+            )
         if wav.shape[0] <= self.n_fft // 2:
             raise ValueError(f"waveform {index} has {wav.shape[0]} samples; need more than {self.n_fft // 2}")
 

@@ -160,8 +160,12 @@ def test_rejects_bad_input():
         perturb(torch.randn(2, 16000))
     with pytest.raises(ValueError, match="samples"):
         perturb(torch.zeros(0))
-    with pytest.raises(ValueError, match="floating point"):
+    with pytest.raises(ValueError, match="float32 or float64"):
         perturb(torch.zeros(16000, dtype=torch.int16))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        perturb(torch.zeros(16000, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one device and dtype"):
+        perturb.batch([torch.randn(1000), torch.randn(1000, dtype=torch.float64)])
     with pytest.raises(ValueError, match="positive"):
         LaserPerturbation([0.9, 0.0])
     with pytest.raises(ValueError, match="positive"):
