@@ -3,19 +3,22 @@
 For each held-out clip (the corpus' ``dev-clean`` and ``test-clean`` splits) a perturbed view is made as in
 training (speed, then pitch; no swap). Before and after tuning it measures, averaged over clips:
 
-* the soft-DTW divergence between the two views (what LASER minimises): in the projection space and in the
-  upstream's last layer (frames L2-normalised, so that a change of scale does not count);
+* the soft-DTW divergence between the two views of the same clip (what LASER minimises), and, as its scale,
+  the divergence between the clean view of a clip and the perturbed view of ANOTHER clip; their ratio is
+  scale-free (lower: the two views of one utterance are closer, relative to unrelated speech). The ratio
+  is also given in the upstream's last layer (frames L2-normalised), which is what downstream tasks see;
 * a collapse guard: the mean distance between frames at least half a clip apart in time. LASER's temporal
-  regulariser keeps it up; were it to fall to 0, the frames would have collapsed onto one point.
+  regulariser keeps it up; were it to fall to 0, the frames would have collapsed onto one point (and every
+  divergence with them).
 
-and draws the expected alignment matrix ``E = d sdtw / d C`` between the two views of the first clip
+It also draws the expected alignment matrix ``E = d sdtw / d C`` between the two views of the first clip
 (projection space), before and after. Outputs: a table on stdout, ``OUT/demo_report.json`` and
 ``OUT/demo_alignment.png``.
 
 Example::
 
     >>> report = demo_report(cfg, before, after, out)  # doctest: +SKIP
-    >>> report["after"]["divergence_projection"] < report["before"]["divergence_projection"]
+    >>> report["after"]["divergence_ratio_projection"], report["before"]["divergence_ratio_projection"]
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_divergence, soft_dtw_
 
 HELD_OUT_SPLITS = ("dev-clean", "test-clean")
 METRICS = {
-    "divergence_projection": "soft-DTW divergence, projection",
-    "divergence_upstream": "soft-DTW divergence, upstream last layer",
-    "far_distance_projection": "far-frame distance, projection",
-    "far_distance_upstream": "far-frame distance, upstream last layer",
+    "divergence_projection": "divergence, same clip (projection)",
+    "divergence_other_projection": "divergence, other clip (projection)",
+    "divergence_ratio_projection": "same / other clip (projection)",
+    "divergence_ratio_upstream": "same / other clip (upstream last layer)",
+    "far_distance_projection": "far-frame distance (projection)",
+    "far_distance_upstream": "far-frame distance (upstream last layer)",
 }
 
 
@@ -67,31 +72,46 @@ def far_frame_distance(z: torch.Tensor) -> float:
     return float(torch.cdist(z, z)[far].mean())
 
 
-def divergence(x: torch.Tensor, y: torch.Tensor, gamma: float) -> float:
+def divergence(x: torch.Tensor, y: torch.Tensor, gamma: float, backend: str = "auto") -> float:
     """Soft-DTW divergence between ``x [N, D]`` and ``y [M, D]``."""
-    return float(soft_dtw_divergence(x[None], y[None], gamma=gamma, backend="reference")[0])
+    return float(soft_dtw_divergence(x[None], y[None], gamma=gamma, backend=backend)[0])
 
 
 def expected_alignment(x: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
     """``E = d sdtw(x, y) / d C`` for ``x [N, D]``, ``y [M, D]``: ``[N, M]``, each cell in ``[0, 1]``."""
     cost = pairwise_sq_dist(x[None], y[None]).detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(soft_dtw_from_cost(cost, gamma=gamma, backend="reference").sum(), cost)
+    (grad,) = torch.autograd.grad(soft_dtw_from_cost(cost, gamma=gamma).sum(), cost)
     return grad[0]
 
 
 def measure(base: nn.Module, head: nn.Module, pairs, gamma: float) -> tuple[dict[str, float], torch.Tensor]:
-    """Average the report's metrics over ``pairs``; also return ``E`` of the first pair (projection space)."""
-    totals = dict.fromkeys(METRICS, 0.0)
-    alignment = None
-    for _, clean, perturbed in pairs:
-        (u1, z1), (u2, z2) = embed(base, head, clean), embed(base, head, perturbed)
-        totals["divergence_projection"] += divergence(z1, z2, gamma)
-        totals["divergence_upstream"] += divergence(u1, u2, gamma)
-        totals["far_distance_projection"] += (far_frame_distance(z1) + far_frame_distance(z2)) / 2
-        totals["far_distance_upstream"] += (far_frame_distance(u1) + far_frame_distance(u2)) / 2
-        if alignment is None:
-            alignment = expected_alignment(z1, z2, gamma)
-    return {key: value / len(pairs) for key, value in totals.items()}, alignment
+    """Average the report's metrics over ``pairs``; also return ``E`` of the first pair (projection space).
+
+    "Other clip" compares the clean view of clip ``i`` with the perturbed view of clip ``i + 1``: the
+    divergence of two unrelated utterances, the scale against which "same clip" is read.
+    """
+    views = [(embed(base, head, clean), embed(base, head, perturbed)) for _, clean, perturbed in pairs]
+    totals = dict.fromkeys(["upstream", "other_upstream", "projection", "other_projection"], 0.0)
+    far = {"upstream": 0.0, "projection": 0.0}
+    for i, ((u1, z1), (u2, z2)) in enumerate(views):
+        (u_other, z_other) = views[(i + 1) % len(views)][1]
+        totals["projection"] += divergence(z1, z2, gamma)
+        totals["upstream"] += divergence(u1, u2, gamma)
+        totals["other_projection"] += divergence(z1, z_other, gamma)
+        totals["other_upstream"] += divergence(u1, u_other, gamma)
+        far["projection"] += (far_frame_distance(z1) + far_frame_distance(z2)) / 2
+        far["upstream"] += (far_frame_distance(u1) + far_frame_distance(u2)) / 2
+    n = len(views)
+    metrics = {
+        "divergence_projection": totals["projection"] / n,
+        "divergence_other_projection": totals["other_projection"] / n,
+        "divergence_ratio_projection": totals["projection"] / totals["other_projection"],
+        "divergence_ratio_upstream": totals["upstream"] / totals["other_upstream"],
+        "far_distance_projection": far["projection"] / n,
+        "far_distance_upstream": far["upstream"] / n,
+    }
+    (_, z1), (_, z2) = views[0]
+    return metrics, expected_alignment(z1, z2, gamma)
 
 
 def plot_alignments(before: torch.Tensor, after: torch.Tensor, path: Path, title: str) -> None:
@@ -145,6 +165,8 @@ def demo_report(
         "after": results["after"],
         "notes": {
             "divergence": "soft-DTW divergence sdtw(x,y) - (sdtw(x,x) + sdtw(y,y))/2 between the views",
+            "other clip": "clean view of clip i vs perturbed view of clip i+1: the scale of unrelated speech",
+            "ratio": "same-clip / other-clip divergence: scale-free; lower = views of one clip closer",
             "far_distance": "mean distance of frames >= half a clip apart (collapse guard: 0 = collapsed)",
             "upstream": "upstream last-layer frames are L2-normalised before measuring",
         },
