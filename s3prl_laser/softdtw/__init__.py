@@ -12,8 +12,9 @@ no C compiler is available).
 torch.Size([2])
 """
 
-from ._common import BACKENDS, pairwise_sq_dist
+from ._common import BACKENDS
 from .api import SoftDTW, SoftDTWDivergence, soft_dtw, soft_dtw_divergence, soft_dtw_from_cost
+from .cost import pairwise_sq_dist
 
 __all__ = [
     "BACKENDS",

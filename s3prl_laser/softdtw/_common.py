@@ -107,20 +107,6 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pairwise_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean frame cost ``C[b, i, j] = ||x[b, i] - y[b, j]||^2`` from one matrix product.
-
-    ``x: [B, N, D]``, ``y: [B, M, D]`` -> ``[B, N, M]``, computed as ``||x||^2 + ||y||^2 - 2 x y^T``
-    clamped at 0 (never a ``[B, N, M, D]`` tensor).
-
-    >>> pairwise_sq_dist(torch.zeros(1, 2, 3), torch.ones(1, 4, 3)).shape
-    torch.Size([1, 2, 4])
-    """
-    x_sq = x.pow(2).sum(-1, keepdim=True)  # [B, N, 1]
-    y_sq = y.pow(2).sum(-1).unsqueeze(1)  # [B, 1, M]
-    return torch.baddbmm(x_sq + y_sq, x, y.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
-
-
 def zero_padding(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """Set frames ``t >= lengths[b]`` of ``x: [B, T, D]`` to zero (their gradient becomes exactly zero)."""
     if all(v == x.shape[1] for v in lengths):

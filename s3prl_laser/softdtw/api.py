@@ -20,10 +20,10 @@ from ._common import (
     check_gamma,
     check_sequences,
     lengths_list,
-    pairwise_sq_dist,
     state_dtype,
     zero_padding,
 )
+from .cost import pairwise_sq_dist
 from .function import SoftDTWFunction, resolve_backend
 
 Lengths = torch.Tensor | Sequence[int] | None
@@ -92,7 +92,7 @@ def soft_dtw_divergence(x: torch.Tensor, y: torch.Tensor, gamma: float = 0.1, x_
     """
     x, y, gamma, n, m, bandwidth, impl = _prepare(x, y, gamma, x_lengths, y_lengths, bandwidth, backend)
     lengths_n, lengths_m = n + n + m, m + n + m
-    costs = (pairwise_sq_dist(x, y), pairwise_sq_dist(x, x), pairwise_sq_dist(y, y))
+    costs = (pairwise_sq_dist(x, y), pairwise_sq_dist(x), pairwise_sq_dist(y))
     values = SoftDTWFunction.apply(impl, gamma, lengths_n, lengths_m,
                                    band_widths(lengths_n, lengths_m, bandwidth), *costs)
     xy, xx, yy = values.split(x.shape[0])
