@@ -5,6 +5,10 @@ The ``triton`` backend runs the same check (``test_softdtw_triton.py``).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_softdtw_support import check_backend_matches_reference, rel_err, sequences
@@ -70,3 +74,43 @@ def test_cpu_rejects_cuda_style_requests():
     x, y, _ = sequences(1, 4, 4, torch.float32)
     with pytest.raises(ValueError):
         soft_dtw(x.to(torch.device("meta")), y.to(torch.device("meta")), backend="cpu")
+
+
+_CHILD = """
+import logging, torch
+from s3prl_laser.softdtw import soft_dtw_divergence
+from s3prl_laser.softdtw.cpu_backend import KernelBuildError
+logging.basicConfig(level=logging.WARNING)
+x, y = torch.randn(2, 6, 3), torch.randn(2, 8, 3)
+try:
+    soft_dtw_divergence(x, y, backend="cpu")
+    print("cpu: ran")
+except KernelBuildError as err:
+    print("cpu: KernelBuildError:", err)
+a = soft_dtw_divergence(x, y)
+b = soft_dtw_divergence(x, y)
+print("auto equals reference:", torch.allclose(a, soft_dtw_divergence(x, y, backend="reference")))
+"""
+
+
+def _run_child(tmp_path, **env):
+    full_env = {**os.environ, "S3PRL_LASER_HOME": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=full_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_without_compiler_cpu_raises_and_auto_warns_once(tmp_path):
+    proc = _run_child(tmp_path, PATH=str(tmp_path), CC="")
+    assert "cpu: KernelBuildError: no C compiler found" in proc.stdout
+    assert "auto equals reference: True" in proc.stdout
+    assert proc.stderr.count("fast CPU kernel is unavailable") == 1  # two auto calls, one warning
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_kernel_compiles_into_the_cache_dir(tmp_path):
+    proc = _run_child(tmp_path)
+    assert "cpu: ran" in proc.stdout and "auto equals reference: True" in proc.stdout
+    built = list(tmp_path.glob("sdtw_cpu-*.so"))
+    assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temp dirs left

@@ -12,6 +12,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -32,6 +33,7 @@ class SoftDTWFunction(torch.autograd.Function):
         return values
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         tensors = ctx.saved_tensors
         costs, saved = list(tensors[: ctx.n_costs]), tuple(tensors[ctx.n_costs:])
@@ -66,11 +68,11 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     from . import cpu_backend
 
     if backend == "cpu":
-        cpu_backend.load_library()  # raises a clear error without a compiler
+        cpu_backend.load_library()  # raises KernelBuildError (a RuntimeError) without a compiler
         return cpu_backend
     try:
         cpu_backend.load_library()
-    except RuntimeError as err:
+    except cpu_backend.KernelBuildError as err:
         if not _warned_cpu_fallback:
             log.warning("soft-DTW: the fast CPU kernel is unavailable (%s); using the slower reference", err)
             _warned_cpu_fallback = True
