@@ -120,3 +120,16 @@ assert s3prl.hub.hubert_laser.__code__.co_filename.startswith({str(target)!r})
 print("ok")
 """
     assert run_python("-c", code, cwd=tmp_path, interpreter_flags=("-S",)).split() == ["ok"]
+
+
+def test_install_registers_at_once_when_the_hub_is_already_imported(monkeypatch):
+    import s3prl.hub
+
+    from s3prl_laser import _startup, hubconf
+
+    for name in ENTRIES:
+        monkeypatch.delattr(s3prl.hub, name, raising=False)
+    assert not set(ENTRIES) & set(s3prl.hub.options())
+    _startup.install()
+    assert _startup.installed_watcher() is None
+    assert [getattr(s3prl.hub, name) for name in ENTRIES] == [getattr(hubconf, name) for name in ENTRIES]
