@@ -8,7 +8,7 @@ STAMP := $(VENV)/.s3prl-laser-installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): setup.cfg setup.py
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
