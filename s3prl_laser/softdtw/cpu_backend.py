@@ -31,8 +31,12 @@ FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fno-strict-aliasing"]
 NATIVE_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
 _SUFFIX = {torch.float32: "float", torch.float64: "double"}
 
+SMALL_WORK = 1 << 18  # cells x lanes below which one thread does everything (threads cost more)
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 class KernelBuildError(RuntimeError):
@@ -111,9 +115,10 @@ def load_library() -> ctypes.CDLL:
     return _library
 
 
-def _groups(P: int) -> list[range]:
-    """Split ``P`` lanes into groups of at most LANES, at least one group per thread when possible."""
-    count = max(-(-P // LANES), min(torch.get_num_threads(), P))
+def _groups(P: int, cells: int) -> list[range]:
+    """Split ``P`` lanes into groups of at most LANES, one group per thread when there is enough work."""
+    threads = torch.get_num_threads() if cells * P >= SMALL_WORK else 1
+    count = max(-(-P // LANES), min(threads, P))
     bounds = [round(k * P / count) for k in range(count + 1)]
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -136,14 +141,21 @@ def _ptr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
 
 
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool with at least ``workers`` threads, created on first use."""
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < workers:
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="softdtw"), workers
+        return _pool
+
+
 def _run(fn, calls: list[tuple]) -> None:
-    """``fn(*args)`` for every group, on up to ``torch.get_num_threads()`` threads."""
-    if len(calls) == 1:
-        fn(*calls[0])
-        return
-    with ThreadPoolExecutor(max_workers=min(len(calls), torch.get_num_threads())) as pool:
-        for future in [pool.submit(fn, *args) for args in calls]:
-            future.result()
+    """``fn(*args)`` for every group: the first in this thread, the others on the pool (GIL released)."""
+    futures = [_executor(len(calls) - 1).submit(fn, *args) for args in calls[1:]]
+    fn(*calls[0])
+    for future in futures:
+        future.result()
 
 
 def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
@@ -154,7 +166,7 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
     table = _lane_table(costs, n, m, W)
     values = torch.empty(len(n), dtype=dtype)
     tables, alive, calls = [], [], []  # alive: buffers the C code points into, until it returns
-    for group in _groups(len(n)):
+    for group in _groups(len(n), max(n) * max(m)):
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
         R = torch.empty((N + 1) * (M + 1) * LANES, dtype=dtype)
@@ -177,7 +189,7 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
     table = _lane_table(costs, n, m, W, outs)
     grad = grad.to(dtype).contiguous()
     alive, calls = [], []
-    for group, R in zip(_groups(len(n)), saved, strict=True):
+    for group, R in zip(_groups(len(n), max(n) * max(m)), saved, strict=True):
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
         work = torch.empty(5 * (M + 2) * LANES, dtype=dtype)
