@@ -15,7 +15,7 @@ from s3prl_laser.softdtw import soft_dtw, soft_dtw_divergence, soft_dtw_from_cos
 
 
 def in_band(i: int, j: int, n: int, m: int, bandwidth: float | None) -> bool:
-    """Sakoe-Chiba band around the slope-scaled diagonal, half-width max(bandwidth, 1) longer-side frames."""
+    """Sakoe-Chiba band: |i/n - j/m| * min(n, m) <= max(bandwidth, 1), written in integers."""
     return bandwidth is None or abs(i * m - j * n) <= math.floor(max(bandwidth, 1.0) * max(n, m))
 
 

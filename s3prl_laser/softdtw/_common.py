@@ -1,13 +1,14 @@
-"""Shared pieces of the soft-DTW engine: input checks, per-pair lengths and bands, the cost matrix.
+"""Shared pieces of the soft-DTW engine: input checks, per-pair lengths and bands, dtypes, padding.
 
 Conventions used by every backend (reference, triton, cpu):
 
 - a *pair* ``p`` has its own lengths ``n[p]``, ``m[p]`` (1 <= n <= N, 1 <= m <= M); cells outside
   ``[1, n] x [1, m]`` never influence ``R[n, m]`` and receive exactly zero gradient;
-- the Sakoe-Chiba band is taken around the slope-scaled diagonal: cell ``(i, j)`` (1-based) is inside
-  iff ``|i * m - j * n| <= W`` with ``W = floor(max(bandwidth, 1) * max(n, m))``. For ``n == m`` this is the
-  classic ``|i - j| <= bandwidth``; for ``n != m`` the band follows the line from ``(0, 0)`` to ``(n, m)``
-  and a half-width of at least one frame keeps the end cell reachable. No band: ``W = n * m``;
+- the Sakoe-Chiba band is taken around the slope-scaled diagonal (the line from ``(0, 0)`` to
+  ``(n, m)``): cell ``(i, j)`` (1-based) is inside iff ``|i * m - j * n| <= W`` with
+  ``W = floor(max(bandwidth, 1) * max(n, m))``, i.e. at most ``max(bandwidth, 1)`` frames of the
+  shorter sequence off that line. For ``n == m`` this is the classic ``|i - j| <= bandwidth``; the
+  half-width of at least one frame keeps the end cell reachable for any ``n, m``. No band: ``W = n * m``;
 - "+inf" is the finite sentinel ``BIG`` so that exp/log never see inf - inf.
 """
 

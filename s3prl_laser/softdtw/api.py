@@ -35,7 +35,8 @@ def soft_dtw_from_cost(cost: torch.Tensor, gamma: float = 0.1, x_lengths: Length
     """Soft-DTW ``R[n_b, m_b]`` of precomputed cost matrices ``cost: [B, N, M]`` -> ``[B]``.
 
     ``x_lengths``/``y_lengths``: ``[B]`` valid rows/columns per pair (default: all). ``bandwidth``:
-    Sakoe-Chiba half-width (frames of the longer sequence) around the slope-scaled diagonal.
+    Sakoe-Chiba half-width in frames of the shorter sequence around the slope-scaled diagonal
+    (at least 1, so the end cell stays reachable; ``None``: no band).
     ``backend``: "auto", "reference", "triton" or "cpu".
 
     >>> soft_dtw_from_cost(torch.rand(2, 5, 7), gamma=0.1, backend="reference").shape
