@@ -170,7 +170,7 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
         R = torch.empty((N + 1) * (M + 1) * LANES, dtype=dtype)
-        buf = torch.empty((M + 2) * LANES, dtype=dtype)
+        buf = torch.empty(2 * (M + 2) * LANES, dtype=dtype)  # two cost rows
         tables.append(R)
         alive += [lanes, buf]
         calls.append((ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),

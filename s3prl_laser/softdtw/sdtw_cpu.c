@@ -65,37 +65,59 @@ static void load_cost_row(int64_t i, int64_t M, const int64_t *cost, const int64
     }
 }
 
-/* Forward: fills R[(N+1)(M+1)LANES] and out[l] = R[n_l, m_l] for l < lanes. buf: (M + 2) * LANES. */
+/* One forward cell (i, j) for every lane: r = c + softmin(diag, up, left), +inf (BIG) off the band. */
+static inline void forward_cell(const real *diag, const real *up, const real *left, const real *c, real fj,
+                                const real *lo, const real *hi, real gamma, real inv_gamma, real *r) {
+#pragma GCC ivdep
+    for (int64_t l = 0; l < LANES; ++l) {
+        const real a = diag[l], b = up[l], e = left[l];
+        const real ab_min = a < b ? a : b, ab_max = a < b ? b : a;
+        const real lowest = ab_min < e ? ab_min : e;
+        const real highest = ab_max < e ? e : ab_max;
+        const real t = ab_max < e ? ab_max : e;
+        const real middle = ab_min < t ? t : ab_min;
+        const real s = 1 + EXP(FLOORED((lowest - middle) * inv_gamma))
+                         + EXP(FLOORED((lowest - highest) * inv_gamma));
+        const real v = c[l] + lowest - gamma * LOG(s);
+        r[l] = (fj >= lo[l] && fj <= hi[l]) ? v : BIG;
+    }
+}
+
+/* Forward: fills R[(N+1)(M+1)LANES] and out[l] = R[n_l, m_l] for l < lanes. buf: 2 * (M + 2) * LANES.
+ * Rows go in pairs, skewed by one column: cells (i, j) and (i + 1, j - 1) are independent, so their
+ * exp/log chains overlap in the pipeline. */
 void CAT(sdtw_forward, SDTW_REAL)(int64_t lanes, int64_t N, int64_t M, const int64_t *n, const int64_t *m,
                                   const int64_t *W, const int64_t *cost, const int64_t *stride, real gamma,
                                   real *R, real *buf, real *out) {
     const real inv_gamma = (real)1 / gamma;
     const int64_t row = (M + 1) * LANES;
-    real lo[LANES], hi[LANES];
+    real *buf2 = buf + (M + 2) * LANES;
+    real lo[LANES], hi[LANES], lo2[LANES], hi2[LANES];
     FLUSH_SUBNORMALS_BEGIN;
     for (int64_t k = 0; k < row; ++k) R[k] = BIG;
     for (int64_t l = 0; l < LANES; ++l) R[l] = 0;
-    for (int64_t i = 1; i <= N; ++i) {
-        real *prev = R + (i - 1) * row, *cur = R + i * row;
+    for (int64_t i = 1; i <= N; i += 2) {
+        real *prev = R + (i - 1) * row, *cur = R + i * row, *next = cur + row;
         load_cost_row(i, M, cost, stride, n, m, lanes, buf);
         band_row(i, n, m, W, lanes, lo, hi);
         for (int64_t l = 0; l < LANES; ++l) cur[l] = BIG;
-        for (int64_t j = 1; j <= M; ++j) {
-            const real fj = (real)j;
-            const real *c = buf + j * LANES;
-            const real *d = prev + (j - 1) * LANES, *u = prev + j * LANES, *left = cur + (j - 1) * LANES;
-            real *r = cur + j * LANES;
-#pragma GCC ivdep
-            for (int64_t l = 0; l < LANES; ++l) {
-                const real a = d[l], b = u[l], e = left[l];
-                const real ab_min = a < b ? a : b, ab_max = a < b ? b : a;
-                const real lowest = ab_min < e ? ab_min : e;
-                const real highest = ab_max < e ? e : ab_max;
-                const real t = ab_max < e ? ab_max : e;
-                const real middle = ab_min < t ? t : ab_min;
-                const real s = 1 + EXP(FLOORED((lowest - middle) * inv_gamma)) + EXP(FLOORED((lowest - highest) * inv_gamma));
-                const real v = c[l] + lowest - gamma * LOG(s);
-                r[l] = (fj >= lo[l] && fj <= hi[l]) ? v : BIG;
+        if (i == N) {  /* a last single row */
+            for (int64_t j = 1; j <= M; ++j)
+                forward_cell(prev + (j - 1) * LANES, prev + j * LANES, cur + (j - 1) * LANES, buf + j * LANES,
+                             (real)j, lo, hi, gamma, inv_gamma, cur + j * LANES);
+            break;
+        }
+        load_cost_row(i + 1, M, cost, stride, n, m, lanes, buf2);
+        band_row(i + 1, n, m, W, lanes, lo2, hi2);
+        for (int64_t l = 0; l < LANES; ++l) next[l] = BIG;
+        for (int64_t j = 1; j <= M + 1; ++j) {
+            if (j <= M)
+                forward_cell(prev + (j - 1) * LANES, prev + j * LANES, cur + (j - 1) * LANES, buf + j * LANES,
+                             (real)j, lo, hi, gamma, inv_gamma, cur + j * LANES);
+            if (j >= 2) {
+                const int64_t k = j - 1;
+                forward_cell(cur + (k - 1) * LANES, cur + k * LANES, next + (k - 1) * LANES, buf2 + k * LANES,
+                             (real)k, lo2, hi2, gamma, inv_gamma, next + k * LANES);
             }
         }
     }
