@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if "tslearn" in peers:
         print(f"# tslearn: timed on {args.tslearn_pairs} pair(s), scaled to B={args.batch}; "
               f"skipped for N > {args.tslearn_max_n}")
-    print(f"| {'N x M':<12} | {'method':<16} | {'fwd ms':>9} | {'bwd ms':>9} | {'div ms':>9} "
+    print(f"| {'N x M':<16} | {'method':<16} | {'fwd ms':>9} | {'bwd ms':>9} | {'div ms':>9} "
           f"| {'peak MiB':>8} | {'div vs ours':>11} |")
-    print(f"|{'-' * 14}|{'-' * 18}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 13}|")
+    print(f"|{'-' * 18}|{'-' * 18}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 13}|")
     shapes = [(n, max(1, round(n * r)), False) for n in args.sizes for r in args.ratios]
     if not args.no_mixed:
         shapes.append((max(args.sizes), round(max(args.sizes) * args.ratios[0]), True))
@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows[peer] = timer(x, y, x_len, y_len, args, device)
             except Exception as err:  # a peer's own limit (e.g. pysdtw's CUDA 1024-frame cap) is a result
-                print(f"| {label:<12} | {peer:<16} | failed: {type(err).__name__}: {str(err)[:60]}")
+                print(f"| {label:<16} | {peer:<16} | failed: {type(err).__name__}: {str(err)[:60]}")
         for name, r in rows.items():
-            print(f"| {label:<12} | {name:<16} | {r['fwd']:9.1f} | {r['bwd']:9.1f} | {r['div']:9.1f} | "
+            print(f"| {label:<16} | {name:<16} | {r['fwd']:9.1f} | {r['bwd']:9.1f} | {r['div']:9.1f} | "
                   f"{r['mem']:8.1f} | {r['div'] / best:10.2f}x |", flush=True)
     return 0
 
