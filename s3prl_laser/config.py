@@ -52,10 +52,10 @@ class LaserConfig:
     data: str | None = None  # LibriSpeech root, audio folder or manifest file
     data_subsets: list[str] = field(default_factory=lambda: ["train-clean-100"])  # LibriSpeech splits
     sample_rate: int = 16000  # audio must be at this rate (LibriSpeech is 16 kHz)
-    # Random crop length. The paper and the official code do not crop: LibriSpeech train-clean-100 clips
-    # are at most 24.5 s (median 14 s), so 16 s leaves 95 % of clips whole and bounds the soft-DTW
-    # cost (frames^2) and the memory of one batch; set null to disable.
-    max_seconds: float | None = 16.0
+    # Random crop length, in seconds. The official LASER code feeds whole utterances (no crop). LibriSpeech
+    # segments are at most 35 s, so 35 keeps every LibriSpeech clip whole, as the official code does, and
+    # only guards other data (e.g. hour-long recordings: soft-DTW costs frames^2); null = never crop.
+    max_seconds: float | None = 35.0
     min_samples: int = 400  # clips shorter than this (one conv receptive field) are skipped
     bucket_batches: int = 50  # length bucketing: sort chunks of this many batches by length
     num_workers: int = 2  # DataLoader workers (perturbation runs in them, on the CPU)
