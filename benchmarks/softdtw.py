@@ -50,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tslearn-max-n", type=int, default=875, help="skip tslearn above this N (slow)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-length batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (also the CPU kernel's threads); default: torch's")
     parser.add_argument("--quick", action="store_true", help="N=50 only, 1 repeat: a smoke run")
     return parser
 
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.repeats, args.ratios = [50], 1, [1.25]
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     exact_cpu_rss()
     backends = args.backends or (["triton", "cpu"] if device.type == "cuda" else ["cpu"])
     peers = available_peers(args.peers)
