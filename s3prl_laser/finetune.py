@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(env)
     try:
         return run(args, env)
-    except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: a message, no traceback
+    except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: message, exit 2
         logger.error("error: %s", error)
         return 2
     finally:

@@ -186,7 +186,7 @@ def test_demo_writes_report_table_and_picture(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--upstream", "wavlm", "--demo", "--out", str(out), "steps=3", "report_clips=2"]) == 0
     printed = capsys.readouterr().out
-    assert "soft-DTW divergence" in printed and "far-frame distance" in printed
+    assert "divergence, same clip" in printed and "far-frame distance" in printed
     report = __import__("json").loads((out / "demo_report.json").read_text())
     assert report["clips"] == 2 and all("/dev-clean/" in p or "/test-clean/" in p for p in report["paths"])
     assert report["before"] != report["after"]
