@@ -80,6 +80,9 @@ def _compile(cc: str, target: Path, flags: list[str]) -> None:
 
 
 def _build() -> Path:
+    if not SOURCE.is_file():
+        raise KernelBuildError(f"{SOURCE} is missing from this installation (package data "
+                               "s3prl_laser.softdtw = *.c); reinstall, or use backend='reference'")
     cc = _compiler()
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
