@@ -152,7 +152,6 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, tiny_hubert_c
     assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == step + 1
 
 
-@pytest.mark.slow
 def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, demo_corpus):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
