@@ -163,13 +163,14 @@ def _run(fn, calls: list[tuple]) -> None:
 
 def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
             gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Values ``[P]`` and one saved ``R`` table per lane group (see ``reference.py`` for the interface)."""
+    """Values ``[P]``; saves the lane-group bounds and one ``R`` table per group (see ``reference.py``)."""
     library, dtype = load_library(), costs[0].dtype
     fn, real = getattr(library, f"sdtw_forward_{_SUFFIX[dtype]}"), _real(dtype)
     table = _lane_table(costs, n, m, W)
     values = torch.empty(len(n), dtype=dtype)
+    groups = _groups(len(n), max(n) * max(m))
     tables, alive, calls = [], [], []  # alive: buffers the C code points into, until it returns
-    for group in _groups(len(n), max(n) * max(m)):
+    for group in groups:
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
         R = torch.empty((N + 1) * (M + 1) * LANES, dtype=dtype)
@@ -180,7 +181,8 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
                       *(_ptr(lanes, k * len(group)) for k in range(5)), real(gamma), _ptr(R),
                       _ptr(buf), _ptr(values, group.start)))
     _run(fn, calls)
-    return values, tuple(tables)
+    bounds = torch.tensor([g.start for g in groups] + [groups[-1].stop])
+    return values, (bounds, *tables)
 
 
 def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list[int], m: list[int],
@@ -191,8 +193,10 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
     outs = [torch.empty_like(c) for c in costs]
     table = _lane_table(costs, n, m, W, outs)
     grad = grad.to(dtype).contiguous()
-    alive, calls = [], []
-    for group, R in zip(_groups(len(n), max(n) * max(m)), saved, strict=True):
+    bounds, tables = saved[0].tolist(), saved[1:]
+    groups = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    alive, calls = [], []  # alive: buffers the C code points into, until it returns
+    for group, R in zip(groups, tables, strict=True):
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
         work = torch.empty(5 * (M + 2) * LANES, dtype=dtype)
