@@ -146,7 +146,9 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = f"cuda:{local_rank}"
     env = DistEnv(rank, world_size, local_rank, torch.device(device))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
