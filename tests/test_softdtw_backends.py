@@ -114,3 +114,17 @@ def test_kernel_compiles_into_the_cache_dir(tmp_path):
     assert "cpu: ran" in proc.stdout and "auto equals reference: True" in proc.stdout
     built = list(tmp_path.glob("sdtw_cpu-*.so"))
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temp dirs left
+
+
+@pytest.mark.parametrize("batch", [3, 7])  # 9 and 21 lanes: one and two groups of the 16-lane build
+def test_cpu_lane_groups_of_both_widths(batch):
+    x, y, up = sequences(batch, 13, 10, torch.float32, seed=batch)
+    n = [13 - k % 5 for k in range(batch)]
+    m = [10 - k % 7 for k in range(batch)]
+    outs = {}
+    for name, t in (("cpu", torch.float32), ("reference", torch.float64)):
+        a = x.to(t).requires_grad_()
+        val = soft_dtw_divergence(a, y.to(t), gamma=0.2, x_lengths=n, y_lengths=m, bandwidth=2, backend=name)
+        outs[name] = (val, *torch.autograd.grad(val, a, up.to(t)))
+    for got, want in zip(outs["cpu"], outs["reference"], strict=True):
+        assert rel_err(got, want) < 2e-4

@@ -1,7 +1,8 @@
 """Fast CPU backend: the plain-C kernel ``sdtw_cpu.c``, compiled on first use and called via ctypes.
 
 The kernel keeps the DP table as ``[N + 1, M + 1, LANES]`` and vectorises each cell update over up
-to 16 pairs ("lanes"); the lanes of a call are split into groups that run on
+to LANES pairs ("lanes", 8 or 16: one build per width, the narrower one for groups of up to 8 pairs, so
+padding lanes waste neither time nor memory); the lanes of a call are split into groups that run on
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL, so they run in parallel).
 
 Build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -ffast-math -march=native``,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-LANES = 16  # must match LANES in sdtw_cpu.c
+LANE_WIDTHS = (8, 16)  # the -DLANES builds of sdtw_cpu.c
 SOURCE = Path(__file__).with_name("sdtw_cpu.c")
 FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fno-strict-aliasing"]
 NATIVE_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
@@ -68,11 +69,13 @@ def _cpu_id() -> str:
 def _compile(cc: str, target: Path, flags: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = []
-        for real in ("float", "double"):
-            obj = Path(tmp) / f"sdtw_{real}.o"
-            cmd = [cc, *flags, f"-DSDTW_REAL={real}", "-c", str(SOURCE), "-o", str(obj)]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            objects.append(str(obj))
+        for real in _SUFFIX.values():
+            for lanes in LANE_WIDTHS:
+                obj = Path(tmp) / f"sdtw_{real}_{lanes}.o"
+                defines = [f"-DSDTW_REAL={real}", f"-DLANES={lanes}"]
+                cmd = [cc, *flags, *defines, "-c", str(SOURCE), "-o", str(obj)]
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                objects.append(str(obj))
         partial = Path(tmp) / target.name
         subprocess.run([cc, *flags, *objects, "-o", str(partial), "-lm"], check=True, capture_output=True,
                        text=True)
@@ -112,16 +115,17 @@ def load_library() -> ctypes.CDLL:
             except OSError as err:
                 raise KernelBuildError(f"loading {path} failed: {err}") from err
             for real in _SUFFIX.values():
-                getattr(library, f"sdtw_forward_{real}").restype = None
-                getattr(library, f"sdtw_backward_{real}").restype = None
+                for lanes in LANE_WIDTHS:
+                    getattr(library, f"sdtw_forward_{real}_{lanes}").restype = None
+                    getattr(library, f"sdtw_backward_{real}_{lanes}").restype = None
             _library = library
     return _library
 
 
 def _groups(P: int, cells: int) -> list[range]:
-    """Split ``P`` lanes into groups of at most LANES, one group per thread when there is enough work."""
+    """Split ``P`` lanes into groups of at most 16, one group per thread when there is enough work."""
     threads = torch.get_num_threads() if cells * P >= SMALL_WORK else 1
-    count = max(-(-P // LANES), min(threads, P))
+    count = max(-(-P // LANE_WIDTHS[-1]), min(threads, P))
     bounds = [round(k * P / count) for k in range(count + 1)]
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -140,6 +144,11 @@ def _lane_table(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[i
     return torch.tensor([n, m, W, addr, stride, rows, ncols, out], dtype=torch.int64)
 
 
+def _width(group: range) -> int:
+    """The narrowest kernel build that holds the group's lanes."""
+    return next(w for w in LANE_WIDTHS if len(group) <= w)
+
+
 def _ptr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
 
@@ -153,10 +162,10 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run(fn, calls: list[tuple]) -> None:
-    """``fn(*args)`` for every group: the first in this thread, the others on the pool (GIL released)."""
-    futures = [_executor(len(calls) - 1).submit(fn, *args) for args in calls[1:]]
-    fn(*calls[0])
+def _run(calls: list[tuple]) -> None:
+    """Run every group's ``(fn, *args)``: the first here, the others on the pool (ctypes drops the GIL)."""
+    futures = [_executor(len(calls) - 1).submit(*call) for call in calls[1:]]
+    calls[0][0](*calls[0][1:])
     for future in futures:
         future.result()
 
@@ -165,7 +174,7 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
             gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Values ``[P]``; saves the lane-group bounds and one ``R`` table per group (see ``reference.py``)."""
     library, dtype = load_library(), costs[0].dtype
-    fn, real = getattr(library, f"sdtw_forward_{_SUFFIX[dtype]}"), _real(dtype)
+    real = _real(dtype)
     table = _lane_table(costs, n, m, W)
     values = torch.empty(len(n), dtype=dtype)
     groups = _groups(len(n), max(n) * max(m))
@@ -173,14 +182,16 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
     for group in groups:
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
-        R = torch.empty((N + 1) * (M + 1) * LANES, dtype=dtype)
-        buf = torch.empty(2 * (M + 2) * LANES, dtype=dtype)  # two cost rows
+        width = _width(group)
+        R = torch.empty((N + 1) * (M + 1) * width, dtype=dtype)
+        buf = torch.empty(2 * (M + 2) * width, dtype=dtype)  # two cost rows
         tables.append(R)
         alive += [lanes, buf]
-        calls.append((ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),
+        calls.append((getattr(library, f"sdtw_forward_{_SUFFIX[dtype]}_{width}"),
+                      ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),
                       *(_ptr(lanes, k * len(group)) for k in range(5)), real(gamma), _ptr(R),
                       _ptr(buf), _ptr(values, group.start)))
-    _run(fn, calls)
+    _run(calls)
     bounds = torch.tensor([g.start for g in groups] + [groups[-1].stop])
     return values, (bounds, *tables)
 
@@ -189,7 +200,7 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
              W: list[int], gamma: float, grad: torch.Tensor) -> list[torch.Tensor]:
     """``grad[p] * E`` per cost tensor, written by the kernel straight into fresh tensors."""
     library, dtype = load_library(), costs[0].dtype
-    fn, real = getattr(library, f"sdtw_backward_{_SUFFIX[dtype]}"), _real(dtype)
+    real = _real(dtype)
     outs = [torch.empty_like(c) for c in costs]
     table = _lane_table(costs, n, m, W, outs)
     grad = grad.to(dtype).contiguous()
@@ -199,13 +210,15 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
     for group, R in zip(groups, tables, strict=True):
         lanes = table[:, group.start:group.stop].contiguous()
         N, M = int(lanes[0].max()), int(lanes[1].max())
-        work = torch.empty(5 * (M + 2) * LANES, dtype=dtype)
+        width = _width(group)
+        work = torch.empty(5 * (M + 2) * width, dtype=dtype)
         alive += [lanes, work]
         k = len(group)
-        calls.append((ctypes.c_int64(k), ctypes.c_int64(N), ctypes.c_int64(M),
+        calls.append((getattr(library, f"sdtw_backward_{_SUFFIX[dtype]}_{width}"),
+                      ctypes.c_int64(k), ctypes.c_int64(N), ctypes.c_int64(M),
                       *(_ptr(lanes, i * k) for i in range(8)), _ptr(grad, group.start), real(gamma), _ptr(R),
                       _ptr(work)))
-    _run(fn, calls)
+    _run(calls)
     return outs
 
 

@@ -1,7 +1,8 @@
 /* Soft-DTW forward (R table) and backward (E recursion) on the CPU, vectorised over batch lanes.
  *
- * Plain C (no Python or torch headers), compiled twice by cpu_backend.py: -DSDTW_REAL=float and
- * -DSDTW_REAL=double. One call handles one group of up to LANES pairs ("lanes"); the DP table of a
+ * Plain C (no Python or torch headers), compiled four times by cpu_backend.py: -DSDTW_REAL=float or
+ * double, -DLANES=8 or 16 (names end in _float_16 etc.). One call handles one group of up to LANES
+ * pairs ("lanes"); the DP table of a
  * group is stored as R[N + 1][M + 1][LANES], so every cell update is one SIMD operation over the
  * lanes (gcc -O3 -ffast-math vectorises exp/log through glibc's libmvec). Python runs the groups on
  * separate threads (ctypes releases the GIL).
@@ -27,10 +28,12 @@
 #ifndef SDTW_REAL
 #define SDTW_REAL float
 #endif
+#ifndef LANES
 #define LANES 16
+#endif
 #define BIG ((real)1e30)
-#define CAT2(a, b) a##_##b
-#define CAT(a, b) CAT2(a, b)
+#define CAT2(a, b, c) a##_##b##_##c
+#define CAT(a, b, c) CAT2(a, b, c)
 
 typedef SDTW_REAL real;
 #define IS_FLOAT (sizeof(real) == sizeof(float))
@@ -86,7 +89,7 @@ static inline void forward_cell(const real *diag, const real *up, const real *le
 /* Forward: fills R[(N+1)(M+1)LANES] and out[l] = R[n_l, m_l] for l < lanes. buf: 2 * (M + 2) * LANES.
  * Rows go in pairs, skewed by one column: cells (i, j) and (i + 1, j - 1) are independent, so their
  * exp/log chains overlap in the pipeline. */
-void CAT(sdtw_forward, SDTW_REAL)(int64_t lanes, int64_t N, int64_t M, const int64_t *n, const int64_t *m,
+void CAT(sdtw_forward, SDTW_REAL, LANES)(int64_t lanes, int64_t N, int64_t M, const int64_t *n, const int64_t *m,
                                   const int64_t *W, const int64_t *cost, const int64_t *stride, real gamma,
                                   real *R, real *buf, real *out) {
     const real inv_gamma = (real)1 / gamma;
@@ -127,7 +130,7 @@ void CAT(sdtw_forward, SDTW_REAL)(int64_t lanes, int64_t N, int64_t M, const int
 
 /* Backward: writes grad[l] * E into the lane's output matrix (same layout as its cost), zero outside
  * the pair. work: 4 * (M + 2) * LANES + (M + 2) * LANES for the cost row. */
-void CAT(sdtw_backward, SDTW_REAL)(int64_t lanes, int64_t N, int64_t M, const int64_t *n, const int64_t *m,
+void CAT(sdtw_backward, SDTW_REAL, LANES)(int64_t lanes, int64_t N, int64_t M, const int64_t *n, const int64_t *m,
                                    const int64_t *W, const int64_t *cost, const int64_t *stride,
                                    const int64_t *rows, const int64_t *cols, const int64_t *out_ptr,
                                    const real *grad, real gamma, const real *R, real *work) {
