@@ -105,11 +105,12 @@ def _softdtw_backward_kernel(C, R, G, grad_ptr, n_ptr, m_ptr, w_ptr, N, M, gamma
 
 
 def _patch_interpreter_scalars() -> None:
-    """Let the Triton 3.4 interpreter use scalar tensors as ``range`` bounds with NumPy >= 2.3.
+    """Let the Triton 3.4 interpreter use scalar tensors as ``range`` bounds with NumPy 2.x.
 
     The interpreter stores scalars as 1-element arrays and converts them with ``int(array)``, which
-    NumPy 2.3 turned into an error; this wraps its tensor patch to convert through ``.item()``.
-    Applied only when the interpreter runs (CPU tensors under ``TRITON_INTERPRET=1``).
+    recent NumPy releases (2.4 here) reject for arrays that are not 0-d; this wraps its tensor patch
+    to convert the single element instead. Applied only when the interpreter runs (CPU tensors under
+    ``TRITON_INTERPRET=1``).
     """
     from triton.runtime import interpreter
 
