@@ -226,9 +226,23 @@ def word_error_rate(hyp_file: Path, ref_file: Path) -> float:
 
 
 @pytest.mark.slow
-def test_asr_recipe_end_to_end(tiny_hubert_ckpt, demo_corpus, tmp_path):
+def test_asr_recipe_end_to_end(demo_corpus, tmp_path):
+    """The demo fine-tune (as a user runs it, shortened), then SUPERB ASR on the LASER-tuned upstream."""
+    import torch
+
+    run = tmp_path / "demo"
+    tuned = subprocess.run(
+        [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert", "--demo", "--out", str(run),
+         "steps=4", "report_clips=2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    base = torch.load(run / "tiny_hubert.pt", weights_only=True)["model_weight"]
+    laser = torch.load(run / "hubert_laser.pt", weights_only=True)["model_weight"]
+    assert any(not torch.equal(base[k], laser[k]) for k in base), "the demo fine-tune changed no weight"
+
     out = tmp_path / "asr"
-    done = run_recipe("asr", "--upstream", "hubert_laser", "--ckpt", str(tiny_hubert_ckpt),
+    done = run_recipe("asr", "--upstream", "hubert_laser", "--ckpt", str(run / "hubert_laser.pt"),
                       "--librispeech", str(demo_corpus), "--out", str(out), "--steps", "4", "--device", "cpu",
                       "--smoke")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
