@@ -101,6 +101,17 @@ def test_regular_wheel_puts_a_working_pth_at_its_root(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("s3prl_laser-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert archive.read(PTH_NAME) == (REPO / PTH_NAME).read_bytes()
+        names = set(archive.namelist())
+    # data files the package reads at run time: the C kernel source, the presets, the demo corpus
+    data_files = [
+        p.relative_to(REPO).as_posix()
+        for pattern in ("s3prl_laser/softdtw/*.c", "s3prl_laser/assets/**/*.*")
+        for p in REPO.glob(pattern)
+    ]
+    presets = (REPO / "upstream_configs").glob("*.yaml")
+    data_files += [f"s3prl_laser/upstream_configs/{p.name}" for p in presets]
+    missing = sorted(set(data_files) - names)
+    assert len(data_files) > 70 and not missing, f"the wheel lacks {missing[:5]}"
 
     target = tmp_path / "site"
     run_python(
