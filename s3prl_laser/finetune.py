@@ -112,10 +112,12 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         final = export_upstream(parts, cfg, out)
         logger.info("tuned upstream written to %s", final)
         if args.demo:
-            from s3prl_laser.report import demo_report
+            from s3prl_laser.report import S3prlLastLayer, demo_report
 
-            base, head, _ = build_upstream(cfg)  # the untuned model, as training started
-            demo_report(cfg, (base.to(env.device), head.to(env.device)), (parts.base, parts.head), out)
+            _, head, _ = build_upstream(cfg)  # the untuned head, as training started
+            before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
+            after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
+            demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
 
 

@@ -12,12 +12,15 @@ training (speed, then pitch; no swap). Before and after tuning it measures, aver
   divergence with them).
 
 It also draws the expected alignment matrix ``E = d sdtw / d C`` between the two views of the first clip
-(projection space), before and after. Outputs: a table on stdout, ``OUT/demo_report.json`` and
-``OUT/demo_alignment.png``.
+(projection space), before and after. Both upstreams are measured as a SUPERB downstream sees them, loaded
+through s3prl's public ``S3PRLUpstream``: "before" is the base checkpoint through s3prl's stock
+``<upstream>_local``, "after" the written ``<upstream>_laser.pt`` through this package's ``<upstream>_laser``
+entry. The report also records how far the latter's last layer is from the model training left in memory.
+Outputs: a table on stdout, ``OUT/demo_report.json`` and ``OUT/demo_alignment.png``.
 
 Example::
 
-    >>> report = demo_report(cfg, before, after, out)  # doctest: +SKIP
+    >>> report = demo_report(cfg, before, after, out, tuned_model)  # doctest: +SKIP
     >>> report["after"]["divergence_ratio_projection"], report["before"]["divergence_ratio_projection"]
 """
 
@@ -143,13 +146,61 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+class S3prlLastLayer(nn.Module):
+    """The last hidden state of an upstream loaded through s3prl's public API, ``S3PRLUpstream(name, ckpt)``.
+
+    ``forward(wavs [B, T], lengths [B]) -> (hidden [B, F, C], frames [B])``, the interface of
+    ``s3prl_laser.upstream.BaseModel.forward``, so the report measures it like the training model.
+    """
+
+    def __init__(self, name: str, ckpt: Path) -> None:
+        super().__init__()
+        from s3prl.nn import S3PRLUpstream
+
+        from s3prl_laser.registration import register
+
+        register()  # already done by the start-up hook when the package is installed; idempotent
+        self.name, self.ckpt = name, Path(ckpt)
+        self.upstream = S3PRLUpstream(name, path_or_url=str(ckpt))
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, hidden_lengths = self.upstream(wavs, lengths)
+        return hidden_states[-1], hidden_lengths[-1]
+
+
+@torch.no_grad()
+def last_layer_gap(reference: nn.Module, loaded: S3prlLastLayer, pairs) -> float:
+    """Max ``|reference - loaded|`` over the last-layer frames of the held-out clean clips (eval mode)."""
+    device = next(reference.parameters()).device
+    gap = 0.0
+    for _, clean, _ in pairs:
+        wav, length = clean[None].to(device), torch.tensor([clean.shape[-1]], device=device)
+        ours, frames = reference(wav, length)
+        theirs, _ = loaded(wav, length)
+        n = min(int(frames[0]), theirs.shape[1])
+        gap = max(gap, float((ours[0, :n] - theirs[0, :n]).abs().max()))
+    return gap
+
+
 def demo_report(
-    cfg: LaserConfig, before: tuple[nn.Module, nn.Module], after: tuple[nn.Module, nn.Module], out: Path
+    cfg: LaserConfig,
+    before: tuple[S3prlLastLayer, nn.Module],
+    after: tuple[S3prlLastLayer, nn.Module],
+    out: Path,
+    tuned_in_memory: nn.Module,
 ) -> dict:
-    """Measure ``before`` and ``after`` (each ``(upstream, head)``), print the table, write JSON and PNG."""
+    """Measure ``before`` and ``after`` (each ``(upstream through s3prl, head)``); print, write JSON and PNG.
+
+    ``tuned_in_memory`` is the upstream as training left it; ``after``'s upstream must reproduce it.
+    """
     pairs = held_out_pairs(cfg)
     if not pairs:
         raise ValueError(f"no usable held-out clip in {cfg.data} ({', '.join(HELD_OUT_SPLITS)})")
+    loaded = after[0]
+    modes = (tuned_in_memory.training, loaded.training)
+    tuned_in_memory.eval(), loaded.eval()
+    gap = last_layer_gap(tuned_in_memory, loaded, pairs)
+    tuned_in_memory.train(modes[0]), loaded.train(modes[1])
     results, alignments = {}, {}
     for name, (base, head) in (("before", before), ("after", after)):
         modes = (base.training, head.training)
@@ -163,6 +214,11 @@ def demo_report(
         "steps": cfg.steps,
         "before": results["before"],
         "after": results["after"],
+        "through_s3prl": {
+            "before": {"upstream": before[0].name, "ckpt": str(before[0].ckpt)},
+            "after": {"upstream": loaded.name, "ckpt": str(loaded.ckpt)},
+            "after_vs_tuned_in_memory_max_abs_diff": gap,
+        },
         "notes": {
             "divergence": "soft-DTW divergence sdtw(x,y) - (sdtw(x,x) + sdtw(y,y))/2 between the views",
             "other clip": "clean view of clip i vs perturbed view of clip i+1: the scale of unrelated speech",
@@ -175,5 +231,10 @@ def demo_report(
     title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
     plot_alignments(alignments["before"], alignments["after"], out / "demo_alignment.png", title)
     print(format_table(report))
+    print(
+        f"upstreams loaded through s3prl: before = S3PRLUpstream({before[0].name!r}, {before[0].ckpt}), "
+        f"after = S3PRLUpstream({loaded.name!r}, {loaded.ckpt});\nthe latter's last layer vs the tuned model "
+        f"in memory: max |diff| = {gap:.1e}"
+    )
     print(f"report: {out / 'demo_report.json'}, picture: {out / 'demo_alignment.png'}")
     return report

@@ -192,6 +192,12 @@ def test_demo_writes_report_table_and_picture(tmp_path, capsys):
     assert all(value > 0 for side in ("before", "after") for value in report[side].values())
     assert (out / "demo_alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "tiny_wavlm.pt").is_file() and (out / "wavlm_laser.pt").is_file()
+    # both rows measured through s3prl: the stock loader on the base, our entry on the written file
+    loaded = report["through_s3prl"]
+    assert loaded["before"] == {"upstream": "wavlm_local", "ckpt": str(out / "tiny_wavlm.pt")}
+    assert loaded["after"] == {"upstream": "wavlm_laser", "ckpt": str(out / "wavlm_laser.pt")}
+    assert loaded["after_vs_tuned_in_memory_max_abs_diff"] < 1e-5
+    assert "loaded through s3prl" in printed
 
 
 def test_throughput_benchmark_runs(capsys):
