@@ -1,6 +1,7 @@
 """Shared pytest fixtures: tiny HuBERT/WavLM checkpoints built once per session, the bundled demo corpus.
 
-Nothing heavy happens at import time: torch and s3prl are imported inside the fixtures.
+Nothing heavy happens at import time: torch and s3prl are imported inside the fixtures. Tests marked
+``triton_interpreter`` only run where ``TRITON_INTERPRET=1`` (see ``pytest_collection_modifyitems``).
 
 - ``tiny_hubert_ckpt`` / ``tiny_wavlm_ckpt``: ``Path`` of a tiny random-init checkpoint (seed 0) in
   s3prl's own format (HuBERT converted / WavLM cfg+model), 4 layers, 64 dims, frame stride 320 samples.
@@ -11,9 +12,24 @@ Nothing heavy happens at import time: torch and s3prl are imported inside the fi
   ``train-clean-100``, ``dev-clean``, ``test-clean`` and ``phonemes/<split>.txt``.
 """
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect ``triton_interpreter`` tests unless ``TRITON_INTERPRET=1``.
+
+    Triton reads that variable once, at import, so those tests run in the child pytest that
+    ``tests/test_softdtw_triton.py::test_triton_interpreter_suite`` starts with it set.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    selected = [item for item in items if item.get_closest_marker("triton_interpreter") is None]
+    if len(selected) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
