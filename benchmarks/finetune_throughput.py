@@ -34,7 +34,8 @@ import torch
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
-from s3prl_laser.finetune import DistEnv, build_data, build_model, forward_pairs, pair_loss, scan_data
+from s3prl_laser.finetune import build_data, build_model, forward_pairs, pair_loss, scan_data
+from s3prl_laser.runtime import DistEnv
 from s3prl_laser.softdtw import soft_dtw_divergence
 from s3prl_laser.upstream import save_s3prl_checkpoint
 

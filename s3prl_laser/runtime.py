@@ -1,0 +1,118 @@
+"""The process a fine-tuning run lives in: its rank and device under torchrun, logging, stop signals.
+
+``setup_distributed`` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins the process group
+(NCCL on GPU, gloo on CPU); a plain ``python -m`` run is rank 0 of 1 and every collective here is then a
+no-op. ``StopSignals`` turns SIGINT/SIGTERM into "stop after this step" so that the step's checkpoint is
+written before exiting.
+
+Example::
+
+    >>> env = setup_distributed("cpu")
+    >>> env.is_main, env.distributed, agree(env, [1.0, 2.0])
+    (True, False, [1.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> DistEnv:
+    """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; join the process group (NCCL or gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = f"cuda:{local_rank}"
+    env = DistEnv(rank, world_size, local_rank, torch.device(device))
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed:
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return env
+
+
+def teardown_distributed(env: DistEnv) -> None:
+    if env.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def setup_logging(env: DistEnv) -> None:
+    """INFO on rank 0, warnings only on the other ranks (skipped files are reported by every rank)."""
+    level = logging.INFO if env.is_main else logging.WARNING
+    prefix = f"[rank {env.rank}] " if env.distributed else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("s3prl_laser").setLevel(level)
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (which then saves).
+
+    A second signal interrupts at once (``KeyboardInterrupt``). Handlers are restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_signals_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def agree(env: DistEnv, values: list[float]) -> list[float]:
+    """Sum ``values`` over all ranks (identity on one process)."""
+    if not env.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        torch.distributed.barrier()
