@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,6 +147,19 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """Put ``modules`` in eval mode for the ``with`` block, then restore each one's train/eval mode."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
 class S3prlLastLayer(nn.Module):
     """The last hidden state of an upstream loaded through s3prl's public API, ``S3PRLUpstream(name, ckpt)``.
 
@@ -197,16 +211,12 @@ def demo_report(
     if not pairs:
         raise ValueError(f"no usable held-out clip in {cfg.data} ({', '.join(HELD_OUT_SPLITS)})")
     loaded = after[0]
-    modes = (tuned_in_memory.training, loaded.training)
-    tuned_in_memory.eval(), loaded.eval()
-    gap = last_layer_gap(tuned_in_memory, loaded, pairs)
-    tuned_in_memory.train(modes[0]), loaded.train(modes[1])
+    with eval_mode(tuned_in_memory, loaded):
+        gap = last_layer_gap(tuned_in_memory, loaded, pairs)
     results, alignments = {}, {}
     for name, (base, head) in (("before", before), ("after", after)):
-        modes = (base.training, head.training)
-        base.eval(), head.eval()
-        results[name], alignments[name] = measure(base, head, pairs, cfg.gamma)
-        base.train(modes[0]), head.train(modes[1])
+        with eval_mode(base, head):
+            results[name], alignments[name] = measure(base, head, pairs, cfg.gamma)
     report = {
         "clips": len(pairs),
         "paths": [path for path, _, _ in pairs],
