@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-UPSTREAMS = ("hubert", "wavlm")
+from s3prl_laser.upstream import UPSTREAMS
+
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
 
 

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-UPSTREAMS = ("hubert", "wavlm")
+from s3prl_laser.upstream import CKPT_KEYS, UPSTREAMS
 
-HUBERT_KEYS = ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols")
-WAVLM_KEYS = ("cfg", "model")
+HUBERT_KEYS = CKPT_KEYS["hubert"]
+WAVLM_KEYS = CKPT_KEYS["wavlm"]
 
 # s3prl activation name -> transformers ACT2FN name; each pair computes the same function.
 ACTIVATIONS = {"gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "relu": "relu"}

@@ -29,17 +29,15 @@ import torch
 from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
 from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
+from s3prl_laser.upstream import CKPT_KEYS
+
 HOME_ENV = "S3PRL_LASER_HOME"
 DEFAULT_HOME = "~/.cache/s3prl_laser"
 
 # entry name -> (finetune --upstream value, keys of the checkpoint format, s3prl format name)
 _FORMATS = {
-    "hubert_laser": (
-        "hubert",
-        ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
-        "s3prl HuBERT (converted)",
-    ),
-    "wavlm_laser": ("wavlm", ("cfg", "model"), "s3prl WavLM"),
+    "hubert_laser": ("hubert", CKPT_KEYS["hubert"], "s3prl HuBERT (converted)"),
+    "wavlm_laser": ("wavlm", CKPT_KEYS["wavlm"], "s3prl WavLM"),
 }
 
 
