@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from s3prl_laser.loss import LOSS_TYPES
 from s3prl_laser.upstream import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
@@ -83,8 +84,8 @@ def validate(cfg: LaserConfig) -> None:
     """Raise ``ValueError`` naming the key when a value is out of range."""
     if cfg.upstream not in UPSTREAMS:
         raise ValueError(f"upstream={cfg.upstream!r}: choose one of {UPSTREAMS}")
-    if cfg.loss_type not in ("softdtw_lav", "softdtw"):
-        raise ValueError(f"loss_type={cfg.loss_type!r}: choose 'softdtw_lav' or 'softdtw'")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
     positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
