@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s3prl_laser.softdtw import soft_dtw_divergence
+from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_divergence
 
 LOSS_TYPES = ("softdtw_lav", "softdtw")
 
@@ -81,8 +81,7 @@ def temporal_regularizer(
     mask, lengths = _valid_frames(lengths, batch, frames, z.device, "lengths")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
-        sq_norm = z.pow(2).sum(-1)
-        sq = (sq_norm[:, :, None] + sq_norm[:, None, :] - 2 * z @ z.transpose(1, 2)).clamp_min(0)
+        sq = pairwise_sq_dist(z)
         steps = torch.arange(frames, device=z.device)
         gap = (steps[:, None] - steps[None, :]).abs()
         # d_ii = 0 exactly (the Gram form leaves rounding noise there); sqrt is only taken of positive
