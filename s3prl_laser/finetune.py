@@ -305,20 +305,12 @@ def train_step(parts: Parts, batch: PairBatch, cfg: LaserConfig, env: DistEnv, s
         out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
     empty = out is None
     nonfinite = not empty and not bool(torch.isfinite(out.loss))
-    values = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable batch
     if not empty and not nonfinite:
         b = batch.num_pairs
-        values = [
-            0.0,
-            0.0,
-            0.0,
-            b,
-            out.loss.item() * b,
-            out.alignment.sum().item(),
-            out.regularizer.sum().item(),
-        ]
-    values[0], values[1], values[2] = float(empty), float(nonfinite), float(stop_requested)
-    any_empty, any_nonfinite, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(env, values)
+        sums = [b, out.loss.item() * b, out.alignment.sum().item(), out.regularizer.sum().item()]
+    flags = [float(empty), float(nonfinite), float(stop_requested)]
+    any_empty, any_nonfinite, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(env, flags + sums)
     result = {"stepped": False, "skip": None, "stop": any_stop > 0, "pairs": int(pairs)}
     if any_empty or any_nonfinite:
         result["skip"] = "nonfinite" if any_nonfinite else "empty"
