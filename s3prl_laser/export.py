@@ -74,22 +74,18 @@ def verify_waveforms(seconds=VERIFY_SECONDS, sample_rate: int = 16000, seed: int
     return wavs
 
 
-@torch.no_grad()
-def s3prl_hidden_states(ckpt: str | Path, upstream: str, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Hidden states ``[B, T, D]`` (L + 1 of them) of s3prl's stock expert on waveforms ``[T_i]``."""
+def s3prl_expert(ckpt: str | Path, upstream: str) -> torch.nn.Module:
+    """s3prl's stock expert ``s3prl.hub.<upstream>_local(ckpt=...)`` in eval mode."""
     import s3prl.hub
 
-    expert = getattr(s3prl.hub, f"{upstream}_local")(ckpt=str(ckpt)).eval()
-    return list(expert(wavs)["hidden_states"])
+    return getattr(s3prl.hub, f"{upstream}_local")(ckpt=str(ckpt)).eval()
 
 
-@torch.no_grad()
-def hf_hidden_states(hf_dir: str | Path, input_values: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states ``[1, T, D]`` (L + 1 of them) of the exported model on one waveform ``[T_in]``."""
+def hf_model(hf_dir: str | Path) -> torch.nn.Module:
+    """The exported model, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(hf_dir).eval()
-    return list(model(input_values[None], output_hidden_states=True).hidden_states)
+    return AutoModel.from_pretrained(hf_dir).eval()
 
 
 def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = None) -> list[float]:
@@ -107,10 +103,13 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
     import torch.nn.functional as F
 
     state = load_s3prl_checkpoint(ckpt, upstream)
+    expert, model = s3prl_expert(ckpt, state.upstream), hf_model(hf_dir)  # loaded once, run per waveform
     worst: list[float] = []
     for wav in verify_waveforms(sample_rate=state.sample_rate):
-        ref = s3prl_hidden_states(ckpt, state.upstream, [wav])
-        out = hf_hidden_states(hf_dir, F.layer_norm(wav, wav.shape) if state.normalize else wav)
+        with torch.no_grad():
+            ref = list(expert([wav])["hidden_states"])  # [1, T, D] each, L + 1 of them
+            input_values = F.layer_norm(wav, wav.shape) if state.normalize else wav
+            out = list(model(input_values[None], output_hidden_states=True).hidden_states)
         if len(ref) != len(out):
             raise ValueError(f"{hf_dir}: {len(out)} hidden states, s3prl's expert gives {len(ref)}")
         errors = [((o - r).norm() / r.norm()).item() for r, o in zip(ref, out, strict=True)]
