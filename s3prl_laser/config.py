@@ -178,7 +178,7 @@ def from_dict(values: dict[str, Any]) -> LaserConfig:
     coerced = {}
     for f in dataclasses.fields(LaserConfig):
         if f.name in values:
-            coerced[f.name] = _coerce(f.name, values[f.name], f.default, f.default_factory)
+            coerced[f.name] = _coerce(f, values[f.name])
     return LaserConfig(**coerced)
 
 
@@ -192,11 +192,12 @@ def write_config(cfg: LaserConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def _coerce(key: str, value: Any, default: Any, factory: Any) -> Any:
-    """Coerce ints to floats where the default is a float; check lists; keep None where allowed."""
-    example = factory() if factory is not dataclasses.MISSING else default
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Coerce ``value`` to field ``f``'s declared type (ints to floats, lists checked); None where allowed."""
+    key, kind = f.name, f.type  # f.type is the annotation's text (``from __future__ import annotations``)
+    example = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if value is None:
-        if example is None or key in ("max_seconds", "bandwidth", "ckpt", "data"):
+        if example is None or kind.endswith("| None"):
             return None
         raise ValueError(f"{key}: null is not allowed (default {example!r})")
     if isinstance(example, bool):
@@ -209,9 +210,9 @@ def _coerce(key: str, value: Any, default: Any, factory: Any) -> Any:
         if example and isinstance(example[0], float):
             return [_number(key, v, float) for v in value]
         return [str(v) for v in value]
-    if isinstance(example, float) or key == "max_seconds":
+    if isinstance(example, float) or kind.startswith("float"):
         return _number(key, value, float)
-    if isinstance(example, int) or key == "bandwidth":
+    if isinstance(example, int) or kind.startswith("int"):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         return _number(key, value, int)
