@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
-            _, head, _ = build_upstream(cfg)  # the untuned head, as training started
+            head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
             before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
@@ -223,10 +223,14 @@ def build_upstream(cfg: LaserConfig) -> tuple[nn.Module, ProjectionHead, int]:
 
     base = load_base_model(cfg.upstream, cfg.ckpt)
     n_base = base.freeze(cfg.trainable_layers, train_final_layer_norm=cfg.train_final_layer_norm)
+    return base, seeded_head(cfg, base.hidden_size), n_base
+
+
+def seeded_head(cfg: LaserConfig, hidden_size: int) -> ProjectionHead:
+    """The projection head as initialised from ``cfg.seed`` alone (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = ProjectionHead(base.hidden_size, cfg.proj_dim)
-    return base, head, n_base
+        return ProjectionHead(hidden_size, cfg.proj_dim)
 
 
 def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
