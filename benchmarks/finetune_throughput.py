@@ -82,8 +82,7 @@ def synthetic_corpus(folder: Path, count: int, seed: int, max_seconds: float | N
 
 def build_checkpoint(upstream: str, path: Path, tiny: bool, seed: int) -> Path:
     if tiny:
-        build = fixtures.build_tiny_hubert if upstream == "hubert" else fixtures.build_tiny_wavlm
-        return build(path, seed=seed)
+        return fixtures.build_tiny(upstream, path, seed=seed)
     if upstream == "hubert":
         return save_s3prl_checkpoint(fixtures.tiny_hubert_state(seed, final_dim=256, **BASE_ARCH), path)
     return save_s3prl_checkpoint(fixtures.tiny_wavlm_state(seed, **BASE_ARCH), path)

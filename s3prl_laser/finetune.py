@@ -143,8 +143,7 @@ def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
     if cfg.ckpt is None:
         path = out / f"tiny_{cfg.upstream}.pt"
         if env.is_main and not path.exists():
-            build = fixtures.build_tiny_hubert if cfg.upstream == "hubert" else fixtures.build_tiny_wavlm
-            build(path, seed=cfg.seed)
+            fixtures.build_tiny(cfg.upstream, path, seed=cfg.seed)
         barrier(env)
         updates["ckpt"] = str(path)
     return dataclasses.replace(cfg, **updates)

@@ -161,6 +161,12 @@ def build_tiny_wavlm(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     return save_s3prl_checkpoint(tiny_wavlm_state(seed, **overrides), path)
 
 
+def build_tiny(upstream: str, path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """:func:`build_tiny_hubert` or :func:`build_tiny_wavlm`, picked by ``upstream`` ("hubert" or "wavlm")."""
+    build = build_tiny_hubert if upstream == "hubert" else build_tiny_wavlm
+    return build(path, seed=seed, **overrides)
+
+
 def demo_corpus_root() -> Path:
     """Path of the bundled demo corpus' ``LibriSpeech`` folder (train-clean-100, dev-clean, test-clean).
 
