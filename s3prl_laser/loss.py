@@ -77,8 +77,15 @@ def temporal_regularizer(
         raise ValueError(f"z must be [B, T, D] (batch, frames, features), got shape {tuple(z.shape)}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 (frames of the neighbour window), got {sigma}")
-    batch, frames, _ = z.shape
-    mask, lengths = _valid_frames(lengths, batch, frames, z.device, "lengths")
+    mask, lengths = _valid_frames(lengths, z.shape[0], z.shape[1], z.device, "lengths")
+    return _idm(z, mask, lengths, sigma, margin)
+
+
+def _idm(
+    z: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, sigma: int, margin: float
+) -> torch.Tensor:
+    """:func:`temporal_regularizer` on checked ``mask [B, T]``, ``lengths [B]`` (from ``_valid_frames``)."""
+    frames = z.shape[1]
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         sq = pairwise_sq_dist(z)
@@ -177,8 +184,8 @@ class LaserLoss(nn.Module):
             raise ValueError(
                 f"z1 and z2 must share batch size and feature size, got {list(z1.shape)} and {list(z2.shape)}"
             )
-        lengths1 = _valid_frames(lengths1, z1.shape[0], z1.shape[1], z1.device, "lengths1")[1]
-        lengths2 = _valid_frames(lengths2, z2.shape[0], z2.shape[1], z2.device, "lengths2")[1]
+        mask1, lengths1 = _valid_frames(lengths1, z1.shape[0], z1.shape[1], z1.device, "lengths1")
+        mask2, lengths2 = _valid_frames(lengths2, z2.shape[0], z2.shape[1], z2.device, "lengths2")
         with torch.autocast(device_type=z1.device.type, enabled=False):
             alignment = soft_dtw_divergence(
                 z1.float(),
@@ -190,8 +197,8 @@ class LaserLoss(nn.Module):
                 backend=self.backend,
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss_type == "softdtw_lav"):
-            regularizer = temporal_regularizer(z1, lengths1, self.sigma, self.margin) + temporal_regularizer(
-                z2, lengths2, self.sigma, self.margin
+            regularizer = _idm(z1, mask1, lengths1, self.sigma, self.margin) + _idm(
+                z2, mask2, lengths2, self.sigma, self.margin
             )
         if self.loss_type == "softdtw_lav":
             loss = (alignment + self.alpha * regularizer).mean()
