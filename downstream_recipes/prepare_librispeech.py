@@ -56,14 +56,20 @@ def read_transcripts(chapter_dir: Path) -> dict[str, str]:
     return transcripts
 
 
+def chapter_dirs(root: str | Path, split: str) -> list[Path]:
+    """The ``<speaker>/<chapter>`` folders of ``root/split``, sorted."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise ValueError(f"split folder {split_dir} not found; --librispeech must be the folder of {split}/")
+    return sorted(p for p in split_dir.glob("*/*") if p.is_dir())
+
+
 def read_split(root: str | Path, split: str) -> list[Utterance]:
     """All utterances of ``root/split``, sorted by path; audio must be 16 kHz (s3prl's loaders assert it)."""
     root = Path(root)
     split_dir = root / split
-    if not split_dir.is_dir():
-        raise ValueError(f"split folder {split_dir} not found; --librispeech must be the folder of {split}/")
     utterances = []
-    for chapter_dir in sorted(p for p in split_dir.glob("*/*") if p.is_dir()):
+    for chapter_dir in chapter_dirs(root, split):
         transcripts = read_transcripts(chapter_dir)
         for audio in sorted(chapter_dir.glob("*.flac")):
             if audio.stem not in transcripts:
@@ -108,10 +114,11 @@ def check_characters(root: str | Path, splits: list[str], dict_path: str | Path)
     """Raise ``ValueError`` if a transcript has a character the ASR dictionary lacks (s3prl: silent <unk>)."""
     symbols = {line.split()[0] for line in Path(dict_path).read_text().splitlines() if line.strip()}
     for split in splits:
-        for utt in read_split(root, split):
-            unknown = sorted(set(utt.transcript.replace(" ", "|")) - symbols)
-            if unknown:
-                raise ValueError(f"{utt.file_path}: characters {unknown} are not in {dict_path}")
+        for chapter_dir in chapter_dirs(root, split):  # transcripts only: no audio header is read here
+            for utt_id, transcript in read_transcripts(chapter_dir).items():
+                unknown = sorted(set(transcript.replace(" ", "|")) - symbols)
+                if unknown:
+                    raise ValueError(f"{split}/{utt_id}: characters {unknown} are not in {dict_path}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
