@@ -37,7 +37,7 @@ from s3prl_laser.config import resolve_config
 from s3prl_laser.finetune import build_data, build_model, forward_pairs, pair_loss, scan_data
 from s3prl_laser.runtime import DistEnv
 from s3prl_laser.softdtw import soft_dtw_divergence
-from s3prl_laser.upstream import save_s3prl_checkpoint
+from s3prl_laser.upstream import UPSTREAMS, save_s3prl_checkpoint
 
 BASE_ARCH = {  # the base models' architecture, restored over the fixtures' tiny one
     "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--upstreams", nargs="+", default=["hubert", "wavlm"], choices=["hubert", "wavlm"])
+    parser.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel set-up, caches)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (paper: 8)")

@@ -64,8 +64,7 @@ def params_under(model: BaseModel, prefixes) -> set[str]:
 def test_forward_equals_stock_expert(case, normalize, hub, tmp_path):
     name, ckpt = case
     if normalize:
-        build = fixtures.build_tiny_hubert if name == "hubert" else fixtures.build_tiny_wavlm
-        ckpt = build(tmp_path / f"{name}_norm.pt", normalize=True)
+        ckpt = fixtures.build_tiny(name, tmp_path / f"{name}_norm.pt", normalize=True)
     wavs, padded, lengths = batch(fill=0.5)  # junk past each length must be ignored
     expected = stock_hidden_states(hub, name, ckpt, wavs)
     model = load_base_model(name, ckpt).eval()
