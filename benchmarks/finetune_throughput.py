@@ -34,10 +34,12 @@ import torch
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
-from s3prl_laser.finetune import build_data, build_model, forward_pairs, pair_loss, scan_data
+from s3prl_laser.finetune import scan_data
+from s3prl_laser.laser_model import build_model
 from s3prl_laser.runtime import DistEnv
+from s3prl_laser.s3prl_checkpoint import UPSTREAMS, save_s3prl_checkpoint
 from s3prl_laser.softdtw import soft_dtw_divergence
-from s3prl_laser.upstream import UPSTREAMS, save_s3prl_checkpoint
+from s3prl_laser.trainer import build_data, forward_pairs, pair_loss
 
 BASE_ARCH = {  # the base models' architecture, restored over the fixtures' tiny one
     "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",

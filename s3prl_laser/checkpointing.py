@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from s3prl_laser.upstream import save_s3prl_checkpoint
+from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 

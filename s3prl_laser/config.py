@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from s3prl_laser.loss import LOSS_TYPES
-from s3prl_laser.upstream import UPSTREAMS
+from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
 

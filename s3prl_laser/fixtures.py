@@ -144,7 +144,7 @@ def build_tiny_hubert(path: str | os.PathLike, seed: int = 0, **overrides) -> Pa
         >>> import s3prl.hub
         >>> expert = s3prl.hub.hubert_local(ckpt=str(build_tiny_hubert("/tmp/h.pt")))  # doctest: +SKIP
     """
-    from s3prl_laser.upstream import save_s3prl_checkpoint
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(tiny_hubert_state(seed, **overrides), path)
 
@@ -156,7 +156,7 @@ def build_tiny_wavlm(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
         >>> import s3prl.hub
         >>> expert = s3prl.hub.wavlm_local(ckpt=str(build_tiny_wavlm("/tmp/w.pt")))  # doctest: +SKIP
     """
-    from s3prl_laser.upstream import save_s3prl_checkpoint
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(tiny_wavlm_state(seed, **overrides), path)
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from s3prl_laser.upstream import CKPT_KEYS, UPSTREAMS
+from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, UPSTREAMS
 
 HUBERT_KEYS = CKPT_KEYS["hubert"]
 WAVLM_KEYS = CKPT_KEYS["wavlm"]

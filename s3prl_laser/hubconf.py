@@ -29,7 +29,7 @@ import torch
 from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
 from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
-from s3prl_laser.upstream import CKPT_KEYS
+from s3prl_laser.s3prl_checkpoint import CKPT_KEYS
 
 HOME_ENV = "S3PRL_LASER_HOME"
 DEFAULT_HOME = "~/.cache/s3prl_laser"

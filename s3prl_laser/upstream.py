@@ -3,10 +3,10 @@
 - :func:`load_base_model` builds a base HuBERT or WavLM with s3prl's own model classes from an s3prl-format
   checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
   (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
-  or from s3prl's default ``hubert_base`` / ``wavlm_base`` download.
+  or from s3prl's default ``hubert_base`` / ``wavlm_base`` download. Reading the files is
+  :mod:`s3prl_laser.s3prl_checkpoint`'s job (and :mod:`s3prl_laser.fairseq_checkpoint`'s for fairseq's).
 - :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
   and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
-- :func:`save_s3prl_checkpoint` writes a checkpoint atomically.
 
 Example:
     >>> model = load_base_model("hubert", "tiny_hubert.pt")  # doctest: +SKIP
@@ -16,297 +16,17 @@ Example:
 
 from __future__ import annotations
 
-import builtins
-import collections
 import contextlib
 import copy
 import os
-import pickle
-import tempfile
-import types
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-UPSTREAMS = ("hubert", "wavlm")
-# s3prl's hubert_base / wavlm_base entries (s3prl/upstream/{hubert,wavlm}/hubconf.py) download these.
-DEFAULT_CKPT_URLS = {
-    "hubert": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",
-    "wavlm": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_base.pt",
-}
-CKPT_KEYS = {
-    "hubert": ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
-    "wavlm": ("cfg", "model"),
-}
-# Globals of these packages come back as inert stand-ins: fairseq's classes and enums, omegaconf's
-# containers, nodes and metadata, and the typing annotations (``Tuple[Any, ...]`` is pickled as
-# ``operator.getitem(typing.Tuple, ...)``) that omegaconf keeps in its metadata.
-INERT_MODULES = ("fairseq", "omegaconf", "typing")
-# Builtins a checkpoint pickle may call: constructors of plain data, nothing that reaches the system.
-SAFE_BUILTINS = (
-    "set",
-    "frozenset",
-    "dict",
-    "list",
-    "tuple",
-    "str",
-    "int",
-    "float",
-    "bool",
-    "bytes",
-    "bytearray",
-    "object",
-)
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` with ``torch.save`` atomically: a temp file in the same folder, then ``os.replace``.
-
-    A reader never sees a half-written file, and an interrupted save leaves the old file intact.
-
-    Example:
-        >>> save_s3prl_checkpoint({"cfg": {}, "model": {}}, "/tmp/x.pt")  # doctest: +SKIP
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint pickle names a global outside the reader's whitelist; nothing of it was executed."""
-
-
-class _Inert:
-    """Stand-in for an object of a class we do not import (fairseq ``Dictionary``, omegaconf nodes, enums).
-
-    Building it runs no code of the original class: it only keeps the constructor arguments and the
-    pickled state, which :func:`_to_plain` / :func:`_dictionary_symbols` read.
-    """
-
-    origin = "?"
-    args: tuple = ()  # pickle's NEWOBJ builds instances without calling __init__
-    kwargs: dict = {}  # read-only default
-    state = None
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<inert {self.origin}>"
-
-
-class _Namespace(dict):
-    """Dict-like stand-in for ``argparse.Namespace``: its pickled ``__dict__`` becomes the dict's items."""
-
-    def __setstate__(self, state):
-        self.update(state)
-
-
-_INERT_TYPES: dict[str, type[_Inert]] = {}
-
-
-def _inert_type(origin: str) -> type[_Inert]:
-    if origin not in _INERT_TYPES:
-        _INERT_TYPES[origin] = type(f"Inert[{origin}]", (_Inert,), {"origin": origin})
-    return _INERT_TYPES[origin]
-
-
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    """Globals a fairseq checkpoint may name, mapped to what the restricted unpickler returns for them."""
-    import numpy as np
-
-    allowed: dict[tuple[str, str], object] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("collections", "defaultdict"): collections.defaultdict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "device"): torch.device,
-        ("torch", "Size"): torch.Size,
-        ("argparse", "Namespace"): _Namespace,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
-    }
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "scalar")] = np._core.multiarray.scalar
-        allowed[(module, "_reconstruct")] = np._core.multiarray._reconstruct
-    for module in ("builtins", "__builtin__"):
-        for name in SAFE_BUILTINS:
-            allowed[(module, name)] = getattr(builtins, name)
-        allowed[(module, "long")] = int  # Python 2 pickles
-        allowed[(module, "Ellipsis")] = Ellipsis
-    for name in dir(torch):
-        if isinstance(getattr(torch, name), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only whitelisted globals and raises :class:`UnsafeCheckpointError` otherwise.
-
-    Real objects come back for torch's tensor rebuilders, containers, torch dtypes and numpy scalars;
-    globals of ``INERT_MODULES`` come back as inert stand-ins (nothing of those packages is imported or
-    run); ``argparse.Namespace`` comes back as a dict.
-    """
-
-    _allowed: dict[tuple[str, str], object] | None = None
-
-    def find_class(self, module: str, name: str):
-        if _RestrictedUnpickler._allowed is None:
-            _RestrictedUnpickler._allowed = _allowed_globals()
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        if module.split(".")[0] in INERT_MODULES or (module, name) == ("_operator", "getitem"):
-            return _inert_type(f"{module}.{name}")
-        raise UnsafeCheckpointError(
-            f"checkpoint pickle references {module}.{name}, which is not on the whitelist of the fairseq "
-            "checkpoint reader; refusing to load it (nothing was executed)"
-        )
-
-
-def _restricted_pickle_module() -> types.ModuleType:
-    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_RestrictedUnpickler`."""
-    module = types.ModuleType("s3prl_laser_restricted_pickle")
-    module.Unpickler = _RestrictedUnpickler
-    module.load = lambda f, **kwargs: _RestrictedUnpickler(f, **kwargs).load()
-    return module
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint without executing code from it.
-
-    ``torch.load(weights_only=True)`` first (s3prl formats); if the pickle names other globals (an
-    original fairseq checkpoint), the restricted unpickler reads it: see :class:`_RestrictedUnpickler`.
-    Raises ``FileNotFoundError`` naming the path, :class:`UnsafeCheckpointError` for a forbidden global.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # weights_only=False is what lets torch use our pickle_module; its find_class is the whitelist.
-        state = torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module()
-        )
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
-    return state
-
-
-def _to_plain(obj, where: str):
-    """Containers, strings, numbers and tensors only (what ``torch.load(weights_only=True)`` reads back).
-
-    omegaconf containers and nodes become dicts/lists/values, enum stand-ins their value.
-    """
-    if isinstance(obj, _Inert):
-        if obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):  # containers and nodes
-            return _to_plain(obj.state.get("_content", obj.state.get("_val")), where)
-        if len(obj.args) == 1 and obj.state is None:  # an enum member: Enum(value)
-            return _to_plain(obj.args[0], where)
-        raise ValueError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
-    if isinstance(obj, dict):
-        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
-    if isinstance(obj, str | int | float | bool | type(None) | Tensor):
-        return obj
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
-        return obj.item()
-    raise ValueError(f"{where}: unexpected {type(obj).__name__} in a checkpoint config")
-
-
-def _dictionary_symbols(dictionary, where: str) -> list[str]:
-    state = dictionary.state if isinstance(dictionary, _Inert) else dictionary
-    if not isinstance(state, dict) or "symbols" not in state:
-        raise ValueError(f"{where}: expected a fairseq Dictionary with 'symbols', found {dictionary!r}")
-    return [str(s) for s in state["symbols"]]
-
-
-def is_fairseq_checkpoint(state: dict) -> bool:
-    """True for an original fairseq checkpoint: ``model``, ``task_state`` and a ``cfg`` or ``args``.
-
-    (WavLM's own checkpoints, ``{"cfg", "model"}``, have no ``task_state``.)
-    """
-    has_config = state.get("cfg") is not None or state.get("args") is not None
-    return "model" in state and "task_state" in state and has_config
-
-
-def _unwrap(obj):
-    """One level of an omegaconf container stand-in: its content (a dict or list of nodes)."""
-    if isinstance(obj, _Inert) and obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):
-        return obj.state.get("_content")
-    return obj
-
-
-def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
-    """Convert an original fairseq HuBERT checkpoint dict to s3prl's "converted" format.
-
-    Does what ``s3prl/upstream/hubert/convert.py::load_and_convert_fairseq_ckpt`` does, without fairseq:
-    ``task_cfg = cfg["task"]``, ``model_cfg = cfg["model"]`` (old checkpoints: both from ``args``),
-    ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
-    """
-    if state.get("cfg") is not None:
-        cfg = _unwrap(state["cfg"])
-        if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
-            found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
-            raise ValueError(
-                f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
-            )
-        task_cfg, model_cfg = (_to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
-    elif state.get("args") is not None:
-        # Legacy checkpoints keep one flat Namespace; keep the entries s3prl's config dataclasses know.
-        from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
-
-        args = dict(state["args"])
-        task_cfg, model_cfg = (
-            {k: _to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
-            for dc in (HubertPretrainingConfig, HubertConfig)
-        )
-    else:
-        raise ValueError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
-    dictionaries = (state.get("task_state") or {}).get("dictionaries")
-    if not isinstance(dictionaries, list | tuple) or not dictionaries:
-        raise ValueError(f"{where}: expected task_state['dictionaries'] (a HuBERT pre-training checkpoint)")
-    symbols = [
-        _dictionary_symbols(d, f"{where}:task_state.dictionaries[{i}]") for i, d in enumerate(dictionaries)
-    ]
-    weights = state["model"]
-    bad = [k for k, v in weights.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{where}: model weights that are not tensors: {bad[:5]}")
-    return {
-        "task_cfg": task_cfg,
-        "model_cfg": model_cfg,
-        "model_weight": dict(weights),
-        "dictionaries_symbols": symbols,
-    }
-
-
-def _check_keys(upstream: str, state: dict, where: str) -> None:
-    expected = CKPT_KEYS[upstream]
-    missing = [k for k in expected if k not in state]
-    if missing:
-        other = next((u for u in UPSTREAMS if u != upstream and all(k in state for k in CKPT_KEYS[u])), None)
-        hint = f" (it looks like a {other} checkpoint)" if other else ""
-        raise ValueError(
-            f"{where} is not an s3prl {upstream} checkpoint{hint}: expected keys {list(expected)}, "
-            f"found {sorted(state)}"
-        )
+from s3prl_laser.fairseq_checkpoint import convert_fairseq_hubert, is_fairseq_checkpoint
+from s3prl_laser.s3prl_checkpoint import DEFAULT_CKPT_URLS, UPSTREAMS, check_keys, read_checkpoint
 
 
 def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> BaseModel:
@@ -318,7 +38,8 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     (downloaded by s3prl's own helper into its cache).
 
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a wrong format (naming the keys found
-    and expected), :class:`UnsafeCheckpointError` for a pickle that names a non-whitelisted global.
+    and expected), ``fairseq_checkpoint.UnsafeCheckpointError`` for a pickle that names a non-whitelisted
+    global.
 
     Example:
         >>> model = load_base_model("wavlm", "tiny_wavlm.pt")  # doctest: +SKIP
@@ -335,7 +56,7 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
         if upstream != "hubert":
             raise ValueError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
         state = convert_fairseq_hubert(state, where)
-    _check_keys(upstream, state, where)
+    check_keys(upstream, state, where)
     if upstream == "hubert":
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
         from s3prl.upstream.utils import merge_with_parent
@@ -608,15 +329,3 @@ class BaseModel(nn.Module):
         state = copy.deepcopy(self.config)
         state["model_weight" if self.upstream == "hubert" else "model"] = weights
         return state
-
-
-__all__ = [
-    "BaseModel",
-    "UnsafeCheckpointError",
-    "cnn_frame_lengths",
-    "convert_fairseq_hubert",
-    "is_fairseq_checkpoint",
-    "load_base_model",
-    "read_checkpoint",
-    "save_s3prl_checkpoint",
-]

@@ -18,7 +18,8 @@ import soundfile
 import torch
 
 from s3prl_laser import checkpointing
-from s3prl_laser.finetune import linear_warmup_decay, main
+from s3prl_laser.finetune import main
+from s3prl_laser.laser_model import linear_warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3", "log_every=1"]

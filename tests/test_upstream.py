@@ -12,8 +12,10 @@ import types
 import pytest
 import torch
 
-from s3prl_laser import fixtures, upstream
-from s3prl_laser.upstream import BaseModel, UnsafeCheckpointError, load_base_model, save_s3prl_checkpoint
+from s3prl_laser import fairseq_checkpoint, fixtures
+from s3prl_laser.fairseq_checkpoint import RestrictedUnpickler, UnsafeCheckpointError
+from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+from s3prl_laser.upstream import BaseModel, load_base_model
 
 LENGTHS = [8111, 6161, 3521, 400]  # 25, 19, 10, 1 frames: odd and even, down to one receptive field
 ENTRIES = {"hubert": "hubert_local", "wavlm": "wavlm_local"}
@@ -411,9 +413,9 @@ def test_pickle_naming_other_globals_is_refused_without_running_it(func, tmp_pat
 
 def test_restricted_unpickler_whitelist():
     plain = collections.OrderedDict(a=1, b=[2.0, "x"], c={3, 4}, d=argparse.Namespace(lr=0.1))
-    loaded = upstream._RestrictedUnpickler(io.BytesIO(pickle.dumps(plain))).load()
+    loaded = RestrictedUnpickler(io.BytesIO(pickle.dumps(plain))).load()
     assert loaded == {"a": 1, "b": [2.0, "x"], "c": {3, 4}, "d": {"lr": 0.1}}  # Namespace -> dict
     with pytest.raises(UnsafeCheckpointError, match="subprocess.Popen"):
-        upstream._RestrictedUnpickler(io.BytesIO(b"csubprocess\nPopen\n.")).load()
-    inert = upstream._RestrictedUnpickler(io.BytesIO(b"cfairseq.tasks\nSomeTask\n.")).load()
-    assert issubclass(inert, upstream._Inert) and inert.origin == "fairseq.tasks.SomeTask"
+        RestrictedUnpickler(io.BytesIO(b"csubprocess\nPopen\n.")).load()
+    inert = RestrictedUnpickler(io.BytesIO(b"cfairseq.tasks\nSomeTask\n.")).load()
+    assert issubclass(inert, fairseq_checkpoint._Inert) and inert.origin == "fairseq.tasks.SomeTask"

@@ -1,0 +1,113 @@
+"""The model being tuned and what trains it: upstream + projection head, the LASER loss, AdamW, schedule.
+
+:func:`build_model` loads the base upstream, freezes it by module name (top ``trainable_layers`` layers and,
+by default, the encoder's final layer norm stay trainable), adds a freshly seeded projection head, wraps the
+pair in DDP under torchrun, and builds the loss, optimizer and warm-up/decay schedule: one :class:`Parts`.
+:func:`export_upstream` writes the tuned upstream back in s3prl's own checkpoint format.
+
+Example::
+
+    >>> parts = build_model(cfg, env)  # doctest: +SKIP
+    >>> z, frames = parts.module(wavs, lengths)  # z [B, F, proj_dim], frames [B]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3prl_laser.config import LaserConfig
+from s3prl_laser.loss import LaserLoss, ProjectionHead
+from s3prl_laser.runtime import DistEnv
+
+logger = logging.getLogger("s3prl_laser.finetune")
+
+
+class LaserModel(nn.Module):
+    """The upstream plus the projection head: ``wavs [B, T], lengths [B] -> (z [B, F, D], frames [B])``."""
+
+    def __init__(self, base: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.base, self.head = base, head
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, frames = self.base(wavs, lengths)
+        return self.head(hidden), frames
+
+
+@dataclass
+class Parts:
+    """Everything a step needs; ``module`` is ``model`` or its DDP wrapper."""
+
+    base: nn.Module
+    head: ProjectionHead
+    model: LaserModel
+    module: nn.Module
+    loss_fn: LaserLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build_upstream(cfg: LaserConfig) -> tuple[nn.Module, ProjectionHead, int]:
+    """The upstream frozen by name, a freshly seeded projection head, and the upstream's trainable count."""
+    from s3prl_laser.upstream import load_base_model
+
+    base = load_base_model(cfg.upstream, cfg.ckpt)
+    n_base = base.freeze(cfg.trainable_layers, train_final_layer_norm=cfg.train_final_layer_norm)
+    return base, seeded_head(cfg, base.hidden_size), n_base
+
+
+def seeded_head(cfg: LaserConfig, hidden_size: int) -> ProjectionHead:
+    """The projection head as initialised from ``cfg.seed`` alone (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return ProjectionHead(hidden_size, cfg.proj_dim)
+
+
+def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
+    """Load and freeze the upstream; add the head, loss, AdamW and schedule (DDP-wrapped if distributed)."""
+    base, head, n_base = build_upstream(cfg)
+    model = LaserModel(base, head).to(env.device)
+    model.train()
+    n_head = sum(p.numel() for p in head.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    norm = " + final layer norm" if cfg.train_final_layer_norm else ""
+    logger.info(
+        "trainable parameters: %s (upstream top %d layers%s: %s, head: %s) of %s",
+        f"{n_base + n_head:,}", cfg.trainable_layers, norm, f"{n_base:,}", f"{n_head:,}", f"{n_total:,}",
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ between ranks, like their data
+    module = model
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    loss_fn = LaserLoss(
+        cfg.gamma, cfg.alpha, cfg.sigma, cfg.margin, cfg.loss_type, cfg.bandwidth, cfg.softdtw_backend
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, cfg.warmup_steps, cfg.steps)
+    )
+    return Parts(base, head, model, module, loss_fn, optimizer, scheduler)
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): ``(step+1)/warmup`` up to 1, then linear to ~0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def export_upstream(parts: Parts, cfg: LaserConfig, out: Path) -> Path:
+    """Write the tuned upstream as ``OUT/<upstream>_laser.pt`` in s3prl's own checkpoint format."""
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+
+    return save_s3prl_checkpoint(parts.base.state_for_s3prl(), out / f"{cfg.upstream}_laser.pt")

@@ -1,0 +1,310 @@
+"""The training loop of a LASER run: steps, progress and TensorBoard, checkpoints and resume.
+
+One step: a batch of (view, view) pairs from ``s3prl_laser.data`` -> both views through the model in one
+``[2B, T]`` batch -> ``LaserLoss`` between rows ``[:B]`` and ``[B:]`` -> (when every rank's loss is finite)
+backward, clipping, AdamW step. Ranks agree on skips and stop requests through one small all-reduce per step.
+Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything a
+bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
+
+Example::
+
+    >>> state = TrainState()  # doctest: +SKIP
+    >>> train(cfg, parts, items, state, out, env, stop)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from s3prl_laser import checkpointing
+from s3prl_laser.config import LaserConfig, to_dict
+from s3prl_laser.data import (
+    AudioItem,
+    BucketBatchSampler,
+    PairBatch,
+    PairDataset,
+    build_loader,
+    next_position,
+)
+from s3prl_laser.laser_model import Parts
+from s3prl_laser.loss import LaserLoss, LaserLossOutput
+from s3prl_laser.perturb import LaserPerturbation
+from s3prl_laser.runtime import DistEnv, StopSignals, agree, barrier, ignore_signals_in_worker
+
+logger = logging.getLogger("s3prl_laser.finetune")
+
+SKIP_REASONS = ("unreadable", "too_short", "nonfinite", "empty")
+
+
+def build_data(
+    cfg: LaserConfig, items: list[AudioItem], env: DistEnv, start: tuple[int, int]
+) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
+    """DataLoader of pair batches for this rank, starting at sampler position ``start``."""
+    perturb = LaserPerturbation(cfg.speed_factors, cfg.pitch_semitones, cfg.sample_rate)
+    dataset = PairDataset(
+        items, perturb, cfg.sample_rate, cfg.max_seconds, cfg.min_samples, cfg.swap_prob, cfg.seed
+    )
+    sampler = BucketBatchSampler(
+        [item.num_samples for item in items],
+        cfg.batch_size,
+        cfg.bucket_batches,
+        cfg.seed,
+        env.rank,
+        env.world_size,
+        start,
+    )
+    loader = build_loader(
+        dataset, sampler, cfg.num_workers, cfg.seed, worker_init_fn=ignore_signals_in_worker
+    )
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one step
+
+
+@dataclass
+class TrainState:
+    """Progress: optimizer steps done, sampler position of the next batch, counts of skipped things."""
+
+    step: int = 0
+    position: tuple[int, int] = (0, 0)
+    counters: Counter = field(default_factory=Counter)
+    pairs: int = 0
+
+
+def forward_pairs(module: nn.Module, batch: PairBatch, env: DistEnv, cfg: LaserConfig):
+    """Both views through the model in one ``[2B, T]`` batch; bf16 autocast on CUDA if configured."""
+    wavs = batch.wavs.to(env.device, non_blocking=True)
+    lengths = batch.lengths.to(env.device, non_blocking=True)
+    use_bf16 = env.device.type == "cuda" and cfg.precision == "bf16"
+    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return module(wavs, lengths)
+
+
+def pair_loss(loss_fn: LaserLoss, z: torch.Tensor, frames: torch.Tensor, num_pairs: int) -> LaserLossOutput:
+    """LaserLoss between rows ``[:B]`` and ``[B:]`` (soft-DTW and regulariser in float32)."""
+    z = z.float()
+    return loss_fn(z[:num_pairs], z[num_pairs:], frames[:num_pairs], frames[num_pairs:])
+
+
+def train_step(parts: Parts, batch: PairBatch, cfg: LaserConfig, env: DistEnv, stop_requested: bool) -> dict:
+    """Forward, loss, and (when every rank's loss is finite) backward, clip and optimizer step.
+
+    Returns a dict: ``stepped`` (bool), ``skip`` (reason or None), ``stop`` (any rank asked to stop),
+    and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global count).
+    """
+    out = None
+    if batch.num_pairs > 0:
+        z, frames = forward_pairs(parts.module, batch, env, cfg)
+        out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
+    empty = out is None
+    nonfinite = not empty and not bool(torch.isfinite(out.loss))
+    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable batch
+    if not empty and not nonfinite:
+        b = batch.num_pairs
+        sums = [b, out.loss.item() * b, out.alignment.sum().item(), out.regularizer.sum().item()]
+    flags = [float(empty), float(nonfinite), float(stop_requested)]
+    any_empty, any_nonfinite, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(env, flags + sums)
+    result = {"stepped": False, "skip": None, "stop": any_stop > 0, "pairs": int(pairs)}
+    if any_empty or any_nonfinite:
+        result["skip"] = "nonfinite" if any_nonfinite else "empty"
+        parts.optimizer.zero_grad(set_to_none=True)
+        return result
+    out.loss.backward()
+    norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
+    if not torch.isfinite(norm):
+        parts.optimizer.zero_grad(set_to_none=True)
+        result["skip"] = "nonfinite"
+        return result
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    result.update(
+        stepped=True,
+        loss=loss_sum / pairs,
+        alignment=align_sum / pairs,
+        regularizer=reg_sum / pairs,
+        grad_norm=float(norm),
+        lr=parts.scheduler.get_last_lr()[0],
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: LaserConfig,
+    parts: Parts,
+    items: list[AudioItem],
+    state: TrainState,
+    out: Path,
+    env: DistEnv,
+    stop: StopSignals,
+) -> TrainState:
+    """Run optimizer steps until ``cfg.steps`` (or a stop signal); checkpoint every ``save_every`` steps."""
+    if state.step >= cfg.steps:
+        logger.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
+        return state
+    loader, sampler = build_data(cfg, items, env, state.position)
+    per_epoch = sampler.batches_per_epoch()
+    writer = _tensorboard(out) if env.is_main else None
+    progress = _progress(cfg, state, env)
+    idle, started, pairs_at_start = 0, time.perf_counter(), state.pairs
+    try:
+        for batch in loader:
+            for reason, count in batch.skipped.items():
+                state.counters[reason] += count
+            result = train_step(parts, batch, cfg, env, stop.signum is not None)
+            state.position = next_position(batch.position, per_epoch)
+            state.pairs += result["pairs"]
+            if result["stepped"]:
+                state.step, idle = state.step + 1, 0
+                rate = (state.pairs - pairs_at_start) / max(time.perf_counter() - started, 1e-9)
+                _log_step(writer, progress, state, result, rate, cfg)
+            else:
+                state.counters[result["skip"]] += 1
+                idle += 1
+                logger.warning(
+                    "step %d skipped (%s batch); skipped so far: %s",
+                    state.step + 1, result["skip"], dict(state.counters),
+                )  # fmt: skip
+                if idle >= max(per_epoch, 1):
+                    raise ValueError(
+                        f"no usable batch in a whole epoch of {cfg.data}; skipped: {dict(state.counters)}"
+                    )
+            done = state.step >= cfg.steps
+            if result["stop"] or done or (result["stepped"] and state.step % cfg.save_every == 0):
+                save(parts, state, cfg, out, env)
+            if result["stop"] or done:
+                break
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    if state.counters:
+        logger.info("skipped during training: %s", dict(state.counters))
+    return state
+
+
+def _progress(cfg: LaserConfig, state: TrainState, env: DistEnv):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=state.step, disable=not env.is_main, desc="LASER", unit="step",
+                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+
+
+def _tensorboard(out: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
+
+
+def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cfg: LaserConfig) -> None:
+    progress.update(1)
+    progress.set_postfix(loss=f"{result['loss']:.4f}", pairs_s=f"{rate:.1f}")
+    if writer is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+        for key in ("loss", "alignment", "regularizer", "lr", "grad_norm"):
+            writer.add_scalar(f"train/{key}", result[key], state.step)
+        writer.add_scalar("train/pairs_per_s", rate, state.step)
+        for reason in SKIP_REASONS:
+            writer.add_scalar(f"skipped/{reason}", state.counters[reason], state.step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
+    """The upstream's trainable parameters by name (the frozen rest comes from ``--ckpt``)."""
+    return {name: p.detach().cpu() for name, p in parts.base.named_parameters() if p.requires_grad}
+
+
+def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
+    """Rank 0 writes the training checkpoint (all ranks' RNG states gathered into it)."""
+    check_ranks_in_sync(parts, env)
+    rng = checkpointing.capture_rng(env.device)
+    if env.distributed:
+        gathered = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
+        rng_all = gathered
+    else:
+        rng_all = [rng]
+    if env.is_main:
+        checkpoint = {
+            "model": trainable_state(parts),
+            "head": {k: v.cpu() for k, v in parts.head.state_dict().items()},
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "step": state.step,
+            "config": to_dict(cfg),
+            "rng": rng_all,
+            "data_position": {"epoch": state.position[0], "batch": state.position[1]},
+            "counters": dict(state.counters),
+            "pairs": state.pairs,
+            "world_size": env.world_size,
+        }
+        path = checkpointing.save_checkpoint(checkpoint, out, state.step)
+        logger.info("checkpoint: %s", path)
+    barrier(env)
+
+
+def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
+    """Restore model, head, optimizer, schedule, RNG, data position and step from the newest checkpoint."""
+    path = checkpointing.latest_checkpoint(out)
+    if path is None:
+        logger.warning(
+            "--resume: no checkpoint in %s; starting from step 0", checkpointing.checkpoint_dir(out)
+        )
+        return
+    checkpoint = checkpointing.load_checkpoint(path)
+    changed = {k for k, v in checkpoint["config"].items() if to_dict(cfg).get(k) != v}
+    if changed:
+        logger.warning(
+            "--resume: config differs from the checkpoint's in %s (using the new values)", sorted(changed)
+        )
+    missing = {n for n, p in parts.base.named_parameters() if p.requires_grad} - set(checkpoint["model"])
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks trainable parameters {sorted(missing)[:5]}: other trainable_layers?"
+        )
+    result = parts.base.load_state_dict(checkpoint["model"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} has parameters the model lacks: {result.unexpected_keys[:5]}")
+    parts.head.load_state_dict(checkpoint["head"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    rng = checkpoint["rng"]
+    if len(rng) != env.world_size:
+        logger.warning(
+            "--resume: checkpoint from %d processes, now %d: RNG streams differ", len(rng), env.world_size
+        )
+    checkpointing.restore_rng(rng[env.rank % len(rng)], env.device)
+    state.step = checkpoint["step"]
+    state.position = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batch"])
+    state.counters = Counter(checkpoint["counters"])
+    state.pairs = checkpoint["pairs"]
+    logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
+
+
+def check_ranks_in_sync(parts: Parts, env: DistEnv) -> None:
+    """Raise ``RuntimeError`` if the trainable weights differ between ranks (they must be bit-identical)."""
+    if not env.distributed:
+        return
+    with torch.no_grad():
+        fingerprint = torch.stack([p.double().sum() + p.double().square().sum() for p in parts.trainable()])
+    gathered = [torch.empty_like(fingerprint) for _ in range(env.world_size)]
+    torch.distributed.all_gather(gathered, fingerprint)
+    if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise RuntimeError("DDP ranks hold different trainable weights")
+    logger.info("all %d ranks hold identical trainable weights", env.world_size)
