@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-# PAPER.md, "What the paper reports" (SUPERB, percent, lower is better).
+# The paper's SUPERB results (Meghanani & Hain, Interspeech 2024; percent, lower is better).
 PAPER = {
     ("HuBERT", "PR"): {"base": 5.41, "LASER": 4.97},
     ("HuBERT", "ASR"): {"base": 6.42, "LASER": 6.18},

@@ -4,7 +4,7 @@ Shapes: ``z1: [B, N, D]`` and ``z2: [B, M, D]`` are per-frame projections of the
 view (L2-normalised by :class:`ProjectionHead`), ``lengths1: [B]`` and ``lengths2: [B]`` the number of
 valid frames of each utterance (frames past them are padding and contribute nothing).
 
-Per pair (PAPER.md, "Formulas")::
+Per pair (the formulas in full: ``docs/method.md``)::
 
     L = D_gamma(z1, z2) + alpha * (IDM(z1) + IDM(z2))
 
@@ -45,6 +45,11 @@ def _valid_frames(lengths: torch.Tensor | None, batch: int, frames: int, device:
     return mask, lengths
 
 
+def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in float32, unless it is float64 (kept, so that float64 callers get float64 accuracy)."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
 def temporal_regularizer(
     z: torch.Tensor, lengths: torch.Tensor | None = None, sigma: int = 0, margin: float = 1.1
 ) -> torch.Tensor:
@@ -57,9 +62,10 @@ def temporal_regularizer(
         IDM  = 1/n^2 * sum_ij [ y_ij ((i-j)^2 + 1) relu(margin - d_ij) + (1 - y_ij) d_ij / ((i-j)^2 + 1) ]
 
     Distant frames closer than ``margin`` are pushed apart (weighted by their temporal distance), neighbours
-    (``|i - j| <= sigma``) are pulled together. Computed in float32 (autocast is switched off inside), with
-    ``[B, T, T]`` memory; the distance has a zero gradient where it is 0 (the diagonal), so gradients stay
-    finite, and padding frames get exactly zero gradient.
+    (``|i - j| <= sigma``) are pulled together. Computed in float32 (autocast is switched off inside and
+    half-precision inputs are cast up), or in float64 when ``z`` is float64, with ``[B, T, T]`` memory; the
+    distance has a zero gradient where it is 0 (the diagonal), so gradients stay finite, and padding frames
+    get exactly zero gradient.
 
     Args:
         z: ``[B, T, D]`` frame projections, normally L2-normalised.
@@ -87,7 +93,7 @@ def _idm(
     """:func:`temporal_regularizer` on checked ``mask [B, T]``, ``lengths [B]`` (from ``_valid_frames``)."""
     frames = z.shape[1]
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z = z.float()
+        z = _at_least_float32(z)
         sq = pairwise_sq_dist(z)
         steps = torch.arange(frames, device=z.device)
         gap = (steps[:, None] - steps[None, :]).abs()
@@ -95,12 +101,12 @@ def _idm(
         # values so that its gradient is finite everywhere, and 0 where the distance is 0.
         positive = (sq > 0) & (gap > 0)
         dist = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
-        w_bar = (gap.float() ** 2 + 1)[None]
+        w_bar = (gap.to(z.dtype) ** 2 + 1)[None]
         neighbour = (gap <= sigma)[None]
         terms = torch.where(neighbour, dist / w_bar, w_bar * F.relu(margin - dist))
         pair_mask = mask[:, :, None] & mask[:, None, :]
         terms = torch.where(pair_mask, terms, 0.0)
-        return terms.sum((1, 2)) / lengths.float() ** 2
+        return terms.sum((1, 2)) / lengths.to(z.dtype) ** 2
 
 
 class LaserLossOutput(NamedTuple):
@@ -131,7 +137,8 @@ class LaserLoss(nn.Module):
         backend: soft-DTW backend passed to :func:`s3prl_laser.softdtw.soft_dtw_divergence`.
 
     ``forward(z1 [B, N, D], z2 [B, M, D], lengths1 [B] | None, lengths2 [B] | None) -> LaserLossOutput``.
-    The soft-DTW and the regulariser run in float32 even under bf16/fp16 autocast (inputs are cast up).
+    The soft-DTW and the regulariser run in float32 even under bf16/fp16 autocast (inputs are cast up);
+    float64 inputs stay float64 throughout.
 
     Example::
 
@@ -188,8 +195,8 @@ class LaserLoss(nn.Module):
         mask2, lengths2 = _valid_frames(lengths2, z2.shape[0], z2.shape[1], z2.device, "lengths2")
         with torch.autocast(device_type=z1.device.type, enabled=False):
             alignment = soft_dtw_divergence(
-                z1.float(),
-                z2.float(),
+                _at_least_float32(z1),
+                _at_least_float32(z2),
                 gamma=self.gamma,
                 x_lengths=lengths1,
                 y_lengths=lengths2,

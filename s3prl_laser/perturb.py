@@ -1,6 +1,6 @@
 """The perturbed second view of LASER: speed perturbation, then a pitch shift of +-2 semitones.
 
-As in the paper (PAPER.md, "second view"), a view is made from a 1-D waveform by
+As in the paper (see ``docs/method.md``, "The second view"), a view is made from a 1-D waveform by
 
 1. **speed**: a factor ``f`` drawn uniformly from ``speed_factors``; the waveform is resampled from
    ``round(f * sample_rate)`` Hz to ``sample_rate`` Hz (torchaudio's ``functional.speed``), so an input of

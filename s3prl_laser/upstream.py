@@ -155,10 +155,11 @@ class BaseModel(nn.Module):
     def freeze(self, trainable_layers: int = 2, train_final_layer_norm: bool = True) -> int:
         """Freeze everything but the top ``trainable_layers`` transformer layers and ``encoder.layer_norm``.
 
-        By module name (PAPER.md): trainable are ``encoder.layers.{N-K} .. encoder.layers.{N-1}`` and, with
-        ``train_final_layer_norm``, ``encoder.layer_norm``; frozen are the CNN (``feature_extractor``),
-        ``layer_norm``, ``post_extract_proj``, ``encoder.pos_conv``, the lower layers, ``mask_emb`` and
-        HuBERT's ``final_proj`` / ``label_embs_concat``. The names are kept in ``trainable_module_names``.
+        By module name (``docs/method.md``, "Freezing"): trainable are ``encoder.layers.{N-K}`` ..
+        ``encoder.layers.{N-1}`` and, with ``train_final_layer_norm``, ``encoder.layer_norm``; frozen are the
+        CNN (``feature_extractor``), ``layer_norm``, ``post_extract_proj``, ``encoder.pos_conv``, the lower
+        layers, ``mask_emb`` and HuBERT's ``final_proj`` / ``label_embs_concat``. The names are kept in
+        ``trainable_module_names``.
 
         What it implies for training: in base models (``layer_norm_first=False``, post-LN) the encoder's
         ``layer_norm`` normalises the encoder INPUT (after the positional convolution, before layer 0);

@@ -19,7 +19,7 @@ from s3prl_laser.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-# PAPER.md, "Recipe, as published with the paper's official code".
+# The recipe published with the paper's official code (docs/method.md, "Presets").
 PAPER = {
     "hubert": {"speed_factors": [0.9, 1.0, 1.1], "alpha": 0.4, "margin": 1.1},
     "wavlm": {"speed_factors": [0.8, 0.85, 0.9, 1.0, 1.1, 1.15, 1.2], "alpha": 0.15, "margin": 1.0},

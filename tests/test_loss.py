@@ -1,4 +1,4 @@
-"""LASER loss against independent float64 brute-force loops written from PAPER.md's formulas."""
+"""LASER loss against independent float64 brute-force loops written from the formulas of docs/method.md."""
 
 import math
 
@@ -47,20 +47,28 @@ def unit_frames(*shape, seed=0):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
+# dtype -> (rtol, atol) of values and of gradients against the float64 brute-force oracle
+TOLERANCES = {torch.float32: ((1e-5, 1e-6), (1e-4, 1e-5)), torch.float64: ((1e-9, 1e-9), (1e-9, 1e-9))}
+LOSS_TOLERANCES = {torch.float32: ((1e-4, 1e-5), (1e-3, 1e-4)), torch.float64: ((1e-9, 1e-9), (1e-9, 1e-9))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma,margin", [(0, 1.1), (0, 1.0), (2, 1.3)])
-def test_regularizer_matches_brute_force_values_and_gradients(sigma, margin):
+def test_regularizer_matches_brute_force_values_and_gradients(sigma, margin, dtype):
     lengths = torch.tensor([9, 1, 5])
-    z = unit_frames(3, 9, 4, seed=sigma).requires_grad_()
+    z = unit_frames(3, 9, 4, seed=sigma).to(dtype).requires_grad_()
     ours = temporal_regularizer(z, lengths, sigma=sigma, margin=margin)
-    assert ours.dtype == torch.float32 and ours.shape == (3,)
+    assert ours.dtype == dtype and ours.shape == (3,)
     upstream = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
     (grad_ours,) = torch.autograd.grad((ours.double() * upstream).sum(), z)
+    assert grad_ours.dtype == dtype
 
-    z_ref = z.detach().clone().requires_grad_()
+    z_ref = z.detach().double().requires_grad_()
     ref = torch.stack([brute_idm(z_ref[b, : int(n)], sigma, margin) for b, n in enumerate(lengths)])
     (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), z_ref)
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-5)
+    (value_rtol, value_atol), (grad_rtol, grad_atol) = TOLERANCES[dtype]
+    torch.testing.assert_close(ours.double(), ref, rtol=value_rtol, atol=value_atol)
+    torch.testing.assert_close(grad_ours.double(), grad_ref, rtol=grad_rtol, atol=grad_atol)
 
 
 def test_regularizer_ignores_padding_and_has_finite_gradients_on_repeated_frames():
@@ -90,17 +98,19 @@ def test_regularizer_rejects_bad_inputs():
         temporal_regularizer(torch.randn(2, 5, 4), sigma=-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loss_type", ["softdtw_lav", "softdtw"])
-def test_laser_loss_matches_brute_force_values_and_gradients(loss_type):
+def test_laser_loss_matches_brute_force_values_and_gradients(loss_type, dtype):
     gamma, alpha, margin = 0.1, 0.4, 1.1
-    z1 = unit_frames(3, 7, 5, seed=2).requires_grad_()
-    z2 = unit_frames(3, 6, 5, seed=3).requires_grad_()
+    z1 = unit_frames(3, 7, 5, seed=2).to(dtype).requires_grad_()
+    z2 = unit_frames(3, 6, 5, seed=3).to(dtype).requires_grad_()
     lengths1, lengths2 = torch.tensor([7, 1, 4]), torch.tensor([6, 5, 1])
     out = LaserLoss(gamma=gamma, alpha=alpha, margin=margin, loss_type=loss_type)(z1, z2, lengths1, lengths2)
     assert out.loss.shape == () and out.alignment.shape == (3,) and out.regularizer.shape == (3,)
     grads = torch.autograd.grad(out.loss, (z1, z2))
 
-    r1, r2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    assert out.alignment.dtype == out.regularizer.dtype == out.loss.dtype == dtype
+    r1, r2 = z1.detach().double().requires_grad_(), z2.detach().double().requires_grad_()
     alignment, regularizer = [], []
     for b in range(3):
         x, y = r1[b, : int(lengths1[b])], r2[b, : int(lengths2[b])]
@@ -110,11 +120,11 @@ def test_laser_loss_matches_brute_force_values_and_gradients(loss_type):
     ref_loss = (alignment + alpha * regularizer).mean() if loss_type == "softdtw_lav" else alignment.mean()
     ref_grads = torch.autograd.grad(ref_loss, (r1, r2))
 
-    torch.testing.assert_close(out.alignment.double(), alignment.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.regularizer.double(), regularizer.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-4, atol=1e-5)
+    (value_rtol, value_atol), (grad_rtol, grad_atol) = LOSS_TOLERANCES[dtype]
+    for ours, ref in ((out.alignment, alignment), (out.regularizer, regularizer), (out.loss, ref_loss)):
+        torch.testing.assert_close(ours.double(), ref.detach(), rtol=value_rtol, atol=value_atol)
     for ours, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(ours.double(), ref, rtol=grad_rtol, atol=grad_atol)
 
 
 def test_laser_loss_padding_contributes_nothing_and_gets_zero_gradient():
