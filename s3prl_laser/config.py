@@ -53,6 +53,9 @@ class LaserConfig:
     # --- data ---
     data: str | None = None  # LibriSpeech root, audio folder or manifest file
     data_subsets: list[str] = field(default_factory=lambda: ["train-clean-100"])  # LibriSpeech splits
+    # Train on audio under LibriSpeech dev-*/test-* split folders (SUPERB scores on them: contamination).
+    # false = such clips, found through any kind of --data, are refused before any model is loaded.
+    allow_held_out_splits: bool = False
     sample_rate: int = 16000  # audio must be at this rate (LibriSpeech is 16 kHz)
     # Random crop length, in seconds. The official LASER code feeds whole utterances (no crop). LibriSpeech
     # segments are at most 35 s, so 35 keeps every LibriSpeech clip whole, as the official code does, and
@@ -104,6 +107,12 @@ def validate(cfg: LaserConfig) -> None:
         raise ValueError(f"speed_factors={cfg.speed_factors!r} must be a non-empty list of positive numbers")
     if not cfg.data_subsets:
         raise ValueError("data_subsets must name at least one LibriSpeech split, e.g. [train-clean-100]")
+    held_out = [s for s in cfg.data_subsets if s.startswith(("dev-", "test-"))]
+    if held_out and not cfg.allow_held_out_splits:
+        raise ValueError(
+            f"data_subsets={cfg.data_subsets!r} names the evaluation split(s) {held_out}: training on them "
+            "contaminates SUPERB scores; set allow_held_out_splits=true if you mean it"
+        )
     if cfg.max_seconds is not None and cfg.max_seconds * cfg.sample_rate < max(cfg.min_samples, 1):
         raise ValueError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")
 

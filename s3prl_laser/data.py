@@ -2,7 +2,8 @@
 
 Three kinds of ``--data``:
 
-* a LibriSpeech root (a folder holding ``train-clean-100/`` etc.): the splits named in ``data_subsets``;
+* a LibriSpeech root (a folder holding ``train-clean-100/`` etc.), or the folder holding ``LibriSpeech/``:
+  the splits named in ``data_subsets``;
 * any other folder: every ``.flac``/``.wav`` below it;
 * a manifest file: one audio path per line (relative paths are relative to the manifest), optionally
   followed by whitespace and the length in samples (then the file is not opened while scanning).
@@ -10,7 +11,8 @@ Three kinds of ``--data``:
 Every random choice about a clip (crop offset, speed factor, pitch sign, swap) comes from a generator
 seeded by ``(seed, epoch, index)``, so a batch is the same whichever worker builds it and after a resume.
 A clip that cannot be read, or is shorter than ``min_samples`` (before or after perturbation), is skipped
-with a warning and counted in ``PairBatch.skipped``; it never stops the run.
+with a warning and counted in ``PairBatch.skipped``; it never stops the run. Training refuses clips under
+LibriSpeech ``dev-*``/``test-*`` split folders, whichever way they were found (:func:`refuse_held_out`).
 
 Example::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +50,9 @@ LIBRISPEECH_SPLITS = (
     "test-clean",
     "test-other",
 )
+HELD_OUT_PREFIXES = ("dev-", "test-")
+# LibriSpeech's split folder names and Mini LibriSpeech's (train-clean-5, dev-clean-2)
+_SPLIT_NAME = re.compile(r"^(train|dev|test)-(clean|other)(-\d+)?$")
 _SEED_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
@@ -80,16 +86,19 @@ class PairBatch:
 
 
 def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean-100",)) -> list[AudioItem]:
-    """List the audio of ``source`` (LibriSpeech root, folder or manifest), sorted by path.
+    """List the audio of ``source`` (LibriSpeech root or its parent, folder or manifest), sorted by path.
 
-    Raises ``ValueError`` naming the path when it does not exist or holds no audio.
+    A folder holding ``LibriSpeech/`` with split folders (the layout of torchaudio and the official LASER
+    code) is read as that LibriSpeech root, so only ``subsets`` are listed. Raises ``ValueError`` naming the
+    path when it does not exist or holds no audio.
     """
     root = Path(source).expanduser()
     if not root.exists():
         raise ValueError(f"--data {root}: no such file or directory")
     if root.is_file():
         items = _read_manifest(root)
-    elif any((root / split).is_dir() for split in LIBRISPEECH_SPLITS):
+    elif librispeech_root(root) is not None:
+        root = librispeech_root(root)
         missing = [s for s in subsets if not (root / s).is_dir()]
         if missing:
             raise ValueError(
@@ -102,6 +111,49 @@ def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean
     if not items:
         raise ValueError(f"--data {root}: no audio found (looked for {', '.join(AUDIO_SUFFIXES)} files)")
     return sorted(items, key=lambda item: item.path)
+
+
+def librispeech_root(folder: Path) -> Path | None:
+    """``folder`` if it holds LibriSpeech split folders, ``folder/LibriSpeech`` if that does, else None."""
+    for candidate in (folder, folder / "LibriSpeech"):
+        if any((candidate / split).is_dir() for split in LIBRISPEECH_SPLITS):
+            return candidate
+    return None
+
+
+def split_of(path: str) -> str | None:
+    """The LibriSpeech-style split folder (``train-clean-100``, ``dev-other``...) holding a path, or None."""
+    for part in reversed(Path(path).parts[:-1]):
+        if _SPLIT_NAME.match(part):
+            return part
+    return None
+
+
+def refuse_held_out(items: Sequence[AudioItem], source: str | os.PathLike) -> None:
+    """Raise ``ValueError`` if any clip lies under a ``dev-*``/``test-*`` split folder.
+
+    Training on the audio that SUPERB scores on would inflate every downstream result. The message names
+    the first such file and the config key that allows it on purpose (``allow_held_out_splits``).
+    """
+    held_out = [item.path for item in items if (split_of(item.path) or "").startswith(HELD_OUT_PREFIXES)]
+    if held_out:
+        raise ValueError(
+            f"--data {source}: {len(held_out)} of {len(items)} clips lie under LibriSpeech dev/test split "
+            f"folders (first: {held_out[0]}); SUPERB scores on these splits, so training on them "
+            "contaminates the evaluation. Point --data at the training audio only, or set "
+            "allow_held_out_splits=true if you mean it"
+        )
+
+
+def describe_splits(items: Sequence[AudioItem], sample_rate: int) -> str:
+    """``"train-clean-100: 28539 clips, 100.59 h"``-style summary of the clips per split folder."""
+    clips: Counter = Counter()
+    samples: Counter = Counter()
+    for item in items:
+        split = split_of(item.path) or "no split folder"
+        clips[split] += 1
+        samples[split] += item.num_samples or 0
+    return "; ".join(f"{s}: {clips[s]} clips, {samples[s] / sample_rate / 3600:.2f} h" for s in sorted(clips))
 
 
 def measure_lengths(items: Sequence[AudioItem], sample_rate: int = 16000) -> tuple[list[AudioItem], int]:

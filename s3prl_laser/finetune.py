@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, write_config
-from s3prl_laser.data import AudioItem, find_audio, measure_lengths
+from s3prl_laser.data import AudioItem, describe_splits, find_audio, measure_lengths, refuse_held_out
 from s3prl_laser.laser_model import build_model, export_upstream, seeded_head
 from s3prl_laser.runtime import (
     DistEnv,
@@ -124,11 +124,15 @@ def scan_data(cfg: LaserConfig) -> list[AudioItem]:
     """Find the training clips and their lengths; ``ValueError`` naming the path if there are none."""
     if cfg.data is None:
         raise ValueError("no training data: give --data (LibriSpeech root, audio folder or manifest)")
-    items, dropped = measure_lengths(find_audio(cfg.data, cfg.data_subsets), cfg.sample_rate)
+    found = find_audio(cfg.data, cfg.data_subsets)
+    if not cfg.allow_held_out_splits:
+        refuse_held_out(found, cfg.data)
+    items, dropped = measure_lengths(found, cfg.sample_rate)
     hours = sum(item.num_samples for item in items) / cfg.sample_rate / 3600
     logger.info(
         "data: %d clips (%.2f h) from %s; %d unreadable skipped", len(items), hours, cfg.data, dropped
     )
+    logger.info("data by split: %s", describe_splits(items, cfg.sample_rate))
     return items
 
 

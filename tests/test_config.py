@@ -109,6 +109,7 @@ def test_merge_order_preset_then_file_then_flags_then_overrides(tmp_path):
         ({"overrides": ["upstream=conformer"]}, "upstream"),
         ({"overrides": ["swap_prob=2"]}, "swap_prob"),
         ({"overrides": ["speed_factors=[]"]}, "speed_factors"),
+        ({"overrides": ["data_subsets=[train-clean-100,test-clean]"]}, "allow_held_out_splits"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_key(source, message):

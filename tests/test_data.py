@@ -13,10 +13,13 @@ from s3prl_laser.data import (
     BucketBatchSampler,
     PairDataset,
     collate_pairs,
+    describe_splits,
     find_audio,
     measure_lengths,
     next_position,
     random_crop,
+    refuse_held_out,
+    split_of,
 )
 from s3prl_laser.perturb import LaserPerturbation
 
@@ -37,6 +40,58 @@ def test_librispeech_root_uses_the_requested_splits(demo_corpus):
     assert all("/dev-clean/" in i.path or "/test-clean/" in i.path for i in held_out)
     with pytest.raises(ValueError, match="train-other-500"):
         find_audio(demo_corpus, ["train-other-500"])
+
+
+def test_parent_of_librispeech_uses_only_the_requested_splits(demo_corpus):
+    """torchaudio's layout: --data /data with /data/LibriSpeech/train-clean-100 trains on that split only."""
+    on_disk = sorted(str(p) for p in (demo_corpus / "train-clean-100").rglob("*.flac"))
+    everything = sorted(str(p) for p in demo_corpus.parent.rglob("*.flac"))
+    assert len(everything) > len(on_disk)  # the parent also holds dev-clean and test-clean
+    assert [item.path for item in find_audio(demo_corpus.parent, ["train-clean-100"])] == on_disk
+    refuse_held_out(find_audio(demo_corpus.parent), demo_corpus.parent)  # nothing held out: no error
+
+
+def copy_split(demo_corpus, split, target):
+    """A real copy of a split's audio under ``target/<split>/`` (a plain folder, not a LibriSpeech root)."""
+    files = sorted((demo_corpus / split).rglob("*.flac"))
+    for path in files:
+        copy = target / path.relative_to(demo_corpus)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    return sorted(str(target / p.relative_to(demo_corpus)) for p in files)
+
+
+def test_held_out_audio_is_refused_through_a_folder_and_a_manifest(demo_corpus, tmp_path):
+    folder = tmp_path / "my_audio"
+    write_wav(folder / "mine" / "a.wav", 1600)
+    held_out = copy_split(demo_corpus, "test-clean", folder / "LS")
+    items = find_audio(folder)  # a plain folder: no split folder at its top, so every file is listed
+    assert len(items) == 1 + len(held_out)
+    with pytest.raises(ValueError, match="allow_held_out_splits") as error:
+        refuse_held_out(items, folder)
+    assert held_out[0] in str(error.value) and f"{len(held_out)} of {len(items)}" in str(error.value)
+
+    manifest = tmp_path / "list.txt"
+    train = sorted((demo_corpus / "train-clean-100").rglob("*.flac"))[:3]
+    dev = sorted((demo_corpus / "dev-clean").rglob("*.flac"))[2]
+    manifest.write_text("\n".join(map(str, [*train, dev])) + "\n")
+    with pytest.raises(ValueError, match=str(dev)):
+        refuse_held_out(find_audio(manifest), manifest)
+
+
+def test_split_of_names_the_nearest_split_folder():
+    assert split_of("/d/LibriSpeech/train-clean-360/1/2/1-2-0001.flac") == "train-clean-360"
+    assert split_of("/d/mini/dev-clean-2/1/2/a.flac") == "dev-clean-2"
+    assert split_of("/d/test-other/x/train-other-500/a.flac") == "train-other-500"
+    assert split_of("/d/testing/dev-set/a.flac") is None
+    assert split_of("/d/dev-clean") is None  # a file named like a split is not a folder
+
+
+def test_split_summary_counts_clips_and_hours(tmp_path):
+    items = [AudioItem("/d/train-clean-100/a.flac", 16000 * 1800), AudioItem("/d/train-clean-100/b.flac", 0)]
+    items.append(AudioItem("/d/other/c.flac", 16000 * 3600))
+    summary = describe_splits(items, 16000)
+    assert summary == "no split folder: 1 clips, 1.00 h; train-clean-100: 2 clips, 0.50 h"
 
 
 def test_folder_tree_and_manifest(tmp_path):

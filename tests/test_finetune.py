@@ -63,6 +63,26 @@ def test_data_errors_come_before_any_model_is_loaded(tmp_path, monkeypatch, capl
     assert not (tmp_path / "run").exists()
 
 
+def test_held_out_audio_stops_the_command_before_any_model(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    dev = sorted((demo_corpus / "dev-clean").rglob("*.flac"))
+    train = sorted((demo_corpus / "train-clean-100").rglob("*.flac"))
+    (tmp_path / "clips.txt").write_text("\n".join(map(str, [*train, *dev])) + "\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert"]
+    cmd += ["--ckpt", str(tiny_hubert_ckpt), "--data", str(tmp_path / "clips.txt"), "--out", str(out), *FAST]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert str(dev[0]) in result.stderr and "allow_held_out_splits" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and not out.exists()
+
+
+def test_parent_of_librispeech_trains_on_train_splits_only(tmp_path, tiny_hubert_ckpt, demo_corpus, caplog):
+    caplog.set_level("INFO", logger="s3prl_laser")
+    assert finetune(tmp_path / "run", tiny_hubert_ckpt, demo_corpus.parent, "steps=1") == 0
+    assert "data by split: train-clean-100: 40 clips" in caplog.text
+    assert "dev-clean" not in caplog.text and "test-clean" not in caplog.text
+
+
 @pytest.mark.parametrize("upstream", ["hubert", "wavlm"])
 def test_run_trains_only_the_top_layers_and_writes_an_s3prl_checkpoint(
     upstream, tmp_path, tiny_hubert_ckpt, tiny_wavlm_ckpt, demo_corpus
