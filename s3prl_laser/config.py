@@ -2,8 +2,9 @@
 
 Resolution order (dinov2 style): dataclass defaults < the upstream's preset
 (``upstream_configs/<upstream>_laser.yaml``) < ``--demo`` preset (``demo.yaml``) < a user YAML
-(``--config``) < ``key=value`` overrides. Each override value is parsed with ``yaml.safe_load``
-(so ``lr=1e-4`` is a float and ``speed_factors=[0.9,1.1]`` a list), never ``eval``.
+(``--config``) < ``key=value`` overrides. A resumed run (:func:`resume_config`) starts from the run's own
+``config.yaml`` instead, and only what the command line gives changes it. Each override value is parsed
+with ``yaml.safe_load`` (so ``lr=1e-4`` is a float and ``speed_factors=[0.9,1.1]`` a list), never ``eval``.
 
 Example::
 
@@ -179,6 +180,53 @@ def resolve_config(
     values = merge(values, extra or {}, "command-line flags")
     values = merge(values, parse_overrides(overrides or []), "key=value overrides")
     return from_dict(values)
+
+
+def resume_config(
+    saved: str | Path,
+    upstream: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[LaserConfig, list[str]]:
+    """The config of a resumed run: the run's own ``config.yaml``, then only what the command line gives.
+
+    ``saved`` is the run's resolved config (``OUT/config.yaml``); a ``config_file``, ``extra`` (command-line
+    flags) and ``overrides`` are applied on top of it in that order, and presets are not read again, so a
+    key the command line does not name keeps the run's value. Returns the config and one ``"key: old ->
+    new"`` line per key whose value changed. ``ValueError`` if ``saved`` is missing or unreadable, or if
+    ``upstream`` is given and is not the run's.
+
+    Example::
+
+        >>> cfg, changes = resume_config("runs/h/config.yaml", overrides=["steps=5000"])  # doctest: +SKIP
+        >>> changes  # doctest: +SKIP
+        ['steps: 3600 -> 5000']
+    """
+    saved = Path(saved)
+    if not saved.is_file():
+        raise ValueError(f"--resume: {saved} not found; is --out the folder of an earlier run?")
+    try:
+        values = _as_mapping(yaml.safe_load(saved.read_text()), str(saved))
+    except yaml.YAMLError as error:
+        raise ValueError(f"--resume: {saved} is not valid YAML ({error})") from None
+    before = from_dict(merge({}, values, str(saved)))
+    if upstream is not None and upstream != before.upstream:
+        raise ValueError(f"--upstream {upstream}: the run in {saved.parent} is a {before.upstream} run")
+    updates: dict[str, Any] = {}
+    if config_file is not None:
+        updates = merge(updates, read_yaml(config_file), str(config_file))
+    updates = merge(updates, extra or {}, "command-line flags")
+    updates = merge(updates, parse_overrides(overrides or []), "key=value overrides")
+    after = from_dict({**values, **updates})
+    old, new = to_dict(before), to_dict(after)
+    changes = [f"{key}: {_show(old[key])} -> {_show(new[key])}" for key in new if old[key] != new[key]]
+    return after, changes
+
+
+def _show(value: Any) -> str:
+    """A config value as it reads in YAML (``null``, ``true``, ``[0.9, 1.1]``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def from_dict(values: dict[str, Any]) -> LaserConfig:

@@ -8,12 +8,17 @@ Examples::
 
     python -m s3prl_laser.finetune --upstream hubert --data /data/LibriSpeech --out runs/hubert
     python -m s3prl_laser.finetune --upstream wavlm --data clips.txt --out runs/w steps=100 lr=1e-4
-    python -m s3prl_laser.finetune --upstream hubert --out runs/hubert --resume     # continue a run
+    python -m s3prl_laser.finetune --out runs/hubert --resume          # continue a run with its own config
+    python -m s3prl_laser.finetune --out runs/hubert --resume steps=5000   # ... and change one key
     torchrun --nproc_per_node 4 -m s3prl_laser.finetune --upstream hubert --data ... --out runs/ddp
     python -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo         # tiny, CPU, < 2 min
 
 Outputs in ``--out``: ``config.yaml`` (resolved), ``checkpoints/step_*.pt`` (training state, resumable),
 ``tb/`` (TensorBoard), and ``<upstream>_laser.pt``: the tuned upstream in s3prl's own checkpoint format.
+
+``--resume`` continues the run in ``--out`` from its own ``config.yaml``: ``--upstream``, ``--data`` and
+``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value`` changes a key only when given
+(each change is logged as ``key: old -> new``). Resuming a finished run says so and exits 0.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, write_config
+from s3prl_laser import checkpointing
+from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
 from s3prl_laser.data import AudioItem, describe_splits, find_audio, measure_lengths, refuse_held_out
 from s3prl_laser.laser_model import build_model, export_upstream, seeded_head
 from s3prl_laser.runtime import (
@@ -45,13 +51,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="LASER soft-DTW alignment fine-tuning of a HuBERT/WavLM upstream (s3prl format in/out).",
     )
     parser.add_argument(
-        "--upstream", required=True, choices=UPSTREAMS, help="base model family (picks the preset)"
+        "--upstream", choices=UPSTREAMS, help="base model family (picks the preset; not needed with --resume)"
     )
     parser.add_argument("--config", help="YAML of config keys merged over the upstream's preset")
     parser.add_argument("--data", help="LibriSpeech root, folder of .flac/.wav, or manifest file")
     parser.add_argument("--ckpt", help="base upstream checkpoint (default: s3prl's hubert_base/wavlm_base)")
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its config.yaml and newest checkpoint; "
+        "flags and key=value change it only when given",
+    )
     parser.add_argument("--demo", action="store_true", help="tiny bundled model and corpus, then a report")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
@@ -73,11 +84,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
+    if args.upstream is None and not (args.resume and args.out):
+        raise ValueError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
     out = Path(args.out or f"runs/{args.upstream}_laser")
-    extra = {key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value is not None}
-    cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
-    if args.demo:
-        cfg = prepare_demo(cfg, out, env)
+    extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    if args.resume:
+        cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
+        for change in changes:
+            logger.info("--resume: %s", change)
+        done = finished_step(cfg, out)
+        if done is not None:
+            logger.info("the run in %s already finished (step %d of %d): nothing to do", out, done, cfg.steps)
+            return 0
+    else:
+        cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
+        if args.demo:
+            cfg = prepare_demo(cfg, out, env)
     items = scan_data(cfg)  # data errors come before any model is loaded
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +124,20 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
+
+
+def finished_step(cfg: LaserConfig, out: Path) -> int | None:
+    """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
+    found = checkpointing.list_checkpoints(out)
+    exported = (out / f"{cfg.upstream}_laser.pt").is_file()
+    if found and found[-1][0] >= cfg.steps and exported:
+        return found[-1][0]
+    return None
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (the run's config must not depend on the working directory); URLs kept."""
+    return path if "://" in path else str(Path(path).expanduser().absolute())
 
 
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:

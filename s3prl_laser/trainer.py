@@ -268,11 +268,6 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
         )
         return
     checkpoint = checkpointing.load_checkpoint(path)
-    changed = {k for k, v in checkpoint["config"].items() if to_dict(cfg).get(k) != v}
-    if changed:
-        logger.warning(
-            "--resume: config differs from the checkpoint's in %s (using the new values)", sorted(changed)
-        )
     missing = {n for n, p in parts.base.named_parameters() if p.requires_grad} - set(checkpoint["model"])
     if missing:
         raise ValueError(

@@ -111,14 +111,21 @@ def test_run_trains_only_the_top_layers_and_writes_an_s3prl_checkpoint(
     assert len(hidden) == 5 and torch.isfinite(hidden[-1]).all()
 
 
-def test_resume_continues_exactly(tmp_path, tiny_hubert_ckpt, demo_corpus):
-    """6 steps straight == 3 steps, then a new process resuming from the step-3 checkpoint for 3 more."""
+def test_resume_continues_exactly_from_the_runs_own_config(tmp_path, tiny_hubert_ckpt, demo_corpus, caplog):
+    """6 steps straight == 3 steps, then a new process that resumes with nothing but ``--out --resume``.
+
+    The resumed command forgets ``--upstream``, ``--data``, ``--ckpt`` and every ``key=value`` of the
+    original command (lr, batch size, crop, schedule...): they come from the run's own config.yaml.
+    """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("steps=6", "save_every=3", "num_workers=1")
     assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpointing.checkpoint_path(straight, 3), checkpointing.checkpoint_path(resumed, 3))
-    assert finetune(resumed, tiny_hubert_ckpt, demo_corpus, *args, extra=["--resume"]) == 0
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    caplog.clear()
+    assert main(["--out", str(resumed), "--resume"]) == 0
+    assert "--resume:" not in caplog.text  # nothing was changed
 
     a, b = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -127,8 +134,44 @@ def test_resume_continues_exactly(tmp_path, tiny_hubert_ckpt, demo_corpus):
     assert all(torch.equal(last_a["head"][k], last_b["head"][k]) for k in last_a["head"])
     assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"]
     assert torch.equal(last_a["rng"][0]["torch"], last_b["rng"][0]["torch"])
+    assert last_b["config"] == last_a["config"] and last_b["config"]["lr"] == 1e-3  # not the preset lr
     # Without restoring the step-3 state the run would differ: the base model was changed by training.
     assert not all(torch.equal(a[name], base_weights(tiny_hubert_ckpt)[name]) for name in a)
+
+    # Resuming the finished run says so, exits 0 and trains nothing.
+    written = checkpointing.checkpoint_path(resumed, 6).stat().st_mtime_ns
+    caplog.clear()
+    assert main(["--out", str(resumed), "--resume"]) == 0
+    assert "already finished (step 6 of 6)" in caplog.text
+    assert checkpointing.checkpoint_path(resumed, 6).stat().st_mtime_ns == written
+
+    # A key given on the command line wins, and its change is logged as one line "key: old -> new".
+    caplog.clear()
+    assert main(["--out", str(resumed), "--resume", "steps=7", "save_every=7"]) == 0
+    changes = [line for line in caplog.messages if line.startswith("--resume:")]
+    assert changes == ["--resume: steps: 6 -> 7", "--resume: save_every: 3 -> 7"]
+    assert [step for step, _ in checkpointing.list_checkpoints(resumed)] == [6, 7]
+    assert "steps: 7" in (resumed / "config.yaml").read_text()
+
+
+def test_resume_mistakes_are_reported_before_any_model_is_loaded(tmp_path, monkeypatch, caplog, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the run's config was checked")
+
+    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    empty = tmp_path / "never_ran"
+    assert main(["--out", str(empty), "--resume"]) == 2
+    assert str(empty / "config.yaml") in caplog.text
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("upstream: hubert\nsteps: [3\n")  # a truncated YAML list
+    assert main(["--out", str(run), "--resume"]) == 2
+    assert str(run / "config.yaml") in caplog.text
+    (run / "config.yaml").write_text("upstream: hubert\nsteps: 3\n")
+    assert main(["--upstream", "wavlm", "--out", str(run), "--resume"]) == 2
+    assert "is a hubert run" in caplog.text
+    assert main(["--resume"]) == 2 and "--out" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err + caplog.text
 
 
 def write_clip(path: Path, wav: np.ndarray) -> Path:
