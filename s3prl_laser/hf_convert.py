@@ -16,6 +16,10 @@ Option correspondence (s3prl/fairseq -> transformers config):
 - ``extractor_mode``: "default" -> ``feat_extract_norm="group"``, "layer_norm" -> ``"layer"``;
 - ``conv_feature_layers`` -> ``conv_dim``, ``conv_kernel``, ``conv_stride``; ``conv_bias`` -> ``conv_bias``;
 - ``layer_norm_first`` -> ``do_stable_layer_norm``;
+- s3prl's last hidden state is the encoder output (after the final encoder layer norm when
+  ``layer_norm_first``) -> ``tie_last_hidden_states=True``. transformers 4 always returned that;
+  transformers 5 returns the last layer's output before that norm unless the config sets this flag
+  (4 ignores it);
 - ``conv_pos``, ``conv_pos_groups`` -> ``num_conv_pos_embeddings``, ``num_conv_pos_embedding_groups``;
 - ``activation_fn`` -> ``hidden_act`` (gelu -> gelu, gelu_accurate/gelu_fast -> gelu_new, relu -> relu);
 - WavLM ``num_buckets``, ``max_distance`` -> ``num_buckets``, ``max_bucket_distance``;
@@ -276,6 +280,8 @@ def hf_config(ckpt: S3prlCheckpoint):
         num_conv_pos_embeddings=int(cfg["conv_pos"]),
         num_conv_pos_embedding_groups=groups,
         do_stable_layer_norm=bool(cfg["layer_norm_first"]),
+        # hidden_states[-1] = last_hidden_state (after the final encoder layer norm), as in s3prl.
+        tie_last_hidden_states=True,
     )
     if ckpt.upstream == "hubert":
         return HubertConfig(**common, feat_proj_layer_norm=True, conv_pos_batch_norm=False)
