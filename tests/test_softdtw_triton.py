@@ -3,7 +3,9 @@
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so the interpreted cases run in a child
 ``pytest`` on this same file (``test_triton_interpreter_suite``); inside that child the launcher is
 skipped and the ``interpreted`` cases run. Elsewhere those cases (marker ``triton_interpreter``) are
-deselected by ``conftest.py``, not skipped. Sizes stay small: the interpreter is slow.
+deselected by ``conftest.py``, not skipped. Sizes stay small: the interpreter is slow. To make
+diagonals span several tiles at those sizes, one case launches the kernels with a small ``max_block``,
+under a bounds audit (``triton_bounds_audit.py``) that the interpreter itself does not do.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_softdtw_support import check_backend_matches_reference, rel_err, sequences
+from test_softdtw_support import TOLERANCE, check_backend_matches_reference, rel_err, sequences
 
 from s3prl_laser.softdtw import soft_dtw, soft_dtw_divergence, soft_dtw_from_cost
 
@@ -26,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [(1, 1, 1, None, None, None), (1, 1, 7, None, None, None), (2, 7, 1, [7, 3], None, None)]
 ODD = [(1, 63, 17, None, None, None)]
 MIXED = [(3, 9, 12, [9, 5, 1], [12, 12, 4], 1.0)]
+# tiles of 4 cells over diagonals of up to 13: the three cost shapes of a divergence packed into one launch,
+# mixed lengths, one banded pair, and the last pair at the packed table's full size (its end cell is the
+# table's last element). [(cost shape, n, m, bandwidth) per pair]
+SEVERAL_TILES = [((13, 15), 13, 15, None), ((13, 15), 9, 14, 1.0), ((15, 15), 6, 4, None),
+                 ((15, 15), 15, 15, None)]
+SMALL_TILE = 4
 
 
 @pytest.mark.slow
@@ -87,6 +95,55 @@ def test_interpreted_triton_bfloat16_and_extreme_gamma():
                                    backend="reference")
         assert torch.isfinite(val).all() and torch.isfinite(grad.float()).all()
         assert rel_err(val, want) < 1e-4
+
+
+def several_tile_pairs(dtype: torch.dtype):
+    """Cost tensors (pairs grouped by shape, as ``SoftDTWFunction`` passes them) and per-pair n, m, W."""
+    from s3prl_laser.softdtw._common import band_widths
+
+    g = torch.Generator().manual_seed(0)
+    shapes = list(dict.fromkeys(shape for shape, *_ in SEVERAL_TILES))
+    costs = [3 * torch.rand(sum(s == shape for s, *_ in SEVERAL_TILES), *shape, generator=g,
+                            dtype=torch.float64).to(dtype) for shape in shapes]
+    n = [case[1] for case in SEVERAL_TILES]
+    m = [case[2] for case in SEVERAL_TILES]
+    W = [band_widths([a], [b], band)[0] for _, a, b, band in SEVERAL_TILES]
+    return costs, n, m, W
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interpreted_kernels_over_several_tiles_match_reference_and_stay_in_their_pair(dtype):
+    from triton_bounds_audit import bounds_audit
+
+    from s3prl_laser.softdtw import reference, triton_backend
+
+    costs, n, m, W = several_tile_pairs(dtype)
+    assert triton_backend.launch_config(15, 15, SMALL_TILE)["BLOCK"] * 2 < max(map(min, n, m))
+    upstream = torch.rand(len(n), generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.5
+    with bounds_audit() as report:
+        values, saved = triton_backend.forward(costs, n, m, W, 0.3, max_block=SMALL_TILE)
+        grads = triton_backend.backward(costs, saved, n, m, W, 0.3, upstream, max_block=SMALL_TILE)
+    assert report.lanes > 0 and report.violations == [], report
+    want_costs = [c.double() for c in costs]
+    want_values, want_saved = reference.forward(want_costs, n, m, W, 0.3)
+    want_grads = reference.backward(want_costs, want_saved, n, m, W, 0.3, upstream.double())
+    tol = TOLERANCE[dtype]
+    assert rel_err(values, want_values) < tol
+    for got, want in zip(grads, want_grads, strict=True):
+        assert rel_err(got, want) < tol
+
+
+@pytest.mark.triton_interpreter
+def test_audit_flags_a_read_past_the_row():
+    from triton_bounds_audit import bounds_audit, reads_past_its_row
+
+    x = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    y = torch.zeros(3)
+    with bounds_audit() as report:
+        reads_past_its_row[(3,)](x, y, 5, BLOCK=16)
+    assert torch.equal(y, x[:, -1])  # the interpreter itself does not notice the overrun
+    assert report.violations and report.violations[0][0] == "load", report
 
 
 @pytest.mark.gpu

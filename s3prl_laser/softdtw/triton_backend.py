@@ -7,6 +7,13 @@ work (no 1024-frame cap) and each pair only visits its own ``n x m`` cells. Memo
 tensor (the cost comes from a matrix product, ``_common``).
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). The backend interface
 is the one described in ``reference.py``.
+
+Loops over diagonals and tiles are ``while`` loops on per-pair scalars: the compiled kernel gets the
+same control flow as with ``range`` (uniform across the block, so every thread reaches each barrier),
+and every Triton interpreter takes them as they are (``range`` needs ``int()`` of a loaded scalar, which
+the Triton 3.4 interpreter cannot do with NumPy 2). Every load and store is masked to the program's own
+pair: cells ``(i, j)`` with ``1 <= i <= n``, ``1 <= j <= m`` of a diagonal, their predecessors, row and
+column 0 up to ``m`` and ``n``, and the single end cell ``R[n, m]``.
 """
 
 from __future__ import annotations
@@ -18,11 +25,28 @@ import triton.language as tl
 from ._common import BIG
 from .reference import pack_costs, unpack_grads
 
+MAX_BLOCK = 1024  # the widest tile: cells of one diagonal that a program computes at once
 
-def launch_config(N: int, M: int) -> dict[str, int]:
-    """Tile size and warps from the problem size: a tile covers the longest anti-diagonal, up to 1024."""
-    block = min(triton.next_power_of_2(max(min(N, M), 16)), 1024)
+
+def launch_config(N: int, M: int, max_block: int = MAX_BLOCK) -> dict[str, int]:
+    """Tile size and warps from the problem size: a tile covers the longest anti-diagonal, up to
+    ``max_block`` cells (a power of two; longer diagonals take several tiles)."""
+    if max_block < 1 or max_block & (max_block - 1):
+        raise ValueError(f"soft-DTW: max_block must be a power of two, got {max_block}")
+    block = min(triton.next_power_of_2(max(min(N, M), 16)), max_block)
     return {"BLOCK": block, "num_warps": max(1, min(block // 64, 8))}
+
+
+@triton.jit
+def _fill_borders(R, n, m, row, BIG: tl.constexpr, BLOCK: tl.constexpr):
+    """Row 0 and column 0 of one pair's table: ``R[0, 0] = 0``, ``R[0, 1..m] = R[1..n, 0] = BIG``."""
+    lane = tl.arange(0, BLOCK)
+    start = tl.full((), 0, tl.int32)
+    while start <= tl.maximum(n, m):
+        k = start + lane
+        tl.store(R + k, tl.where(k == 0, 0.0, BIG).to(R.dtype.element_ty), mask=k <= m)
+        tl.store(R + k * row, tl.full([BLOCK], BIG, R.dtype.element_ty), mask=(k >= 1) & (k <= n))
+        start += BLOCK
 
 
 @triton.jit
@@ -35,19 +59,16 @@ def _softdtw_forward_kernel(C, R, V, n_ptr, m_ptr, w_ptr, N, M, gamma, BIG: tl.c
     C += p * N * M
     R += p * (N + 1) * (M + 1)
     row = M + 1
-    lane = tl.arange(0, BLOCK)
-    for start in range(0, M + 1, BLOCK):  # R[0, j]: 0 at j == 0, +inf (BIG) after
-        j = start + lane
-        tl.store(R + j, tl.where(j == 0, 0.0, BIG).to(R.dtype.element_ty), mask=j <= m)
-    for start in range(1, N + 1, BLOCK):  # R[i, 0] = +inf
-        i = start + lane
-        tl.store(R + i * row, tl.full([BLOCK], BIG, R.dtype.element_ty), mask=i <= n)
+    _fill_borders(R, n, m, row, BIG, BLOCK)
     tl.debug_barrier()
-    for d in range(2, n + m + 1):
-        for start in range(tl.maximum(1, d - m), tl.minimum(n, d - 1) + 1, BLOCK):
+    lane = tl.arange(0, BLOCK)
+    d = tl.full((), 2, tl.int32)
+    while d <= n + m:
+        start = tl.maximum(1, d - m)  # cells i = start .. min(n, d - 1) of diagonal d, a tile at a time
+        while start <= tl.minimum(n, d - 1):
             i = start + lane
             j = d - i
-            mask = (i <= n) & (j >= 1)
+            mask = (i <= n) & (j >= 1)  # i >= start keeps j <= m
             here = i * row + j
             a = tl.load(R + here - row - 1, mask=mask, other=BIG)
             b = tl.load(R + here - row, mask=mask, other=BIG)
@@ -58,8 +79,10 @@ def _softdtw_forward_kernel(C, R, V, n_ptr, m_ptr, w_ptr, N, M, gamma, BIG: tl.c
             value = cost + low - gamma * tl.log(total)
             in_band = tl.abs(i * m - j * n) <= w
             tl.store(R + here, tl.where(in_band, value, BIG), mask=mask)
+            start += BLOCK
         tl.debug_barrier()
-    tl.store(V + p + lane, tl.load(R + n * row + m + lane), mask=lane == 0)
+        d += 1
+    tl.store(V + p, tl.load(R + n * row + m))
 
 
 @triton.jit
@@ -87,9 +110,10 @@ def _softdtw_backward_kernel(C, R, G, grad_ptr, n_ptr, m_ptr, w_ptr, N, M, gamma
     R += p * (N + 1) * (M + 1)
     row = M + 1
     lane = tl.arange(0, BLOCK)
-    for step in range(0, n + m - 1):  # d = n + m down to 2 (loops keep a positive step)
-        d = n + m - step
-        for start in range(tl.maximum(1, d - m), tl.minimum(n, d - 1) + 1, BLOCK):
+    d = n + m
+    while d >= 2:
+        start = tl.maximum(1, d - m)
+        while start <= tl.minimum(n, d - 1):
             i = start + lane
             j = d - i
             mask = (i <= n) & (j >= 1)
@@ -101,56 +125,36 @@ def _softdtw_backward_kernel(C, R, G, grad_ptr, n_ptr, m_ptr, w_ptr, N, M, gamma
             total += _successor_share(C, R, G, i + 1, j + 1, r, mask, n, m, w, row, M, gamma)
             in_band = tl.abs(i * m - j * n) <= w
             tl.store(G + (i - 1) * M + (j - 1), tl.where(in_band, total, 0.0), mask=mask)
+            start += BLOCK
         tl.debug_barrier()
-
-
-def _patch_interpreter_scalars() -> None:
-    """Let the Triton 3.4 interpreter use scalar tensors as ``range`` bounds with NumPy 2.x.
-
-    The interpreter stores scalars as 1-element arrays and converts them with ``int(array)``, which
-    recent NumPy releases (2.4 here) reject for arrays that are not 0-d; this wraps its tensor patch
-    to convert the single element instead. Applied only when the interpreter runs (CPU tensors under
-    ``TRITON_INTERPRET=1``).
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_fix", False):
-        return
-
-    def patch(tensor):
-        original(tensor)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-
-    patch._scalar_fix = True
-    interpreter._patch_lang_tensor = patch
+        d -= 1
 
 
 def _pairs(n: list[int], m: list[int], W: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (n, m, W))
 
 
-def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
-            gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Values ``[P]`` and the table ``R`` (one launch, one program per pair)."""
+def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int], gamma: float,
+            max_block: int = MAX_BLOCK) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Values ``[P]`` and the table ``R`` (one launch, one program per pair; tiles of at most
+    ``max_block`` cells)."""
     C = pack_costs(costs).contiguous()
-    if C.device.type == "cpu":
-        _patch_interpreter_scalars()
     P, N, M = C.shape
     R = C.new_empty((P, N + 1, M + 1))
     values = C.new_empty(P)
     _softdtw_forward_kernel[(P,)](C, R, values, *_pairs(n, m, W, C.device), N, M, gamma, BIG=BIG,
-                                  **launch_config(N, M))
+                                  **launch_config(N, M, max_block))
     return values, (R,)
 
 
 def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list[int], m: list[int],
-             W: list[int], gamma: float, grad: torch.Tensor) -> list[torch.Tensor]:
+             W: list[int], gamma: float, grad: torch.Tensor,
+             max_block: int = MAX_BLOCK) -> list[torch.Tensor]:
     """``grad[p] * E[p]`` per cost tensor (one launch), zero outside each pair."""
     (R,) = saved
     C = pack_costs(costs).contiguous()
     P, N, M = C.shape
     G = torch.zeros_like(C)
     _softdtw_backward_kernel[(P,)](C, R, G, grad.to(C.dtype).contiguous(), *_pairs(n, m, W, C.device), N, M,
-                                   gamma, BIG=BIG, **launch_config(N, M))
+                                   gamma, BIG=BIG, **launch_config(N, M, max_block))
     return unpack_grads(G, costs)
