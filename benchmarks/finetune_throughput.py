@@ -12,8 +12,9 @@ clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact
 * soft-DTW alone (measured apart, on the step's projections): divergence forward + backward;
 * perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair.
 
-The first ``--warmup`` steps are not timed. Prints one table row per upstream, with pairs/s and the
-projected time of the paper's recipe (3600 steps x 8 pairs) at that speed.
+The first ``--warmup`` steps are not timed. The preset is used as configured (batch size, crop, bf16
+autocast on CUDA) unless an option overrides it. Prints one table row per upstream, with pairs/s, the peak
+memory of the run and the projected time of the paper's recipe (3600 steps x 8 pairs) at that speed.
 
     python benchmarks/finetune_throughput.py                          # base size, on the GPU if any
     python benchmarks/finetune_throughput.py --tiny --steps 3 --device cpu
@@ -25,12 +26,12 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
@@ -60,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel set-up, caches)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (paper: 8)")
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the preset's)")
     parser.add_argument("--max-seconds", type=float, default=None, help="crop (default: the config's)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: config's)")
     parser.add_argument("--tiny", action="store_true", help="the 4-layer test model instead of base size")
@@ -90,16 +91,12 @@ def build_checkpoint(upstream: str, path: Path, tiny: bool, seed: int) -> Path:
     return save_s3prl_checkpoint(fixtures.tiny_wavlm_state(seed, **BASE_ARCH), path)
 
 
-def sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Time ``args.steps`` steps of ``upstream``; return seconds per step of each phase and pairs/s."""
     device = torch.device(args.device)
-    overrides = [f"batch_size={args.batch_size}", f"seed={args.seed}"]
+    overrides = [f"seed={args.seed}"]
+    if args.batch_size is not None:
+        overrides.append(f"batch_size={args.batch_size}")
     if args.max_seconds is not None:
         overrides.append(f"max_seconds={args.max_seconds}")
     if args.workers is not None:
@@ -108,84 +105,90 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     corpus = workdir / "corpus"
     if not corpus.exists():
         corpus.mkdir()
-        clips = max(4 * args.batch_size, (args.steps + args.warmup) * args.batch_size)
+        clips = max(4 * cfg.batch_size, (args.steps + args.warmup) * cfg.batch_size)
         synthetic_corpus(corpus, clips, args.seed, cfg.max_seconds)
     ckpt = build_checkpoint(upstream, workdir / f"{upstream}.pt", args.tiny, args.seed)
     cfg = dataclasses.replace(cfg, data=str(corpus), ckpt=str(ckpt))
     env = DistEnv(device=device)
-    parts = build_model(cfg, env)
-    items = scan_data(cfg)
-    loader, _ = build_data(cfg, items, env, (0, 0))
     phases: dict[str, list[float]] = {k: [] for k in ("data", "forward", "loss", "backward", "softdtw")}
     pairs = 0
-    batches = iter(loader)
-    for step in range(args.warmup + args.steps):
-        t0 = sync(device)
-        batch = next(batches)
-        t1 = sync(device)
-        z, frames = forward_pairs(parts.module, batch, env, cfg)
-        t2 = sync(device)
-        out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
-        t3 = sync(device)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
-        parts.optimizer.step()
-        parts.scheduler.step()
-        parts.optimizer.zero_grad(set_to_none=True)
-        t4 = sync(device)
-        softdtw = time_softdtw(z.detach().float(), frames, batch.num_pairs, cfg, device)
-        if step >= args.warmup:
-            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, softdtw), strict=True):
-                phases[key].append(value)
-            pairs += batch.num_pairs
+    with PeakMemory(device) as memory:
+        parts = build_model(cfg, env)
+        items = scan_data(cfg)
+        loader, _ = build_data(cfg, items, env, (0, 0))
+        batches = iter(loader)
+        for step in range(args.warmup + args.steps):
+            t0 = sync(device)
+            batch = next(batches)
+            t1 = sync(device)
+            z, frames = forward_pairs(parts.module, batch, env, cfg)
+            t2 = sync(device)
+            out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
+            t3 = sync(device)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            t4 = sync(device)
+            softdtw = time_softdtw(z.detach().float(), frames, batch.num_pairs, cfg, device)
+            if step >= args.warmup:
+                for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, softdtw), strict=True):
+                    phases[key].append(value)
+                pairs += batch.num_pairs
     result = {key: statistics.fmean(values) for key, values in phases.items()}
     step_time = sum(result[k] for k in ("data", "forward", "loss", "backward"))
     result["pairs_per_s"] = pairs / (step_time * args.steps)
     result["perturb"] = time_perturbation(loader.dataset, min(len(items), 8))
     result["step"] = step_time
+    result["peak_mib"] = memory.peak / 2**20
+    result["batch_size"] = cfg.batch_size
+    result["precision"] = cfg.precision if device.type == "cuda" else "fp32"
     return result
+
+
+def projected_hours(pairs_per_s: float) -> float:
+    """Hours of the paper's recipe (3600 steps x 8 pairs) at ``pairs_per_s``, one process."""
+    return PAPER_STEPS * PAPER_PAIRS / pairs_per_s / 3600
 
 
 def time_softdtw(z: torch.Tensor, frames: torch.Tensor, b: int, cfg, device: torch.device) -> float:
     x, y = z[:b].requires_grad_(True), z[b:].requires_grad_(True)
-    start = sync(device)
-    value = soft_dtw_divergence(x, y, cfg.gamma, frames[:b], frames[b:], cfg.bandwidth, cfg.softdtw_backend)
-    value.sum().backward()
-    return sync(device) - start
+    return timed(lambda: soft_dtw_divergence(x, y, cfg.gamma, frames[:b], frames[b:], cfg.bandwidth,
+                                             cfg.softdtw_backend).sum().backward(), device)
 
 
 def time_perturbation(dataset, count: int) -> float:
     """Seconds to read, crop and perturb one pair in this process (median of ``count`` clips)."""
-    times = []
-    for index in range(count):
-        start = time.perf_counter()
-        dataset[(index, 99, 0)]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    cpu = torch.device("cpu")
+    return statistics.median(timed(lambda k=k: dataset[(k, 99, 0)], cpu) for k in range(count))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     size = "tiny (4 layers, 64 dims)" if args.tiny else "base size (12 layers, 768 dims), random init"
-    print(f"device: {args.device}; model: {size}; {args.batch_size} pairs/step; {args.steps} timed steps")
+    batch = "the preset's" if args.batch_size is None else args.batch_size
+    print(f"device: {args.device}; model: {size}; {batch} pairs/step; {args.steps} timed steps")
     header = (
-        f"{'upstream':<8} {'pairs/s':>8} {'step s':>8} {'data':>6} {'fwd':>6} {'loss':>6} {'bwd+opt':>8}"
-        f" {'sdtw s':>8} {'perturb s':>10} {'3600x8 h':>9}"
+        f"{'upstream':<8} {'pairs':>5} {'pairs/s':>8} {'step s':>8} {'data':>6} {'fwd':>6} {'loss':>6}"
+        f" {'bwd+opt':>8} {'sdtw s':>8} {'perturb s':>10} {'peak MiB':>9} {'3600x8 h':>9}"
     )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for upstream in args.upstreams:
             r = run_one(upstream, args, Path(tmp))
             share = {k: 100 * r[k] / r["step"] for k in ("data", "forward", "loss", "backward")}
-            projected = PAPER_STEPS * PAPER_PAIRS / r["pairs_per_s"] / 3600
+            projected = projected_hours(r["pairs_per_s"])
             print(
-                f"{upstream:<8} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} {share['data']:>5.0f}% "
-                f"{share['forward']:>5.0f}% {share['loss']:>5.0f}% {share['backward']:>7.0f}% "
-                f"{r['softdtw']:>8.4f} {r['perturb']:>10.4f} {projected:>9.2f}"
+                f"{upstream:<8} {r['batch_size']:>5} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} "
+                f"{share['data']:>5.0f}% {share['forward']:>5.0f}% {share['loss']:>5.0f}% "
+                f"{share['backward']:>7.0f}% {r['softdtw']:>8.4f} {r['perturb']:>10.4f} "
+                f"{r['peak_mib']:>9.0f} {projected:>9.2f}"
             )
     print(
         "data/fwd/loss/bwd+opt: share of the step; sdtw s: soft-DTW divergence fwd+bwd alone per step; "
         "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
+        "peak MiB: peak memory of the run over what was allocated before it (CUDA: allocator; CPU: RSS); "
         "3600x8 h: projected hours of the paper's recipe on this device, one process"
     )
     return 0

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchaudio
+from measure import timed
 
 from s3prl_laser.perturb import LaserPerturbation
 
@@ -42,19 +42,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of our batch (median reported)")
     parser.add_argument("--torchaudio-clips", type=int, default=2, help="clips timed for torchaudio (slow)")
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         return [perturb.apply(c, p.factor, p.semitones) for c, p in zip(clips, params, strict=True)]
 
     # first calls, which build kernels/tables (PitchShift: one per semitone value)
-    first = {"ta_cached": sum(_timed(lambda s=s: s(clips[0]), device) for s in shifters.values())}
-    first["ours_batch"] = _timed(lambda: perturb.apply_batch(clips, params), device)
+    first = {"ta_cached": sum(timed(lambda s=s: s(clips[0]), device) for s in shifters.values())}
+    first["ours_batch"] = timed(lambda: perturb.apply_batch(clips, params), device)
     n_ta = min(args.torchaudio_clips, len(clips))
     ta_functional_times = [
-        _timed(lambda k=k: ta_functional(clips[k], params[k]), device) for k in range(n_ta)
+        timed(lambda k=k: ta_functional(clips[k], params[k]), device) for k in range(n_ta)
     ]
     times = {"ta_cached": [], "ours_single": [], "ours_batch": []}
     for r in range(args.repeats):  # interleaved, so that every method sees the same machine load
         k = r % len(clips)
-        times["ta_cached"].append(_timed(lambda k=k: ta_cached(clips[k], params[k]), device))
-        times["ours_single"].append(_timed(ours_single, device) / len(clips))
-        times["ours_batch"].append(_timed(lambda: perturb.apply_batch(clips, params), device) / len(clips))
+        times["ta_cached"].append(timed(lambda k=k: ta_cached(clips[k], params[k]), device))
+        times["ours_single"].append(timed(ours_single, device) / len(clips))
+        times["ours_batch"].append(timed(lambda: perturb.apply_batch(clips, params), device) / len(clips))
     rows = [  # (method, first call s, seconds per clip)
         (
             "torchaudio speed + functional.pitch_shift",

@@ -18,15 +18,10 @@ per-pair numba path of the official LASER code) is timed on ``--tslearn-pairs`` 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import os
-import statistics
-import threading
-import time
-from collections.abc import Callable
 
 import torch
+from measure import PeakMemory, exact_cpu_rss, median_ms
 
 from s3prl_laser.softdtw import soft_dtw, soft_dtw_divergence
 
@@ -54,62 +49,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="torch.set_num_threads (also the CPU kernel's threads); default: torch's")
     parser.add_argument("--quick", action="store_true", help="N=50 only, 1 repeat: a smoke run")
     return parser
-
-
-class PeakMemory:
-    """Peak memory growth of a block: CUDA allocator statistics, or sampled RSS on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self, base: int) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss() - base)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            self._thread = threading.Thread(target=self._sample, args=(self._rss(),), daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def exact_cpu_rss() -> None:
-    """Make glibc mmap (and unmap on free) every block over 1 MiB, so RSS tracks live tensors."""
-    libc = ctypes.util.find_library("c")
-    if libc:
-        ctypes.CDLL(libc).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, no dynamic raising
-
-
-def median_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    if device.type == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def make_batch(args, n: int, m: int, mixed: bool, device: torch.device):

@@ -1,0 +1,64 @@
+"""The one-command GPU check runs its CPU smoke path end to end: tables printed, one consistent JSON report.
+
+The Triton kernels run there through the interpreter (``TRITON_INTERPRET=1`` in the child process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_path_reports_every_section(tmp_path):
+    out = tmp_path / "report" / "gpu_check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[1], env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for title in ("## correctness", "## soft-DTW", "## fine-tuning"):
+        assert title in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+
+    checks = report["correctness"]
+    assert len(checks) == 4 and all(c["passed"] is True and c["backend"] == "triton" for c in checks), checks
+    for c in checks:
+        tol = c["tolerance"]
+        assert all(err < tol["value" if key == "value" else "grad"] for key, err in c["errors"].items()), c
+    assert max(c["tiles per longest diagonal"] for c in checks) > 1  # some diagonals spanned several tiles
+
+    timings = report["softdtw"]
+    ours = [r for r in timings if r["method"].startswith("ours")]
+    peers = [r for r in timings if r["method"].startswith("pysdtw")]
+    assert len(ours) == len(peers) == 2
+    assert all(r[k] > 0 for r in ours for k in ("fwd", "bwd", "div"))
+    if importlib.util.find_spec("pysdtw") is None:
+        assert all("not installed" in r["note"] for r in peers), peers
+        assert "pysdtw not installed" in proc.stdout
+    else:
+        assert all(r["div"] > 0 for r in peers), peers
+
+    runs = {r["preset"]: r for r in report["finetune"]}
+    assert set(runs) == {"hubert_laser", "wavlm_laser"}
+    for r in runs.values():
+        assert r["pairs/s"] > 0 and r["peak MiB"] >= 0 and r["precision"] == "fp32"  # CPU: no autocast
+        assert r["3600x8 h"] == pytest.approx(3600 * 8 / r["pairs/s"] / 3600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
+def test_gpu_check_without_a_gpu_says_what_to_do(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "gpu_check.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stdout and "--smoke" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
