@@ -35,8 +35,8 @@ from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
-from s3prl_laser.finetune import scan_data
 from s3prl_laser.laser_model import build_model
+from s3prl_laser.length_index import scan, scan_jobs
 from s3prl_laser.runtime import DistEnv
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS, save_s3prl_checkpoint
 from s3prl_laser.softdtw import soft_dtw_divergence
@@ -114,7 +114,7 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     pairs = 0
     with PeakMemory(device) as memory:
         parts = build_model(cfg, env)
-        items = scan_data(cfg)
+        items = scan(cfg, scan_jobs())
         loader, _ = build_data(cfg, items, env, (0, 0))
         batches = iter(loader)
         for step in range(args.warmup + args.steps):

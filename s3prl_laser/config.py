@@ -64,7 +64,17 @@ class LaserConfig:
     max_seconds: float | None = 35.0
     min_samples: int = 400  # clips shorter than this (one conv receptive field) are skipped
     bucket_batches: int = 50  # length bucketing: sort chunks of this many batches by length
-    num_workers: int = 2  # DataLoader workers (perturbation runs in them, on the CPU)
+    # Audio budget of one batch, in seconds: 2 views x pairs x the longest view (a clip stretched by the
+    # slowest speed factor), i.e. the padded [2B, T] batch the model sees. A length bucket that would exceed
+    # it is split into smaller batches; a clip longer than one pair's share is cropped to it (counted).
+    # Presets: sized so that the paper's recipe fits a 24 GB GPU (README, "Memory"); null = no bound.
+    max_batch_seconds: float | None = 240.0
+    num_workers: int | None = (
+        None  # DataLoader workers per process; null = CPUs per process on this machine - 1
+    )
+    prefetch_batches: int = 4  # batches each worker keeps ready ahead of the training step
+    perturb_on: str = "workers"  # "workers": perturb on the CPU in the DataLoader workers; "device": in the
+    #                              training step, batched, on the training device (GPU)
     # --- optimisation ---
     steps: int = 3600  # optimizer steps (3600 x 8 pairs is about one epoch of train-clean-100)
     batch_size: int = 8  # pairs per optimizer step (per process under DDP: the global batch is N x this)
@@ -93,6 +103,7 @@ def validate(cfg: LaserConfig) -> None:
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
     positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
+    positive += ("prefetch_batches",)
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 1")
@@ -100,7 +111,7 @@ def validate(cfg: LaserConfig) -> None:
         if not getattr(cfg, key) > 0:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be > 0")
     for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples"):
-        if getattr(cfg, key) < 0:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 0")
     if not 0.0 <= cfg.swap_prob <= 1.0:
         raise ValueError(f"swap_prob={cfg.swap_prob!r} must be in [0, 1]")
@@ -113,6 +124,16 @@ def validate(cfg: LaserConfig) -> None:
         raise ValueError(
             f"data_subsets={cfg.data_subsets!r} names the evaluation split(s) {held_out}: training on them "
             "contaminates SUPERB scores; set allow_held_out_splits=true if you mean it"
+        )
+    if cfg.perturb_on not in ("workers", "device"):
+        raise ValueError(f"perturb_on={cfg.perturb_on!r}: choose 'workers' or 'device'")
+    stretch = max(1.0, 1.0 / min(cfg.speed_factors))
+    smallest_pair = 2 * stretch * max(cfg.min_samples, 1) / cfg.sample_rate
+    if cfg.max_batch_seconds is not None and cfg.max_batch_seconds < smallest_pair:
+        raise ValueError(
+            f"max_batch_seconds={cfg.max_batch_seconds!r} cannot hold one pair of clips of min_samples="
+            f"{cfg.min_samples} (2 views x {stretch:.3g} x {cfg.min_samples} samples = "
+            f"{smallest_pair:.3g} s); raise it, or set it to null"
         )
     if cfg.max_seconds is not None and cfg.max_seconds * cfg.sample_rate < max(cfg.min_samples, 1):
         raise ValueError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")

@@ -25,18 +25,22 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile
 import torch
 import torchaudio
+
+from s3prl_laser.perturb import LaserPerturbation, PerturbParams
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +74,31 @@ class PairBatch:
 
     Attributes:
         wavs: ``[2B, T]`` float32, zero-padded; rows ``0..B-1`` are the first views, ``B..2B-1`` the second.
-        lengths: ``[2B]`` int64 valid samples per row.
+            While ``perturb_params`` is set (perturbation left to the training device): ``[B, T]``, the clean
+            crops only; :func:`complete_pairs` makes the ``[2B, T]`` batch from them.
+        lengths: ``[2B]`` (or ``[B]`` while pending) int64 valid samples per row.
         skipped: reason -> number of clips of this batch that were dropped ("unreadable", "too_short").
         position: ``(epoch, batch)`` of this batch in the sampler's order.
+        cropped: clips of this batch cut shorter by the batch budget (``max_batch_seconds``).
+        perturb_params: per pair, the drawn speed factor and pitch shift, while the perturbation is pending.
+        swap: ``[B]`` bool, per pair, whether the perturbed view comes first (while pending).
     """
 
     wavs: torch.Tensor
     lengths: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
     position: tuple[int, int] = (0, 0)
+    cropped: int = 0
+    perturb_params: list[PerturbParams] | None = None
+    swap: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
-        return self.wavs.shape[0] // 2
+        return self.wavs.shape[0] if self.perturb_params is not None else self.wavs.shape[0] // 2
+
+    def pin_memory(self) -> PairBatch:
+        """A copy in page-locked memory (the DataLoader calls this with ``pin_memory=True``)."""
+        return dataclasses.replace(self, wavs=self.wavs.pin_memory(), lengths=self.lengths.pin_memory())
 
 
 def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean-100",)) -> list[AudioItem]:
@@ -96,7 +112,7 @@ def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean
     if not root.exists():
         raise ValueError(f"--data {root}: no such file or directory")
     if root.is_file():
-        items = _read_manifest(root)
+        items = read_manifest(root)
     elif librispeech_root(root) is not None:
         root = librispeech_root(root)
         missing = [s for s in subsets if not (root / s).is_dir()]
@@ -156,26 +172,44 @@ def describe_splits(items: Sequence[AudioItem], sample_rate: int) -> str:
     return "; ".join(f"{s}: {clips[s]} clips, {samples[s] / sample_rate / 3600:.2f} h" for s in sorted(clips))
 
 
-def measure_lengths(items: Sequence[AudioItem], sample_rate: int = 16000) -> tuple[list[AudioItem], int]:
-    """Fill in unknown lengths from the file headers; unreadable files are dropped with a warning.
+def measure_lengths(
+    items: Sequence[AudioItem], sample_rate: int = 16000, jobs: int = 1
+) -> tuple[list[AudioItem], int]:
+    """Fill in unknown lengths from the file headers, reading ``jobs`` headers at a time (threads: the
+    reads wait on the disk or the network, not on Python); unreadable files are dropped with a warning.
 
-    Returns the kept items and how many were dropped.
+    Returns the kept items, in their order, and how many were dropped.
     """
+    todo = [item.path for item in items if item.num_samples is None]
+    if jobs > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            probed = dict(zip(todo, pool.map(_header_frames, todo), strict=True))
+    else:
+        probed = {path: _header_frames(path) for path in todo}
     kept, dropped = [], 0
     for item in items:
         if item.num_samples is not None:
             kept.append(item)
             continue
-        try:
-            info = soundfile.info(item.path)
-        except (RuntimeError, OSError) as error:  # soundfile raises LibsndfileError (a RuntimeError)
-            logger.warning("skipping unreadable audio %s: %s", item.path, error)
+        header = probed[item.path]
+        if isinstance(header, Exception):
+            logger.warning("skipping unreadable audio %s: %s", item.path, header)
             dropped += 1
             continue
-        kept.append(AudioItem(item.path, math.ceil(info.frames * sample_rate / info.samplerate)))
+        frames, rate = header
+        kept.append(AudioItem(item.path, math.ceil(frames * sample_rate / rate)))
     if not kept:
         raise ValueError(f"none of the {len(items)} audio files could be read (first: {items[0].path})")
     return kept, dropped
+
+
+def _header_frames(path: str) -> tuple[int, int] | Exception:
+    """``(frames, sample_rate)`` from the file's header, or the error that reading it raised."""
+    try:
+        info = soundfile.info(path)
+    except (RuntimeError, OSError) as error:  # soundfile raises LibsndfileError (a RuntimeError)
+        return error
+    return info.frames, info.samplerate
 
 
 def read_audio(path: str, sample_rate: int = 16000) -> torch.Tensor:
@@ -206,9 +240,15 @@ def random_crop(wav: torch.Tensor, max_samples: int | None, generator: torch.Gen
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset of (view, view) pairs, indexed by ``(index, epoch, batch)`` keys.
 
-    ``dataset[(i, epoch, batch)]`` reads clip ``i``, crops it, perturbs a copy with
-    ``perturb(wav, generator)`` and swaps the two with probability ``swap_prob``. It returns a dict with
-    ``a``, ``b`` (``[T]`` tensors) or, for a skipped clip, ``a = b = None`` and ``skip`` naming the reason.
+    ``dataset[(i, epoch, batch)]`` reads clip ``i``, crops it to ``max_seconds`` and ``budget_limit``
+    samples, perturbs a copy with ``perturb(wav, generator)`` and swaps the two with probability
+    ``swap_prob``. It returns a dict with ``a``, ``b`` (``[T]`` tensors) or, for a skipped clip,
+    ``a = b = None`` and ``skip`` naming the reason; ``cropped`` tells whether the budget cut the clip.
+
+    With ``perturb_in_worker=False`` the perturbation is only drawn (``perturb.sample_params``, then the
+    swap, the same draws in the same order): ``b`` is None and ``params``, ``swap`` are returned for
+    :func:`complete_pairs` to apply on the training device, batched. ``perturb`` must then be a
+    :class:`~s3prl_laser.perturb.LaserPerturbation`.
     """
 
     def __init__(
@@ -220,68 +260,158 @@ class PairDataset(torch.utils.data.Dataset):
         min_samples: int = 400,
         swap_prob: float = 0.5,
         seed: int = 0,
+        budget_limit: int | None = None,
+        perturb_in_worker: bool = True,
     ) -> None:
         self.items = list(items)
         self.perturb = perturb
         self.sample_rate = sample_rate
         self.max_samples = None if max_seconds is None else int(max_seconds * sample_rate)
+        self.budget_limit = budget_limit
         self.min_samples = min_samples
         self.swap_prob = swap_prob
         self.seed = seed
+        self.perturb_in_worker = perturb_in_worker
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def crop_limit(self) -> int | None:
+        limits = [n for n in (self.max_samples, self.budget_limit) if n is not None]
+        return min(limits) if limits else None
+
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         index, epoch, batch = key
         path = self.items[index].path
-        sample = {"a": None, "b": None, "skip": None, "position": (epoch, batch)}
+        sample = {"a": None, "b": None, "skip": None, "position": (epoch, batch), "cropped": False}
         try:
             wav = read_audio(path, self.sample_rate)
         except (RuntimeError, OSError, ValueError) as error:
             logger.warning("skipping unreadable audio %s: %s", path, error)
             return {**sample, "skip": "unreadable"}
         generator = clip_generator(self.seed, epoch, index)
-        clean = random_crop(wav, self.max_samples, generator)
+        clean = random_crop(wav, self.crop_limit(), generator)
+        budget = self.budget_limit
+        binding = budget is not None and (self.max_samples is None or budget < self.max_samples)
+        sample["cropped"] = binding and wav.shape[-1] > budget  # cut by the budget, not by max_seconds
         if clean.shape[-1] < self.min_samples:
             logger.warning("skipping %s: %d samples < min_samples=%d", path, len(clean), self.min_samples)
             return {**sample, "skip": "too_short"}
-        perturbed = self.perturb(clean, generator)
-        if perturbed.shape[-1] < self.min_samples:
-            logger.warning("skipping %s: perturbed view has %d samples", path, perturbed.shape[-1])
+        if self.perturb_in_worker:
+            perturbed = self.perturb(clean, generator)
+            perturbed_length = perturbed.shape[-1]
+        else:
+            params = self.perturb.sample_params(generator)
+            perturbed_length = self.perturb.speed_length(clean.shape[-1], params.factor)
+        if perturbed_length < self.min_samples:
+            logger.warning("skipping %s: perturbed view has %d samples", path, perturbed_length)
             return {**sample, "skip": "too_short"}
-        if torch.rand((), generator=generator) < self.swap_prob:
+        swap = bool(torch.rand((), generator=generator) < self.swap_prob)
+        if not self.perturb_in_worker:
+            return {**sample, "a": clean, "params": params, "swap": swap}
+        if swap:
             clean, perturbed = perturbed, clean
         return {**sample, "a": clean, "b": perturbed}
 
 
 def collate_pairs(samples: Sequence[dict]) -> PairBatch:
-    """Pad the kept pairs of ``samples`` into one ``[2B, T]`` batch; count the skipped ones."""
+    """Pad the kept pairs of ``samples`` into one ``[2B, T]`` batch (``[B, T]`` clean crops while the
+    perturbation is pending); count the skipped and the budget-cropped clips."""
     kept = [s for s in samples if s["skip"] is None]
     skipped = dict(Counter(s["skip"] for s in samples if s["skip"] is not None))
-    views = [s["a"] for s in kept] + [s["b"] for s in kept]
+    pending = bool(kept) and kept[0]["b"] is None
+    views = [s["a"] for s in kept] + ([] if pending else [s["b"] for s in kept])
     lengths = torch.tensor([v.shape[-1] for v in views], dtype=torch.long)
     wavs = torch.zeros(len(views), int(lengths.max()) if views else 0)
     for row, view in enumerate(views):
         wavs[row, : view.shape[-1]] = view
-    return PairBatch(wavs=wavs, lengths=lengths, skipped=skipped, position=samples[0]["position"])
+    batch = PairBatch(wavs=wavs, lengths=lengths, skipped=skipped, position=samples[0]["position"])
+    batch.cropped = sum(bool(s.get("cropped")) for s in samples)
+    if pending:
+        batch.perturb_params = [s["params"] for s in kept]
+        batch.swap = torch.tensor([s["swap"] for s in kept], dtype=torch.bool)
+    return batch
+
+
+def complete_pairs(batch: PairBatch, perturb: LaserPerturbation, device: torch.device) -> PairBatch:
+    """Move a pending batch's clean crops to ``device``, perturb them there in one batched call, and lay out
+    the ``[2B, T]`` pair batch exactly as the workers would have (first views, then second views).
+
+    A batch that is not pending is only moved to ``device``.
+    """
+    wavs = batch.wavs.to(device, non_blocking=True)
+    lengths = batch.lengths.to(device, non_blocking=True)
+    if batch.perturb_params is None:
+        return dataclasses.replace(batch, wavs=wavs, lengths=lengths)
+    clean = [wavs[b, :n] for b, n in enumerate(batch.lengths.tolist())]
+    perturbed = perturb.apply_batch(clean, batch.perturb_params)
+    swap = batch.swap.tolist()
+    first = [p if s else c for c, p, s in zip(clean, perturbed, swap, strict=True)]
+    second = [c if s else p for c, p, s in zip(clean, perturbed, swap, strict=True)]
+    rows = first + second
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    row_lengths = torch.tensor([r.shape[-1] for r in rows], dtype=torch.long, device=device)
+    return dataclasses.replace(batch, wavs=padded, lengths=row_lengths, perturb_params=None, swap=None)
+
+
+def view_stretch(speed_factors: Sequence[float]) -> float:
+    """How much longer than its clip a view can be: ``1 / min(speed_factors)`` if that is above 1, else 1."""
+    return max(1.0, 1.0 / min(speed_factors))
+
+
+def clip_limit_samples(
+    max_seconds: float | None,
+    max_batch_seconds: float | None,
+    speed_factors: Sequence[float],
+    sample_rate: int,
+) -> int | None:
+    """The longest clip a pair may keep, in samples: the crop ``max_seconds``, and at most what one pair
+    (two views, each up to ``view_stretch`` times the clip) may take of the budget ``max_batch_seconds``.
+
+    None when neither bounds it.
+    """
+    limits = []
+    if max_seconds is not None:
+        limits.append(int(max_seconds * sample_rate))
+    if max_batch_seconds is not None:
+        limits.append(int(max_batch_seconds * sample_rate / (2 * view_stretch(speed_factors))))
+    return min(limits) if limits else None
+
+
+def max_view_seconds(
+    max_seconds: float | None,
+    max_batch_seconds: float,
+    speed_factors: Sequence[float],
+    sample_rate: int = 16000,
+) -> float:
+    """The longest view a batch can hold under the budget, in seconds (clip limit x ``view_stretch``)."""
+    limit = clip_limit_samples(max_seconds, max_batch_seconds, speed_factors, sample_rate)
+    return limit * view_stretch(speed_factors) / sample_rate
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Endless, deterministic, length-bucketed batches of dataset keys, sharded over DDP ranks.
+    """Endless, deterministic, length-bucketed batches under an audio budget, one shard per DDP rank.
 
     Each epoch: shuffle all clips (seeded by ``(seed, epoch)``), cut the order into chunks of
     ``batch_size * bucket_batches`` clips, sort each chunk by length so that a batch holds clips of
-    similar length (little padding), cut into batches, shuffle the batches. The batches are dealt
-    round-robin to ``world_size`` ranks (the tail that does not divide evenly is dropped, so all ranks
-    take the same number of steps). Iteration starts at ``start = (epoch, batch)`` (for resuming) and
-    yields lists of ``(index, epoch, batch)`` keys for ``PairDataset``.
+    similar length (little padding), cut into batches, shuffle the batches. A batch holds at most
+    ``batch_size`` pairs and, when ``max_batch_samples`` is set, at most that much padded audio: the model
+    sees ``[2B, T]`` with ``T`` up to ``view_stretch`` x the longest clip of the batch, so a batch of ``B``
+    clips of at most ``L`` samples costs ``2 * B * ceil(L * view_stretch)``; a bucket that would exceed it is
+    split. Lengths are counted after the crop ``clip_limit`` (see :func:`clip_limit_samples`), so one clip
+    alone always fits. The batches are dealt round-robin to ``world_size`` ranks (the tail that does not
+    divide evenly is dropped, so all ranks take the same number of steps). Iteration starts at
+    ``start = (epoch, batch)`` (for resuming) and yields lists of ``(index, epoch, batch)`` keys for
+    ``PairDataset``.
 
     Example::
 
         >>> sampler = BucketBatchSampler([16000, 8000, 24000, 4000], batch_size=2, seed=0)
         >>> len(next(iter(sampler)))
         2
+        >>> budget = BucketBatchSampler([16000] * 4, batch_size=4, max_batch_samples=64000)
+        >>> [len(b) for b in budget.epoch_batches(0)]  # 2 pairs x 2 views x 16000 samples per batch
+        [2, 2]
     """
 
     def __init__(
@@ -293,37 +423,84 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         start: tuple[int, int] = (0, 0),
+        max_batch_samples: int | None = None,
+        view_stretch: float = 1.0,
+        clip_limit: int | None = None,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        if clip_limit is not None:
+            self.lengths = self.lengths.clamp(max=clip_limit)
         self.batch_size = batch_size
         self.bucket_batches = bucket_batches
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.start = start
-        if self.batches_per_epoch() == 0:
+        self.max_batch_samples = max_batch_samples
+        self.view_stretch = view_stretch
+        self._cache: dict[int, list[list[int]]] = {}
+        if max_batch_samples is not None and self.pair_cost(1, int(self.lengths.max())) > max_batch_samples:
             raise ValueError(
-                f"{len(self.lengths)} clips make {math.ceil(len(self.lengths) / batch_size)} batches of "
+                f"one pair of {int(self.lengths.max())}-sample clips exceeds max_batch_samples="
+                f"{max_batch_samples}"
+                "; pass clip_limit=clip_limit_samples(...) so that clips are cropped to the budget"
+            )
+        if self.batches_per_epoch(0) == 0:
+            raise ValueError(
+                f"{len(self.lengths)} clips make {len(self._global_batches(0))} batches of "
                 f"batch_size={batch_size}, fewer than the {world_size} processes: "
                 "use more data or a smaller batch"
             )
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (lists of clip indices) for ``epoch``."""
+    def pair_cost(self, pairs: int, longest: int) -> int:
+        """Padded samples of a ``[2 * pairs, T]`` batch whose longest clip has ``longest`` samples."""
+        return 2 * pairs * math.ceil(longest * self.view_stretch)
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
         chunk = self.batch_size * self.bucket_batches
-        batches = []
+        batches: list[list[int]] = []
         for begin in range(0, len(order), chunk):
             part = order[begin : begin + chunk]
             part = part[torch.argsort(self.lengths[part], descending=True, stable=True)]
-            batches += [part[i : i + self.batch_size].tolist() for i in range(0, len(part), self.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank : usable : self.world_size]
+            batches += self._cut(part.tolist())
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size) // self.world_size
+    def _cut(self, indices: list[int]) -> list[list[int]]:
+        """Cut clips sorted longest first into batches of at most ``batch_size`` within the budget."""
+        batches, current = [], []
+        for index in indices:
+            full = len(current) == self.batch_size
+            over = (
+                self.max_batch_samples is not None
+                and current
+                and self.pair_cost(len(current) + 1, int(self.lengths[current[0]])) > self.max_batch_samples
+            )
+            if full or over:
+                batches.append(current)
+                current = []
+            current.append(index)
+        return batches + [current] if current else batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (lists of clip indices) for ``epoch``."""
+        if epoch not in self._cache:
+            batches = self._global_batches(epoch)
+            usable = len(batches) - len(batches) % self.world_size
+            self._cache[epoch] = batches[self.rank : usable : self.world_size]
+            while len(self._cache) > 2:  # the loader may run an epoch ahead of the training loop
+                del self._cache[next(iter(self._cache))]  # the least recently computed
+        return self._cache[epoch]
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """This rank's number of batches in ``epoch`` (the budget can split more buckets in some epochs)."""
+        return len(self.epoch_batches(epoch))
+
+    def next_position(self, position: tuple[int, int]) -> tuple[int, int]:
+        """The sampler position right after the batch at ``position = (epoch, batch)``."""
+        epoch, batch = position
+        return (epoch + 1, 0) if batch + 1 >= self.batches_per_epoch(epoch) else (epoch, batch + 1)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, batch = self.start
@@ -334,10 +511,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             epoch, batch = epoch + 1, 0
 
 
-def next_position(position: tuple[int, int], batches_per_epoch: int) -> tuple[int, int]:
-    """The sampler position right after the batch at ``position``."""
-    epoch, batch = position
-    return (epoch + 1, 0) if batch + 1 >= batches_per_epoch else (epoch, batch + 1)
+def default_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared among the processes of this
+    machine (torchrun's ``LOCAL_WORLD_SIZE``), less one for the training process itself; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 def build_loader(
@@ -346,8 +524,14 @@ def build_loader(
     num_workers: int,
     seed: int = 0,
     worker_init_fn: Callable[[int], None] | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int = 4,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader over ``sampler``'s batches; a private generator keeps the global RNG untouched."""
+    """DataLoader over ``sampler``'s batches; a private generator keeps the global RNG untouched.
+
+    Workers are persistent and each keeps ``prefetch_factor`` batches ready; ``pin_memory`` (for CUDA)
+    lets the batch's copy to the GPU run asynchronously.
+    """
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -355,7 +539,9 @@ def build_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=worker_init_fn,
-        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
 
 
@@ -363,8 +549,9 @@ def _audio_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
 
 
-def _read_manifest(manifest: Path) -> list[AudioItem]:
-    """Parse ``path [num_samples]`` lines; blank lines and ``#`` comments are ignored."""
+def read_manifest(manifest: Path) -> list[AudioItem]:
+    """Parse ``path [num_samples]`` lines (relative paths: relative to the manifest's folder); blank lines
+    and ``#`` comments are ignored. ``ValueError`` names the file and line of a path that is not audio."""
     items = []
     for number, raw in enumerate(manifest.read_text().splitlines(), start=1):
         line = raw.strip()

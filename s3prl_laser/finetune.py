@@ -30,8 +30,8 @@ from pathlib import Path
 
 from s3prl_laser import checkpointing
 from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
-from s3prl_laser.data import AudioItem, describe_splits, find_audio, measure_lengths, refuse_held_out
 from s3prl_laser.laser_model import build_model, export_upstream, seeded_head
+from s3prl_laser.length_index import load_or_build_index
 from s3prl_laser.runtime import (
     DistEnv,
     StopSignals,
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
-    items = scan_data(cfg)  # data errors come before any model is loaded
+    items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
@@ -154,22 +154,6 @@ def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
         barrier(env)
         updates["ckpt"] = str(path)
     return dataclasses.replace(cfg, **updates)
-
-
-def scan_data(cfg: LaserConfig) -> list[AudioItem]:
-    """Find the training clips and their lengths; ``ValueError`` naming the path if there are none."""
-    if cfg.data is None:
-        raise ValueError("no training data: give --data (LibriSpeech root, audio folder or manifest)")
-    found = find_audio(cfg.data, cfg.data_subsets)
-    if not cfg.allow_held_out_splits:
-        refuse_held_out(found, cfg.data)
-    items, dropped = measure_lengths(found, cfg.sample_rate)
-    hours = sum(item.num_samples for item in items) / cfg.sample_rate / 3600
-    logger.info(
-        "data: %d clips (%.2f h) from %s; %d unreadable skipped", len(items), hours, cfg.data, dropped
-    )
-    logger.info("data by split: %s", describe_splits(items, cfg.sample_rate))
-    return items
 
 
 if __name__ == "__main__":

@@ -330,7 +330,9 @@ class LaserPerturbation:
             return_complex=True,
         )
         frames = torch.tensor([1 + n // hop for n in lengths], device=device)
-        spec = spec * (torch.arange(spec.shape[-1], device=device)[None, :] < frames[:, None])[:, None, :]
+        # frames past a clip's end are +0 (torch.where, not a product: -0.0 real parts would have angle pi)
+        valid = torch.arange(spec.shape[-1], device=device)[None, :] < frames[:, None]
+        spec = torch.where(valid[:, None, :], spec, torch.zeros((), dtype=spec.dtype, device=device))
         stretched = phase_vocoder(spec, rate, phase_advance)
         stretch_frames = torch.tensor([math.ceil((1 + n // hop) / rate) for n in lengths], device=device)
         stretch_lengths = [int(round(n / rate)) for n in lengths]

@@ -113,6 +113,27 @@ def agree(env: DistEnv, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_object(env: DistEnv, value):
+    """Rank 0's ``value`` (any picklable object) on every rank (identity on one process)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def average_gradients(env: DistEnv, params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over all ranks, in one all-reduce (no-op on one process)."""
+    if not env.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= env.world_size
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = chunk.view_as(p)
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         torch.distributed.barrier()

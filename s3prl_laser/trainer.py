@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import sys
 import time
@@ -32,26 +34,43 @@ from s3prl_laser.data import (
     PairBatch,
     PairDataset,
     build_loader,
-    next_position,
+    clip_limit_samples,
+    complete_pairs,
+    default_workers,
+    view_stretch,
 )
 from s3prl_laser.laser_model import Parts
 from s3prl_laser.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.perturb import LaserPerturbation
-from s3prl_laser.runtime import DistEnv, StopSignals, agree, barrier, ignore_signals_in_worker
+from s3prl_laser.runtime import (
+    DistEnv,
+    StopSignals,
+    agree,
+    average_gradients,
+    barrier,
+    ignore_signals_in_worker,
+)
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
-SKIP_REASONS = ("unreadable", "too_short", "nonfinite", "empty")
+SKIP_REASONS = ("unreadable", "too_short", "nonfinite", "empty", "oom")
 
 
 def build_data(
     cfg: LaserConfig, items: list[AudioItem], env: DistEnv, start: tuple[int, int]
 ) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
-    """DataLoader of pair batches for this rank, starting at sampler position ``start``."""
+    """DataLoader of pair batches for this rank, starting at sampler position ``start``.
+
+    Batches respect ``batch_size`` and the audio budget ``max_batch_seconds``; clips longer than one pair's
+    share of the budget are cropped to it (counted in ``PairBatch.cropped``).
+    """
     perturb = LaserPerturbation(cfg.speed_factors, cfg.pitch_semitones, cfg.sample_rate)
+    budget_limit = clip_limit_samples(None, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate)
     dataset = PairDataset(
-        items, perturb, cfg.sample_rate, cfg.max_seconds, cfg.min_samples, cfg.swap_prob, cfg.seed
-    )
+        items, perturb, cfg.sample_rate, cfg.max_seconds, cfg.min_samples, cfg.swap_prob, cfg.seed,
+        budget_limit=budget_limit, perturb_in_worker=cfg.perturb_on == "workers",
+    )  # fmt: skip
+    budget = None if cfg.max_batch_seconds is None else int(cfg.max_batch_seconds * cfg.sample_rate)
     sampler = BucketBatchSampler(
         [item.num_samples for item in items],
         cfg.batch_size,
@@ -60,9 +79,21 @@ def build_data(
         env.rank,
         env.world_size,
         start,
+        max_batch_samples=budget,
+        view_stretch=view_stretch(cfg.speed_factors),
+        clip_limit=clip_limit_samples(
+            cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate
+        ),
     )
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     loader = build_loader(
-        dataset, sampler, cfg.num_workers, cfg.seed, worker_init_fn=ignore_signals_in_worker
+        dataset,
+        sampler,
+        workers,
+        cfg.seed,
+        worker_init_fn=ignore_signals_in_worker,
+        pin_memory=env.device.type == "cuda",
+        prefetch_factor=cfg.prefetch_batches,
     )
     return loader, sampler
 
@@ -96,30 +127,78 @@ def pair_loss(loss_fn: LaserLoss, z: torch.Tensor, frames: torch.Tensor, num_pai
     return loss_fn(z[:num_pairs], z[num_pairs:], frames[:num_pairs], frames[num_pairs:])
 
 
-def train_step(parts: Parts, batch: PairBatch, cfg: LaserConfig, env: DistEnv, stop_requested: bool) -> dict:
-    """Forward, loss, and (when every rank's loss is finite) backward, clip and optimizer step.
+def local_step(
+    parts: Parts, batch: PairBatch, cfg: LaserConfig, env: DistEnv, perturb: LaserPerturbation | None
+) -> LaserLossOutput:
+    """This rank's share of a step: (on-device perturbation,) forward, loss and, if finite, backward.
 
-    Returns a dict: ``stepped`` (bool), ``skip`` (reason or None), ``stop`` (any rank asked to stop),
-    and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global count).
+    Gradients stay local (DDP's ``no_sync``): ranks average them only once all agree that the step counts.
     """
-    out = None
-    if batch.num_pairs > 0:
+    batch = complete_pairs(batch, perturb, env.device)
+    sync_off = parts.module.no_sync() if env.distributed else contextlib.nullcontext()
+    with sync_off:
         z, frames = forward_pairs(parts.module, batch, env, cfg)
         out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
-    empty = out is None
-    nonfinite = not empty and not bool(torch.isfinite(out.loss))
+        if torch.isfinite(out.loss):
+            out.loss.backward()
+    return out
+
+
+def release_memory(parts: Parts, env: DistEnv) -> None:
+    """After an out-of-memory error: drop the partial gradients and hand cached blocks back to the device."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_step(
+    parts: Parts,
+    batch: PairBatch,
+    cfg: LaserConfig,
+    env: DistEnv,
+    stop_requested: bool,
+    perturb: LaserPerturbation | None = None,
+) -> dict:
+    """Forward, loss and backward on each rank; then, when every rank's step is usable, averaged gradients,
+    clipping and the optimizer step.
+
+    A rank that runs out of memory frees what the step allocated and reports it: every rank then skips the
+    step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
+    ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
+
+    Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
+    rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
+    """
+    out, oom = None, False
+    if batch.num_pairs > 0:
+        try:
+            out = local_step(parts, batch, cfg, env, perturb)
+        except torch.OutOfMemoryError:
+            oom = True
+    if oom:  # outside the except block, so that the traceback's frames (and their tensors) are gone
+        release_memory(parts, env)
+        logger.warning(
+            "out of memory in the step on batch %s (%d pairs, %d samples per row): skipping it; "
+            "lower max_batch_seconds if this recurs", batch.position, batch.num_pairs, batch.wavs.shape[-1],
+        )  # fmt: skip
+    empty = out is None and not oom
+    nonfinite = out is not None and not bool(torch.isfinite(out.loss))
     sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable batch
-    if not empty and not nonfinite:
+    if out is not None and not nonfinite:
         b = batch.num_pairs
         sums = [b, out.loss.item() * b, out.alignment.sum().item(), out.regularizer.sum().item()]
-    flags = [float(empty), float(nonfinite), float(stop_requested)]
-    any_empty, any_nonfinite, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(env, flags + sums)
+    flags = [float(empty), float(nonfinite), float(oom), float(stop_requested)]
+    any_empty, any_nonfinite, any_oom, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(
+        env, flags + sums
+    )
     result = {"stepped": False, "skip": None, "stop": any_stop > 0, "pairs": int(pairs)}
-    if any_empty or any_nonfinite:
-        result["skip"] = "nonfinite" if any_nonfinite else "empty"
+    if any_empty or any_nonfinite or any_oom:
+        result["skip"] = "oom" if any_oom else "nonfinite" if any_nonfinite else "empty"
+        result["pairs"] = 0  # a skipped step trains on nothing
         parts.optimizer.zero_grad(set_to_none=True)
         return result
-    out.loss.backward()
+    average_gradients(env, parts.trainable())
     norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
     if not torch.isfinite(norm):
         parts.optimizer.zero_grad(set_to_none=True)
@@ -157,7 +236,7 @@ def train(
         logger.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
         return state
     loader, sampler = build_data(cfg, items, env, state.position)
-    per_epoch = sampler.batches_per_epoch()
+    perturb = loader.dataset.perturb
     writer = _tensorboard(out) if env.is_main else None
     progress = _progress(cfg, state, env)
     idle, started, pairs_at_start = 0, time.perf_counter(), state.pairs
@@ -165,8 +244,10 @@ def train(
         for batch in loader:
             for reason, count in batch.skipped.items():
                 state.counters[reason] += count
-            result = train_step(parts, batch, cfg, env, stop.signum is not None)
-            state.position = next_position(batch.position, per_epoch)
+            if batch.cropped:
+                state.counters["cropped_to_budget"] += batch.cropped
+            result = train_step(parts, batch, cfg, env, stop.signum is not None, perturb)
+            state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
             if result["stepped"]:
                 state.step, idle = state.step + 1, 0
@@ -179,7 +260,7 @@ def train(
                     "step %d skipped (%s batch); skipped so far: %s",
                     state.step + 1, result["skip"], dict(state.counters),
                 )  # fmt: skip
-                if idle >= max(per_epoch, 1):
+                if idle >= max(sampler.batches_per_epoch(batch.position[0]), 1):
                     raise ValueError(
                         f"no usable batch in a whole epoch of {cfg.data}; skipped: {dict(state.counters)}"
                     )
@@ -219,6 +300,7 @@ def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cf
         writer.add_scalar("train/pairs_per_s", rate, state.step)
         for reason in SKIP_REASONS:
             writer.add_scalar(f"skipped/{reason}", state.counters[reason], state.step)
+        writer.add_scalar("data/cropped_to_budget", state.counters["cropped_to_budget"], state.step)
 
 
 # ----------------------------------------------------------------------------------------------------------

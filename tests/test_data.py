@@ -12,11 +12,12 @@ from s3prl_laser.data import (
     AudioItem,
     BucketBatchSampler,
     PairDataset,
+    clip_limit_samples,
     collate_pairs,
+    complete_pairs,
     describe_splits,
     find_audio,
     measure_lengths,
-    next_position,
     random_crop,
     refuse_held_out,
     split_of,
@@ -241,13 +242,100 @@ def test_sampler_shards_are_disjoint_and_equal_sized():
 def test_sampler_resumes_at_a_position():
     lengths = list(range(500, 530))
     sampler = BucketBatchSampler(lengths, 4, 2, seed=5)
-    per_epoch = sampler.batches_per_epoch()
+    per_epoch = sampler.batches_per_epoch(0)
     stream = iter(sampler)
     straight = [next(stream) for _ in range(per_epoch + 3)]
     position = (0, 0)
     for _ in range(per_epoch + 1):
-        position = next_position(position, per_epoch)
+        position = sampler.next_position(position)
     assert position == (1, 1)
     resumed = iter(BucketBatchSampler(lengths, 4, 2, seed=5, start=position))
     assert [next(resumed) for _ in range(2)] == straight[per_epoch + 1 :]
     assert all(key[1:] == (1, n + 1) for n, batch in enumerate(straight[per_epoch + 1 :]) for key in batch)
+
+
+def padded_cost(batch, lengths, stretch):
+    """Samples of the [2B, T] tensor a batch becomes: 2 views x pairs x the longest view."""
+    return 2 * len(batch) * math.ceil(max(lengths[i] for i in batch) * stretch)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_small_budget_splits_buckets_and_every_batch_fits(world_size):
+    lengths = torch.randint(8000, 160000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    stretch = 1 / 0.8
+    budget = 16000 * 40  # 40 s of padded audio: e.g. 4 pairs of 4 s clips (5 s views), 1 pair of 10 s
+    limit = clip_limit_samples(None, budget / 16000, [0.8, 1.0], 16000)
+    assert limit == 16000 * 16  # 40 s / (2 views x 1.25)
+    free = BucketBatchSampler(lengths, 8, 10, seed=1, world_size=world_size)
+    bounded = BucketBatchSampler(
+        lengths, 8, 10, seed=1, world_size=world_size, max_batch_samples=budget, view_stretch=stretch,
+        clip_limit=limit,
+    )  # fmt: skip
+    cropped = [min(n, limit) for n in lengths]
+    for epoch in range(3):
+        shards = [
+            BucketBatchSampler(
+                lengths, 8, 10, seed=1, rank=r, world_size=world_size, max_batch_samples=budget,
+                view_stretch=stretch, clip_limit=limit,
+            ).epoch_batches(epoch)
+            for r in range(world_size)
+        ]  # fmt: skip
+        assert len({len(shard) for shard in shards}) == 1  # every rank takes the same number of steps
+        batches = [b for shard in shards for b in shard]
+        assert all(len(b) <= 8 and padded_cost(b, cropped, stretch) <= budget for b in batches)
+        flat = sorted(i for b in batches for i in b)
+        assert len(flat) == len(set(flat)) and len(flat) > 300 - 8 * world_size * 2  # at most a tail dropped
+        assert bounded.batches_per_epoch(epoch) == len(shards[0]) > free.batches_per_epoch(epoch)
+        # a batch is as full as the budget allows (one more pair of its longest clip would not fit), except
+        # the last batch of each chunk of 8 x 10 clips
+        partial = [b for b in batches if len(b) < 8 and padded_cost(b + b[:1], cropped, stretch) <= budget]
+        assert len(partial) <= math.ceil(300 / 80)
+
+
+def test_budgeted_batches_are_deterministic_and_resume_mid_epoch():
+    lengths = torch.randint(8000, 160000, (120,), generator=torch.Generator().manual_seed(4)).tolist()
+    kwargs = dict(max_batch_samples=16000 * 30, view_stretch=1.25, clip_limit=16000 * 12)
+    sampler = BucketBatchSampler(lengths, 8, 5, seed=9, **kwargs)
+    stream = iter(sampler)
+    straight = [next(stream) for _ in range(sampler.batches_per_epoch(0) + sampler.batches_per_epoch(1) + 2)]
+    again = iter(BucketBatchSampler(lengths, 8, 5, seed=9, **kwargs))
+    assert [next(again) for _ in straight] == straight
+    position = (0, 0)
+    for _ in range(sampler.batches_per_epoch(0) + 3):
+        position = sampler.next_position(position)
+    assert position == (1, 3)
+    resumed = iter(BucketBatchSampler(lengths, 8, 5, seed=9, start=position, **kwargs))
+    tail = straight[sampler.batches_per_epoch(0) + 3 :]
+    assert [next(resumed) for _ in tail] == tail
+
+
+def test_a_clip_longer_than_the_budget_is_cropped_to_it_and_counted(tmp_path):
+    dataset = make_dataset(
+        tmp_path, [48000, 8000], max_seconds=10.0, budget_limit=16000, perturb=LaserPerturbation([0.8], 0.0),
+        swap_prob=0.0,
+    )  # fmt: skip
+    wav = torch.from_numpy(soundfile.read(dataset.items[0].path, dtype="float32")[0])
+    long, short = dataset[(0, 0, 0)], dataset[(1, 0, 0)]
+    assert long["cropped"] and not short["cropped"] and long["a"].shape[-1] == 16000
+    assert any(torch.equal(wav[s : s + 16000], long["a"]) for s in range(48000 - 16000 + 1))
+    assert long["b"].shape[-1] == math.ceil(16000 / 0.8) and short["a"].shape[-1] == 8000
+    assert collate_pairs([long, short]).cropped == 1
+    by_max_seconds = make_dataset(tmp_path, [48000], max_seconds=0.5, budget_limit=16000)
+    assert not by_max_seconds[(0, 0, 0)]["cropped"]  # max_seconds cut it first: not the budget's doing
+    with pytest.raises(ValueError, match="max_batch_samples"):
+        BucketBatchSampler([48000, 8000], 2, max_batch_samples=64000, view_stretch=1.25)
+
+
+def test_perturbing_on_the_device_gives_the_workers_pairs(tmp_path):
+    lengths = [16000, 12000, 20000, 9000, 15000]
+    workers = make_dataset(tmp_path, lengths, max_seconds=1.0)
+    device = make_dataset(tmp_path, lengths, max_seconds=1.0, perturb_in_worker=False)
+    for epoch in range(3):
+        keys = [(i, epoch, 0) for i in range(len(lengths))]
+        expected = collate_pairs([workers[key] for key in keys])
+        pending = collate_pairs([device[key] for key in keys])
+        assert pending.wavs.shape[0] == pending.num_pairs == expected.num_pairs == len(lengths)
+        done = complete_pairs(pending, device.perturb, torch.device("cpu"))
+        assert done.perturb_params is None and done.lengths.tolist() == expected.lengths.tolist()
+        relative = (done.wavs - expected.wavs).norm(dim=1) / expected.wavs.norm(dim=1)
+        assert relative.max() < 5e-4  # float32 rounding (batched vs per clip; equal to 1e-16 in float64)

@@ -245,6 +245,78 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, dem
     assert changed
 
 
+OOM_WRAPPER = """
+import os, sys, torch
+import s3prl_laser.trainer as trainer
+from s3prl_laser.finetune import main
+
+real_step = trainer.local_step
+failing = {int(rank) for rank in os.environ["OOM_RANKS"].split(",")}
+
+
+def out_of_memory_on_the_second_batch(parts, batch, cfg, env, perturb):
+    out = real_step(parts, batch, cfg, env, perturb)  # the step's graph and gradients exist, as in a real OOM
+    if batch.position == (0, 1) and env.rank in failing:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return out
+
+
+trainer.local_step = out_of_memory_on_the_second_batch
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_out_of_memory_on_one_rank_is_a_step_skipped_by_both(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    """Rank 1 runs out of memory on batch (0, 1): both ranks skip that step, free it, and go on in sync."""
+    wrapper = tmp_path / "oom_finetune.py"
+    wrapper.write_text(OOM_WRAPPER)
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(wrapper),
+    ]
+    cmd += ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
+    cmd += ["--out", str(out), "--device", "cpu", *FAST, "steps=3", "save_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OOM_RANKS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "[rank 1]" in log and "out of memory in the step on batch (0, 1)" in log
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING s3prl_laser.finetune: step 2 skipped (oom batch)" in log, log
+    assert "all 2 ranks hold identical trainable weights" in log
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert state["step"] == 3 and state["counters"]["oom"] == 1
+    assert state["data_position"] == {"epoch": 0, "batch": 4}  # 4 batches: 3 steps + the skipped one
+    assert state["pairs"] == 3 * 2 * 2  # the skipped step trained on nothing
+
+
+def test_a_resumed_run_goes_past_a_batch_that_always_runs_out_of_memory(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch
+):
+    import s3prl_laser.trainer as trainer
+
+    real_step = trainer.local_step
+
+    def always_out_of_memory_on_batch_1(parts, batch, cfg, env, perturb):
+        if batch.position == (0, 1):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(parts, batch, cfg, env, perturb)
+
+    monkeypatch.setattr(trainer, "local_step", always_out_of_memory_on_batch_1)
+    out = tmp_path / "run"
+    assert finetune(out, tiny_hubert_ckpt, demo_corpus, "steps=1") == 0  # stops before the failing batch
+    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["data_position"]["batch"] == 1
+    assert finetune(out, tiny_hubert_ckpt, demo_corpus, "steps=3", extra=["--resume"]) == 0
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert state["step"] == 3 and state["counters"]["oom"] == 1 and state["data_position"]["batch"] == 4
+
+
 def test_demo_writes_report_table_and_picture(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--upstream", "wavlm", "--demo", "--out", str(out), "steps=3", "report_clips=2"]) == 0

@@ -116,6 +116,17 @@ def test_batch_equals_one_clip_at_a_time():
         torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)
 
 
+def test_a_shorter_clip_in_a_batch_keeps_its_last_frame():
+    """Frames past a shorter clip's end must be +0: a -0.0 real part has angle pi, which changed the
+    phase-vocoder's last frame of that clip (here: by 5e-3 at the clip's tail)."""
+    perturb = LaserPerturbation([1.0], pitch_semitones=2)
+    g = torch.Generator().manual_seed(0)
+    clips = [0.1 * torch.randn(14546, generator=g), 0.1 * torch.randn(13637, generator=g)]
+    params = [PerturbParams(1.0, 2.0)] * 2
+    for clip, batched in zip(clips, perturb.apply_batch(clips, params), strict=True):
+        torch.testing.assert_close(batched, perturb.apply(clip, 1.0, 2.0), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("rate", [2 ** (-2 / 12), 2 ** (2 / 12), 1.5])
 @pytest.mark.parametrize("shape", [(257, 1), (257, 60), (3, 257, 37)])
 def test_phase_vocoder_matches_torchaudio(rate, shape):

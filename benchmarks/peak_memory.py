@@ -1,0 +1,152 @@
+"""Peak memory of one LASER training step at base size, per batch shape, and what it predicts per preset.
+
+Each measurement runs in a fresh process: a random-init base-size upstream (12 layers, 768 dims, as in
+``benchmarks/finetune_throughput.py``), the preset's loss and optimizer, then one full step (forward of both
+views, loss, backward, clipping, AdamW) on a batch of ``pairs`` pairs whose two views are ``seconds`` long.
+On a CPU it reports the process' peak resident memory (``VmHWM``) and its growth over the state right
+before the step; on a GPU ``torch.cuda.max_memory_allocated``.
+
+The step's memory grows with the padded audio of the batch and, through attention and the soft-DTW tables,
+with each row's length squared. ``--fit`` fits ``peak = a + b * rows * s + c * rows * s^2`` (rows = 2 x pairs,
+s = seconds per view) to the measured points by least squares and prints, for each preset's
+``max_batch_seconds`` budget, the largest step the budget admits (a batch of the longest views) and its
+predicted peak.
+
+    python benchmarks/peak_memory.py --upstream hubert --shapes 1x4 1x8 2x4 1x12 --fit   # CPU: a few minutes
+    python benchmarks/peak_memory.py --upstream wavlm --shapes 8x12 4x24 2x44 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from s3prl_laser.config import resolve_config
+from s3prl_laser.data import PairBatch, max_view_seconds
+from s3prl_laser.laser_model import build_model
+from s3prl_laser.runtime import DistEnv
+from s3prl_laser.trainer import train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling script, not a package)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--upstream", default="hubert", choices=("hubert", "wavlm"))
+    parser.add_argument("--shapes", nargs="+", default=["1x4", "1x8", "2x4"], help="PAIRSxSECONDS per step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fit", action="store_true", help="fit the memory model and predict per preset")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape in this process
+    return parser
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident memory of this process so far (Linux ``/proc/self/status``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def vm_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure_one(upstream: str, pairs: int, seconds: float, device: str) -> dict:
+    """One step at base size on a ``[2 * pairs, seconds * 16000]`` batch; peak memory in bytes."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_checkpoint(upstream, Path(tmp) / "base.pt", tiny=False, seed=0)
+        cfg = dataclasses.replace(resolve_config(upstream), ckpt=str(ckpt))
+        env = DistEnv(device=torch.device(device))
+        parts = build_model(cfg, env)
+    samples = int(seconds * cfg.sample_rate)
+    batch = PairBatch(wavs=0.1 * torch.randn(2 * pairs, samples), lengths=torch.full((2 * pairs,), samples))
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+        before = torch.cuda.memory_allocated(env.device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+        before = vm_rss_bytes()
+    start = time.perf_counter()
+    result = train_step(parts, batch, cfg, env, stop_requested=False)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else vm_hwm_bytes()
+    return {"pairs": pairs, "seconds": seconds, "peak": peak, "before": before, "step_s": elapsed,
+            "stepped": result["stepped"]}  # fmt: skip
+
+
+def fit(points: list[dict]) -> tuple[float, float, float]:
+    """Least-squares ``peak = a + b * rows * s + c * rows * s^2`` over the measured points."""
+    rows = torch.tensor(
+        [[1.0, 2 * p["pairs"] * p["seconds"], 2 * p["pairs"] * p["seconds"] ** 2] for p in points]
+    )
+    peaks = torch.tensor([float(p["peak"]) for p in points])
+    solution = torch.linalg.lstsq(rows.double(), peaks.double()[:, None]).solution[:, 0]
+    return tuple(float(v) for v in solution)
+
+
+def worst_step(upstream: str) -> tuple[int, float] | None:
+    """``(pairs, seconds per view)`` of the largest step the preset's budget admits, or None (no budget)."""
+    cfg = resolve_config(upstream)
+    if cfg.max_batch_seconds is None:
+        return None
+    longest = max_view_seconds(cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors)
+    return max(1, min(cfg.batch_size, int(cfg.max_batch_seconds // (2 * longest)))), longest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.one:
+        pairs, seconds = args.one.split("x")
+        print(json.dumps(measure_one(args.upstream, int(pairs), float(seconds), args.device)))
+        return 0
+    print(f"{args.upstream}, base size, random init, device {args.device}: one training step per process")
+    print(f"{'pairs':>5} {'s/view':>7} {'rows x s':>9} {'peak GiB':>9} {'step GiB':>9} {'step s':>7}")
+    points = []
+    for shape in args.shapes:
+        cmd = [sys.executable, __file__, "--upstream", args.upstream, "--device", args.device, "--one", shape]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"{shape}: failed (exit {done.returncode})\n{done.stderr[-2000:]}")
+            return 1
+        point = json.loads(done.stdout.strip().splitlines()[-1])
+        points.append(point)
+        print(
+            f"{point['pairs']:>5} {point['seconds']:>7.1f} {2 * point['pairs'] * point['seconds']:>9.1f} "
+            f"{point['peak'] / 2**30:>9.2f} {(point['peak'] - point['before']) / 2**30:>9.2f} "
+            f"{point['step_s']:>7.1f}"
+        )
+    if args.fit and len(points) >= 3:
+        a, b, c = fit(points)
+        print(
+            f"fit: peak = {a / 2**30:.2f} GiB + {b / 2**20:.1f} MiB x rows*s + {c / 2**20:.2f} MiB x rows*s^2"
+        )
+        worst = worst_step(args.upstream)
+        if worst is not None:
+            pairs, seconds = worst
+            rows = 2 * pairs
+            predicted = a + b * rows * seconds + c * rows * seconds**2
+            print(
+                f"preset {args.upstream}_laser: largest step {pairs} pairs x {seconds:.1f} s per view, "
+                f"predicted peak {predicted / 2**30:.1f} GiB"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The run's length index: every training clip and its length, found and measured once, then only read.
+
+A start needs each clip's length (for the length buckets and the batch budget): reading ~28.5k file headers
+takes seconds on a local disk and minutes on network storage. Rank 0 lists the audio and reads the headers
+(in parallel), refuses held-out audio, and writes ``OUT/data_index.tsv``: a manifest with lengths whose first
+line records what it was built from. Later starts (``--resume``, a new run in the same ``--out``) and the
+other ranks read that file instead. It is rebuilt when ``data``, ``data_subsets`` or ``sample_rate`` change,
+or when a manifest given as ``--data`` changed; new files in a data folder are not noticed: delete the index
+to rescan.
+
+Example::
+
+    >>> items = load_or_build_index(cfg, out, env)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from s3prl_laser.config import LaserConfig
+from s3prl_laser.data import (
+    AudioItem,
+    describe_splits,
+    find_audio,
+    measure_lengths,
+    read_manifest,
+    refuse_held_out,
+)
+from s3prl_laser.runtime import DistEnv, broadcast_object
+
+logger = logging.getLogger("s3prl_laser.finetune")
+
+INDEX_NAME = "data_index.tsv"
+_HEADER = "# s3prl_laser length index: "
+
+
+def scan_jobs() -> int:
+    """Header reads in flight at once: they wait on storage, so several per CPU (at most 32)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(32, 4 * cpus)
+
+
+def index_key(cfg: LaserConfig) -> dict:
+    """What an index was built from; an index with another key is stale."""
+    source = Path(cfg.data).expanduser().resolve()
+    key = {"data": str(source), "data_subsets": list(cfg.data_subsets), "sample_rate": cfg.sample_rate}
+    if source.is_file():  # a manifest: its edits make a new index
+        stat = source.stat()
+        key["manifest"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return key
+
+
+def write_index(path: Path, items: list[AudioItem], key: dict) -> None:
+    """Write ``path`` (atomically: a temporary file, then a rename) as a manifest with lengths."""
+    lines = [_HEADER + json.dumps(key)] + [f"{item.path}\t{item.num_samples}" for item in items]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def read_index(path: Path, key: dict) -> list[AudioItem] | None:
+    """The items of the index at ``path``, or None when there is none or it was built from other data."""
+    if not path.is_file():
+        return None
+    with path.open() as handle:
+        first = handle.readline()
+    if not first.startswith(_HEADER) or json.loads(first[len(_HEADER) :]) != key:
+        return None
+    return read_manifest(path)
+
+
+def scan(cfg: LaserConfig, jobs: int) -> list[AudioItem]:
+    """List the training audio, refuse held-out clips, read lengths; ``ValueError`` on bad data."""
+    if cfg.data is None:
+        raise ValueError("no training data: give --data (LibriSpeech root, audio folder or manifest)")
+    found = find_audio(cfg.data, cfg.data_subsets)
+    if not cfg.allow_held_out_splits:
+        refuse_held_out(found, cfg.data)
+    items, dropped = measure_lengths(found, cfg.sample_rate, jobs)
+    if dropped:
+        logger.warning("%d unreadable files skipped while reading lengths", dropped)
+    return items
+
+
+def load_or_build_index(cfg: LaserConfig, out: Path, env: DistEnv) -> list[AudioItem]:
+    """The training clips with lengths: from ``OUT/data_index.tsv`` if it matches ``cfg``, else scanned by
+    rank 0 and written there. Every rank gets the same list; a data error is raised on every rank, before
+    any model is loaded and before ``out`` is created."""
+    path, key = out / INDEX_NAME, index_key(cfg) if cfg.data is not None else None
+    error = None
+    if env.is_main:
+        try:
+            items = read_index(path, key) if key is not None else None
+            if items is None:
+                items = scan(cfg, scan_jobs())
+                out.mkdir(parents=True, exist_ok=True)
+                write_index(path, items, key)
+                logger.info("data: length index written to %s (delete it to rescan)", path)
+            else:
+                logger.info("data: lengths read from %s (delete it to rescan)", path)
+                if not cfg.allow_held_out_splits:
+                    refuse_held_out(items, path)
+        except ValueError as raised:
+            error = str(raised)
+    error = broadcast_object(env, error)
+    if error is not None:
+        raise ValueError(error)
+    if not env.is_main:
+        items = read_index(path, key)
+        if items is None:
+            raise ValueError(f"{path}: rank 0 wrote this length index but rank {env.rank} cannot read it")
+    hours = sum(item.num_samples for item in items) / cfg.sample_rate / 3600
+    logger.info("data: %d clips (%.2f h) from %s", len(items), hours, cfg.data)
+    logger.info("data by split: %s", describe_splits(items, cfg.sample_rate))
+    return items
