@@ -1,30 +1,35 @@
-# Two commands do all the set-up on a fresh machine:
+# Two commands do all the set-up on a fresh machine, on the current lane (ESPnet's s3prl, today's torch):
 #   make demo   creates .venv if missing, installs the package, runs the LASER demo end to end
-#   make test   creates .venv if missing, installs the package with test extras, runs the test suite
+#   make test   creates .venv if missing, installs the package with test extras, runs ruff and the test suite
 #   make gpu-check  on a GPU machine: kernels vs the reference, soft-DTW vs pysdtw, fine-tuning speed and
 #                   memory per preset (benchmarks/gpu_check.py; about 5-8 minutes; report in runs/)
+# The classic lane (PyPI's s3prl 0.4.18, torch 2.8) goes into its own venv:
+#   make LANE=classic test     (venv .venv-classic)
+# pip's own notices go to $(VENV)/pip.log; errors still reach the screen.
 PYTHON ?= python3
-VENV ?= .venv
+LANE ?= current
+VENV ?= $(if $(filter current,$(LANE)),.venv,.venv-$(LANE))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3prl-laser-installed
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench gpu-check clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing s3prl-laser[$(LANE),test] into $(VENV) (pip log: $(VENV)/pip.log)"
+	@$(PY) -m pip install -qq --log $(VENV)/pip.log -e '.[$(LANE),test]'
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	@$(PY) -m pip install -qq --log $(VENV)/pip.log -e '.[$(LANE),bench]'
 	$(PY) benchmarks/softdtw.py
 
 # the bench extra (pysdtw) only where it fits what is installed: nothing installed changes; if it cannot be
@@ -35,4 +40,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu_check.json
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf .venv .venv-classic runs build *.egg-info

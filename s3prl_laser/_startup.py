@@ -1,14 +1,17 @@
-"""Start-up hook that puts ``hubert_laser`` and ``wavlm_laser`` on ``s3prl.hub`` when s3prl loads it.
+"""Start-up hook: registers the LASER upstreams on ``s3prl.hub`` and fills library gaps, each on first import.
 
 ``s3prl_laser_startup.pth`` (installed into site-packages next to the package) runs
 ``install()`` at every interpreter start. s3prl has no plugin mechanism: its runner looks upstreams
-up with ``getattr(s3prl.hub, name)``, so the names must be on that module before anyone looks.
+up with ``getattr(s3prl.hub, name)``, so the names must be on that module before anyone looks. Its
+runner also imports names that newer huggingface_hub/torchaudio releases removed, at the top of
+``run_downstream.py`` (which may run as a script, before any ``s3prl`` import), so those gaps are filled
+when each library is first imported (see :mod:`s3prl_laser.compat`).
 
 This module must stay cheap, because every Python program in the environment imports it: it uses
 only ``sys`` and imports nothing heavy. ``install()`` puts a meta-path finder first on
-``sys.meta_path``; the finder answers for ``s3prl.hub`` alone, wraps the loader the normal finders
-return, and once s3prl's hub module has run, removes itself and calls
-``s3prl_laser.registration.register_into(hub)`` (which imports torch and s3prl, as s3prl already did).
+``sys.meta_path``; the finder answers for the modules in ``AFTER_IMPORT`` alone, wraps the loader the
+normal finders return, and once such a module has run, calls our function on it (which may import
+torch, as the library just did). The finder removes itself when every watched module has been seen.
 
 Example (what the ``.pth`` line does)::
 
@@ -17,11 +20,29 @@ Example (what the ``.pth`` line does)::
 
 import sys
 
-HUB_MODULE = "s3prl.hub"
+# module -> (our module, function called with the freshly imported module)
+AFTER_IMPORT = {
+    "s3prl.hub": ("s3prl_laser.registration", "register_into"),  # hubert_laser / wavlm_laser entries
+    "huggingface_hub": ("s3prl_laser.compat", "patch_huggingface_hub"),  # HfFolder, Repository (hub >= 1)
+    "torchaudio": ("s3prl_laser.compat", "patch_torchaudio"),  # load without torchcodec (torchaudio >= 2.9)
+}
 
 
-class _RegisteringLoader:
-    """Runs the real loader of ``s3prl.hub``, then registers our entries on the fresh module."""
+def after_import(module) -> None:
+    """Run ``AFTER_IMPORT``'s function for ``module``. A failure is logged, never raised into the import."""
+    our_module, function = AFTER_IMPORT[module.__name__]
+    try:
+        getattr(__import__(our_module, fromlist=[function]), function)(module)
+    except Exception as error:  # the user's import of the library must not fail because of this plugin
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "s3prl_laser: %s.%s(%s) failed: %r", our_module, function, module.__name__, error
+        )
+
+
+class _AfterImportLoader:
+    """Runs the real loader of a watched module, then ``after_import`` on the fresh module."""
 
     def __init__(self, loader, watcher):
         self._loader = loader
@@ -32,25 +53,24 @@ class _RegisteringLoader:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        self._watcher.remove()
+        self._watcher.seen(module.__name__)
         module.__loader__ = module.__spec__.loader = self._loader  # leave no trace of the wrapper
-        from s3prl_laser.registration import register_into
-
-        register_into(module)
+        after_import(module)
 
     def __getattr__(self, name):
         # get_source, get_code, is_package, ... stay those of the real loader (inspect, pdb, linecache).
         return getattr(self._loader, name)
 
 
-class HubWatcher:
-    """Meta-path finder that waits for ``s3prl.hub`` to be imported; see the module docstring."""
+class ImportWatcher:
+    """Meta-path finder that waits for the modules of ``AFTER_IMPORT``; see the module docstring."""
 
-    def __init__(self):
+    def __init__(self, names):
+        self.watched = set(names)
         self._searching = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != HUB_MODULE or self._searching:
+        if fullname not in self.watched or self._searching:
             return None
         self._searching = True
         try:
@@ -59,7 +79,7 @@ class HubWatcher:
             self._searching = False
         if spec is None or spec.loader is None:
             return spec
-        spec.loader = _RegisteringLoader(spec.loader, self)
+        spec.loader = _AfterImportLoader(spec.loader, self)
         return spec
 
     def _find_with_other_finders(self, fullname, path, target):
@@ -72,25 +92,29 @@ class HubWatcher:
                 return spec
         return None
 
-    def remove(self):
-        if self in sys.meta_path:
+    def seen(self, name):
+        """Stop watching ``name``; leave ``sys.meta_path`` once nothing is left to watch."""
+        self.watched.discard(name)
+        if not self.watched and self in sys.meta_path:
             sys.meta_path.remove(self)
 
 
 def installed_watcher():
-    """The ``HubWatcher`` on ``sys.meta_path``, or None (none yet, or it already did its job)."""
-    return next((finder for finder in sys.meta_path if isinstance(finder, HubWatcher)), None)
+    """The ``ImportWatcher`` on ``sys.meta_path``, or None (none yet, or it already did its job)."""
+    return next((finder for finder in sys.meta_path if isinstance(finder, ImportWatcher)), None)
 
 
 def install():
-    """Arrange for ``hubert_laser``/``wavlm_laser`` to appear on ``s3prl.hub``; idempotent and cheap.
+    """Arrange for ``AFTER_IMPORT``'s functions to run on each module's first import; idempotent and cheap.
 
-    If ``s3prl.hub`` is already imported, registers at once; otherwise installs one ``HubWatcher``.
+    Modules already imported get their function at once; the others are watched by one ``ImportWatcher``.
     """
-    hub = sys.modules.get(HUB_MODULE)
-    if hub is not None:
-        from s3prl_laser.registration import register_into
-
-        register_into(hub)
-    elif installed_watcher() is None:
-        sys.meta_path.insert(0, HubWatcher())
+    pending = []
+    for name in AFTER_IMPORT:
+        module = sys.modules.get(name)
+        if module is not None:
+            after_import(module)
+        else:
+            pending.append(name)
+    if pending and installed_watcher() is None:
+        sys.meta_path.insert(0, ImportWatcher(pending))

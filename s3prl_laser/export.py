@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 
 from s3prl_laser.hf_convert import UPSTREAMS, feature_extractor, load_s3prl_checkpoint, to_hf_model
+from s3prl_laser.lanes import missing_s3prl_message
 
 VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
 VERIFY_TOLERANCE = 1e-5  # largest ||hf - s3prl|| / ||s3prl|| accepted by --verify (<= 4e-7 measured, CPU)
@@ -140,6 +142,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if (missing := missing_s3prl_message()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.overwrite:
         raise ValueError(f"{args.out_dir} is not empty; pass --overwrite to replace its files")
     dropped = export_to_hf(args.ckpt, args.out_dir, args.upstream)

@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from s3prl_laser import checkpointing
 from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
+from s3prl_laser.lanes import missing_s3prl_message
 from s3prl_laser.laser_model import build_model, export_upstream, seeded_head
 from s3prl_laser.length_index import load_or_build_index
 from s3prl_laser.runtime import (
@@ -71,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if (missing := missing_s3prl_message()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     env = setup_distributed(args.device)
     setup_logging(env)
     try:

@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from importlib import resources
 from pathlib import Path
+
+from s3prl_laser.lanes import missing_s3prl_message
 
 # The tiny architecture, shared by both models. The CNN keeps base's (kernel, stride) list with fewer
 # channels, so the frame rate (stride 320) and the receptive field (400 samples) are those of base.
@@ -194,6 +197,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if (missing := missing_s3prl_message()) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     if args.hubert is None and args.wavlm is None:
         get_args_parser().error("give --hubert and/or --wavlm")
     if args.hubert is not None:

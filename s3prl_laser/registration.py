@@ -29,6 +29,10 @@ def register_into(hub: ModuleType) -> tuple[str, ...]:
 
 def register() -> tuple[str, ...]:
     """Import ``s3prl.hub`` (torch, s3prl: seconds) and register the LASER entries on it."""
+    from s3prl_laser.lanes import missing_s3prl_message
+
+    if (missing := missing_s3prl_message()) is not None:
+        raise ModuleNotFoundError(missing, name="s3prl")
     import s3prl.hub
 
     return register_into(s3prl.hub)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from s3prl_laser.console import setup_console
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,11 +67,13 @@ def teardown_distributed(env: DistEnv) -> None:
 
 
 def setup_logging(env: DistEnv) -> None:
-    """INFO on rank 0, warnings only on the other ranks (skipped files are reported by every rank)."""
+    """INFO on rank 0, warnings only on the other ranks (skipped files are reported by every rank).
+
+    Other libraries' chatter goes to DEBUG (see :mod:`s3prl_laser.console`; ``S3PRL_LASER_LOG=debug``).
+    """
     level = logging.INFO if env.is_main else logging.WARNING
     prefix = f"[rank {env.rank}] " if env.distributed else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("s3prl_laser").setLevel(level)
+    setup_console(level, fmt=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
 
 
 class StopSignals:

@@ -1,0 +1,89 @@
+"""``hubert_laser`` / ``wavlm_laser`` inside ESPnet's s3prl frontend (``espnet2/asr/frontend/s3prl.py``).
+
+ESPnet builds its frontend in its own interpreter, never calling ``s3prl_laser.register()``: the names must
+come from the installed start-up hook. The child process below repeats the frontend's construction and
+forward step by step (ESPnet itself is not installed here) and compares with s3prl's stock ``hubert_local``
+/ ``wavlm_local`` on the same file, which ESPnet users load the same way.
+"""
+
+import json
+import subprocess
+import sys
+
+FRONTEND = r"""
+import json, sys
+import torch
+import s3prl
+from s3prl.nn import Featurizer, S3PRLUpstream
+
+
+def espnet_frontend(name, path_or_url):
+    # S3prlFrontend.__init__ with frontend_conf = {"upstream": name, "path_or_url": path_or_url}
+    assert name in S3PRLUpstream.available_names(), name
+    upstream = S3PRLUpstream(name, path_or_url=path_or_url, normalize=False, extra_conf=None)
+    switched = False
+    if getattr(upstream.upstream, "model", None):
+        if getattr(upstream.upstream.model, "feature_grad_mult", None) is not None:
+            upstream.upstream.model.feature_grad_mult = 1.0
+            switched = True
+    upstream.eval()
+    return upstream, Featurizer(upstream, layer_selections=None), switched
+
+
+def espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature):
+    # S3prlFrontend.forward with layer = -1 and tile_factor = 1
+    feats, feats_lens = upstream(wavs, lens)
+    if multilayer_feature:
+        return featurizer(feats, feats_lens)
+    return featurizer(feats[-1:], feats_lens[-1:])
+
+
+torch.manual_seed(0)
+wavs, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
+report = {}
+for laser, stock, ckpt in json.loads(sys.argv[1]):
+    upstream, featurizer, switched = espnet_frontend(laser, ckpt)
+    reference, _, _ = espnet_frontend(stock, ckpt)
+    with torch.no_grad():
+        last, last_lens = espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature=False)
+        mixed, mixed_lens = espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature=True)
+        stock_hs, stock_lens = reference(wavs, lens)
+    upstream.train()  # ESPnet fine-tunes the frontend with feature_grad_mult = 1: the CNN gets gradients
+    trained, _ = espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature=True)
+    trained.square().mean().backward()
+    cnn_grad = upstream.upstream.model.feature_extractor.conv_layers[0][0].weight.grad
+    report[laser] = {
+        "switched": switched,
+        "hop_length": featurizer.downsample_rate,
+        "output_size": featurizer.output_size,
+        "last_vs_stock": (last - stock_hs[-1]).abs().max().item(),
+        "mixed_vs_mean_of_stock_layers": (mixed - torch.stack(stock_hs).mean(0)).abs().max().item(),
+        "lens": [last_lens.tolist(), mixed_lens.tolist(), stock_lens[-1].tolist()],
+        "cnn_grad_norm": None if cnn_grad is None else cnn_grad.norm().item(),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_laser_entries_work_as_espnet_builds_and_calls_them(tiny_hubert_ckpt, tiny_wavlm_ckpt, tmp_path):
+    cases = [
+        ("hubert_laser", "hubert_local", str(tiny_hubert_ckpt)),
+        ("wavlm_laser", "wavlm_local", str(tiny_wavlm_ckpt)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", FRONTEND, json.dumps(cases)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected_frames = [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
+    for name, result in report.items():
+        assert result["switched"], f"{name}: ESPnet's feature_grad_mult switch found no model to apply to"
+        assert (result["hop_length"], result["output_size"]) == (320, 64), name
+        assert result["last_vs_stock"] == 0.0, name
+        assert result["mixed_vs_mean_of_stock_layers"] < 1e-5, name  # zero-init weights: a uniform mean
+        assert result["lens"] == [expected_frames] * 3, name
+        assert result["cnn_grad_norm"] is not None and 0 < result["cnn_grad_norm"] < float("inf"), name
