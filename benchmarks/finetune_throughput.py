@@ -10,7 +10,10 @@ clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact
 * forward: upstream + projection head; loss: soft-DTW divergence + regulariser (forward);
 * backward + optimizer: backward of everything, gradient clipping, AdamW;
 * soft-DTW alone (measured apart, on the step's projections): divergence forward + backward;
-* perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair.
+* perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair;
+* one validation (measured apart, after the steps): :func:`s3prl_laser.heldout.measure` on ``eval_clips``
+  held-out pairs, as the trainer runs it every ``eval_every`` steps, and its share of the training time of
+  those ``eval_every`` steps.
 
 The first ``--warmup`` steps are not timed. The preset is used as configured (batch size, crop, bf16
 autocast on CUDA) unless an option overrides it. Prints one table row per upstream, with pairs/s, the peak
@@ -35,6 +38,7 @@ from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
+from s3prl_laser.heldout import eval_mode, make_pairs, measure
 from s3prl_laser.laser_model import build_model
 from s3prl_laser.length_index import scan, scan_jobs
 from s3prl_laser.runtime import DistEnv
@@ -67,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="the 4-layer test model instead of base size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-clips", type=int, default=None, help="validation clips (default: config's)")
     return parser
 
 
@@ -101,11 +106,13 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
         overrides.append(f"max_seconds={args.max_seconds}")
     if args.workers is not None:
         overrides.append(f"num_workers={args.workers}")
+    if args.eval_clips is not None:
+        overrides.append(f"eval_clips={args.eval_clips}")
     cfg = resolve_config(upstream, overrides=overrides)
     corpus = workdir / "corpus"
     if not corpus.exists():
         corpus.mkdir()
-        clips = max(4 * cfg.batch_size, (args.steps + args.warmup) * cfg.batch_size)
+        clips = max(4 * cfg.batch_size, (args.steps + args.warmup) * cfg.batch_size, cfg.eval_clips)
         synthetic_corpus(corpus, clips, args.seed, cfg.max_seconds)
     ckpt = build_checkpoint(upstream, workdir / f"{upstream}.pt", args.tiny, args.seed)
     cfg = dataclasses.replace(cfg, data=str(corpus), ckpt=str(ckpt))
@@ -144,7 +151,18 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     result["peak_mib"] = memory.peak / 2**20
     result["batch_size"] = cfg.batch_size
     result["precision"] = cfg.precision if device.type == "cuda" else "fp32"
+    result["validation"] = time_validation(parts, cfg, items, device)
+    result["validation_share"] = result["validation"] / (cfg.eval_every * step_time)
     return result
+
+
+def time_validation(parts, cfg, items, device: torch.device) -> float:
+    """Seconds of one validation on ``eval_clips`` clips (bf16 autocast on CUDA, as in training)."""
+    pairs = make_pairs(items[: cfg.eval_clips], cfg)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision == "bf16" else None
+    with eval_mode(parts.base, parts.head):
+        measure(parts.base, parts.head, pairs[:2], cfg.gamma, amp_dtype)  # kernel set-up, untimed
+        return timed(lambda: measure(parts.base, parts.head, pairs, cfg.gamma, amp_dtype), device)
 
 
 def projected_hours(pairs_per_s: float) -> float:
@@ -172,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{'upstream':<8} {'pairs':>5} {'pairs/s':>8} {'step s':>8} {'data':>6} {'fwd':>6} {'loss':>6}"
         f" {'bwd+opt':>8} {'sdtw s':>8} {'perturb s':>10} {'peak MiB':>9} {'3600x8 h':>9}"
+        f" {'val s':>7} {'val %':>6}"
     )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{upstream:<8} {r['batch_size']:>5} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} "
                 f"{share['data']:>5.0f}% {share['forward']:>5.0f}% {share['loss']:>5.0f}% "
                 f"{share['backward']:>7.0f}% {r['softdtw']:>8.4f} {r['perturb']:>10.4f} "
-                f"{r['peak_mib']:>9.0f} {projected:>9.2f}"
+                f"{r['peak_mib']:>9.0f} {projected:>9.2f} {r['validation']:>7.2f} "
+                f"{100 * r['validation_share']:>6.2f}"
             )
     print(
         "data/fwd/loss/bwd+opt: share of the step; sdtw s: soft-DTW divergence fwd+bwd alone per step; "
         "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
         "peak MiB: peak memory of the run over what was allocated before it (CUDA: allocator; CPU: RSS); "
-        "3600x8 h: projected hours of the paper's recipe on this device, one process"
+        "3600x8 h: projected hours of the paper's recipe on this device, one process; "
+        "val s: one validation on eval_clips clips; val %: its share of the eval_every steps between two"
     )
     return 0
 

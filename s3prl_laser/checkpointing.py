@@ -6,7 +6,9 @@ A checkpoint (nanoGPT style) holds::
      "optimizer": ..., "scheduler": ..., "step": int, "config": dict, "rng": [per-rank RNG states],
      "data_position": {"epoch": int, "batch": int}, "counters": {reason: int}, "world_size": int}
 
-Files are ``OUT/checkpoints/step_0000500.pt``; the newest ``keep`` files are kept.
+Files are ``OUT/checkpoints/step_0000500.pt``; the newest ``keep`` files are kept. Beside them,
+``OUT/checkpoints/best.pt`` holds the trainable weights and head at the best validation so far
+(``{"model", "head", "step", "metrics", "config"}``).
 
 Example::
 
@@ -55,6 +57,15 @@ def save_checkpoint(state: dict, out: str | os.PathLike, step: int, keep: int = 
     for _, old in list_checkpoints(out)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def best_path(out: str | os.PathLike) -> Path:
+    return checkpoint_dir(out) / "best.pt"
+
+
+def save_best(state: dict, out: str | os.PathLike) -> Path:
+    """Write ``state`` atomically as the run's best checkpoint (replacing the previous best)."""
+    return save_s3prl_checkpoint(state, best_path(out))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -87,6 +87,10 @@ class LaserConfig:
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
     log_every: int = 10  # TensorBoard scalars every this many steps
+    # --- validation (held-out clips; see s3prl_laser.heldout) ---
+    eval_every: int = 250  # validate every this many steps and at the last one; 0 = never
+    eval_clips: int = 32  # held-out clips: dev-clean if --data has it, else a seeded share of --data
+    collapse_threshold: float = 0.3  # warn once when a far-frame distance (collapse guard) falls below
     # --- demo report (only with --demo) ---
     report_clips: int = 8  # held-out clips in the before/after report
 
@@ -110,7 +114,10 @@ def validate(cfg: LaserConfig) -> None:
     for key in ("lr", "gamma"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be > 0")
-    for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples"):
+    if cfg.eval_clips < 2:
+        raise ValueError(f"eval_clips={cfg.eval_clips!r} must be >= 2 (the metrics compare clips)")
+    for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples",
+                "eval_every", "collapse_threshold"):  # fmt: skip
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 0")
     if not 0.0 <= cfg.swap_prob <= 1.0:

@@ -14,7 +14,9 @@ Examples::
     python -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo         # tiny, CPU, < 2 min
 
 Outputs in ``--out``: ``config.yaml`` (resolved), ``checkpoints/step_*.pt`` (training state, resumable),
-``tb/`` (TensorBoard), and ``<upstream>_laser.pt``: the tuned upstream in s3prl's own checkpoint format.
+``checkpoints/best.pt`` (trainable weights at the best validation), ``tb/`` (TensorBoard), and the tuned
+upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) and
+``<upstream>_laser_best.pt`` (best validation step; see :mod:`s3prl_laser.validation`).
 
 ``--resume`` continues the run in ``--out`` from its own ``config.yaml``: ``--upstream``, ``--data`` and
 ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value`` changes a key only when given
@@ -31,8 +33,9 @@ from pathlib import Path
 
 from s3prl_laser import checkpointing
 from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
+from s3prl_laser.heldout import validation_split
 from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.laser_model import build_model, export_upstream, seeded_head
+from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
 from s3prl_laser.length_index import load_or_build_index
 from s3prl_laser.runtime import (
     DistEnv,
@@ -43,6 +46,7 @@ from s3prl_laser.runtime import (
     teardown_distributed,
 )
 from s3prl_laser.trainer import TrainState, resume, train
+from s3prl_laser.validation import Validator
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -106,21 +110,26 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
+    held_out, items, where = validation_split(cfg, items)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
     with StopSignals() as stop:
+        validator = Validator(cfg, held_out, where, env)
         parts = build_model(cfg, env)
         state = TrainState()
         if args.resume:
             resume(parts, state, cfg, out, env)
-        train(cfg, parts, items, state, out, env, stop)
+        train(cfg, parts, items, state, out, env, stop, validator)
         if stop.signum is not None:
             logger.info("stopped by signal %d at step %d; resume with --resume", stop.signum, state.step)
             return 128 + stop.signum
     if env.is_main:
         final = export_upstream(parts, cfg, out)
-        logger.info("tuned upstream written to %s", final)
+        logger.info("tuned upstream (last step, %d) written to %s", state.step, final)
+        best = export_best(parts, cfg, out)
+        if best is not None:
+            logger.info("tuned upstream at the best validation (step %d) written to %s", best[1], best[0])
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 

@@ -106,8 +106,30 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
+    """The upstream's trainable parameters by name (the frozen rest comes from ``--ckpt``)."""
+    return {name: p.detach().cpu() for name, p in parts.base.named_parameters() if p.requires_grad}
+
+
 def export_upstream(parts: Parts, cfg: LaserConfig, out: Path) -> Path:
     """Write the tuned upstream as ``OUT/<upstream>_laser.pt`` in s3prl's own checkpoint format."""
     from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(parts.base.state_for_s3prl(), out / f"{cfg.upstream}_laser.pt")
+
+
+def export_best(parts: Parts, cfg: LaserConfig, out: Path) -> tuple[Path, int] | None:
+    """Write the upstream of the best validation (``checkpoints/best.pt``) as ``<upstream>_laser_best.pt``.
+
+    The frozen weights are the model's own (they never change); the trainable ones come from ``best.pt``.
+    Returns the path and the best step, or None when the run kept no best checkpoint.
+    """
+    from s3prl_laser import checkpointing
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+
+    path = checkpointing.best_path(out)
+    if not path.is_file():
+        return None
+    best = checkpointing.load_checkpoint(path)
+    state = parts.base.state_for_s3prl(replace=best["model"])
+    return save_s3prl_checkpoint(state, out / f"{cfg.upstream}_laser_best.pt"), int(best["step"])

@@ -1,15 +1,9 @@
 """The ``--demo`` before/after report: what LASER does to the clean and perturbed views of held-out clips.
 
-For each held-out clip (the corpus' ``dev-clean`` and ``test-clean`` splits) a perturbed view is made as in
-training (speed, then pitch; no swap). Before and after tuning it measures, averaged over clips:
-
-* the soft-DTW divergence between the two views of the same clip (what LASER minimises), and, as its scale,
-  the divergence between the clean view of a clip and the perturbed view of ANOTHER clip; their ratio is
-  scale-free (lower: the two views of one utterance are closer, relative to unrelated speech). The ratio
-  is also given in the upstream's last layer (frames L2-normalised), which is what downstream tasks see;
-* a collapse guard: the mean distance between frames at least half a clip apart in time. LASER's temporal
-  regulariser keeps it up; were it to fall to 0, the frames would have collapsed onto one point (and every
-  divergence with them).
+The held-out clips are the corpus' ``dev-clean`` and ``test-clean`` splits. Before and after tuning it
+measures the metrics of :mod:`s3prl_laser.heldout` (the same code path as the validation during training):
+the same-clip / other-clip divergence ratio in the projection space and in the upstream's last layer, and
+the far-frame collapse guard.
 
 It also draws the expected alignment matrix ``E = d sdtw / d C`` between the two views of the first clip
 (projection space), before and after. Both upstreams are measured as a SUPERB downstream sees them, loaded
@@ -27,95 +21,36 @@ Example::
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from s3prl_laser.config import LaserConfig
-from s3prl_laser.data import PairDataset, find_audio
-from s3prl_laser.perturb import LaserPerturbation
-from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_divergence, soft_dtw_from_cost
+from s3prl_laser.data import find_audio
+from s3prl_laser.heldout import METRICS, Pair, embed, eval_mode, make_pairs, measure
+from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_from_cost
 
 HELD_OUT_SPLITS = ("dev-clean", "test-clean")
-METRICS = {
-    "divergence_projection": "divergence, same clip (projection)",
-    "divergence_other_projection": "divergence, other clip (projection)",
-    "divergence_ratio_projection": "same / other clip (projection)",
-    "divergence_ratio_upstream": "same / other clip (upstream last layer)",
-    "far_distance_projection": "far-frame distance (projection)",
-    "far_distance_upstream": "far-frame distance (upstream last layer)",
-}
 
 
-def held_out_pairs(cfg: LaserConfig) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def held_out_pairs(cfg: LaserConfig) -> list[Pair]:
     """``(path, clean [T], perturbed [T'])`` for the first ``report_clips`` held-out clips."""
-    items = find_audio(cfg.data, HELD_OUT_SPLITS)[: cfg.report_clips]
-    perturb = LaserPerturbation(cfg.speed_factors, cfg.pitch_semitones, cfg.sample_rate)
-    dataset = PairDataset(items, perturb, cfg.sample_rate, cfg.max_seconds, cfg.min_samples, 0.0, cfg.seed)
-    samples = [dataset[(index, 0, 0)] for index in range(len(items))]
-    return [(item.path, s["a"], s["b"]) for item, s in zip(items, samples, strict=True) if s["skip"] is None]
-
-
-@torch.no_grad()
-def embed(base: nn.Module, head: nn.Module, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One clip ``[T]`` -> (upstream last layer, L2-normalised ``[F, C]``; projection ``[F, D]``), float64."""
-    device = next(head.parameters()).device
-    hidden, frames = base(wav[None].to(device), torch.tensor([wav.shape[-1]], device=device))
-    hidden = hidden[0, : int(frames[0])].float()
-    return F.normalize(hidden, dim=-1).double().cpu(), head(hidden).double().cpu()
-
-
-def far_frame_distance(z: torch.Tensor) -> float:
-    """Mean ``||z_i - z_j||`` over frame pairs at least half the clip apart (``z: [F, D]``)."""
-    n = z.shape[0]
-    gap = torch.arange(n)[:, None] - torch.arange(n)[None, :]
-    far = gap.abs() >= max(1, n // 2)
-    return float(torch.cdist(z, z)[far].mean())
-
-
-def divergence(x: torch.Tensor, y: torch.Tensor, gamma: float, backend: str = "auto") -> float:
-    """Soft-DTW divergence between ``x [N, D]`` and ``y [M, D]``."""
-    return float(soft_dtw_divergence(x[None], y[None], gamma=gamma, backend=backend)[0])
+    return make_pairs(find_audio(cfg.data, HELD_OUT_SPLITS)[: cfg.report_clips], cfg)
 
 
 def expected_alignment(x: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
     """``E = d sdtw(x, y) / d C`` for ``x [N, D]``, ``y [M, D]``: ``[N, M]``, each cell in ``[0, 1]``."""
     cost = pairwise_sq_dist(x[None], y[None]).detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(soft_dtw_from_cost(cost, gamma=gamma).sum(), cost)
-    return grad[0]
+    return grad[0].cpu()
 
 
-def measure(base: nn.Module, head: nn.Module, pairs, gamma: float) -> tuple[dict[str, float], torch.Tensor]:
-    """Average the report's metrics over ``pairs``; also return ``E`` of the first pair (projection space).
-
-    "Other clip" compares the clean view of clip ``i`` with the perturbed view of clip ``i + 1``: the
-    divergence of two unrelated utterances, the scale against which "same clip" is read.
-    """
-    views = [(embed(base, head, clean), embed(base, head, perturbed)) for _, clean, perturbed in pairs]
-    totals = dict.fromkeys(["upstream", "other_upstream", "projection", "other_projection"], 0.0)
-    far = {"upstream": 0.0, "projection": 0.0}
-    for i, ((u1, z1), (u2, z2)) in enumerate(views):
-        (u_other, z_other) = views[(i + 1) % len(views)][1]
-        totals["projection"] += divergence(z1, z2, gamma)
-        totals["upstream"] += divergence(u1, u2, gamma)
-        totals["other_projection"] += divergence(z1, z_other, gamma)
-        totals["other_upstream"] += divergence(u1, u_other, gamma)
-        far["projection"] += (far_frame_distance(z1) + far_frame_distance(z2)) / 2
-        far["upstream"] += (far_frame_distance(u1) + far_frame_distance(u2)) / 2
-    n = len(views)
-    metrics = {
-        "divergence_projection": totals["projection"] / n,
-        "divergence_other_projection": totals["other_projection"] / n,
-        "divergence_ratio_projection": totals["projection"] / totals["other_projection"],
-        "divergence_ratio_upstream": totals["upstream"] / totals["other_upstream"],
-        "far_distance_projection": far["projection"] / n,
-        "far_distance_upstream": far["upstream"] / n,
-    }
-    (_, z1), (_, z2) = views[0]
-    return metrics, expected_alignment(z1, z2, gamma)
+def first_pair_alignment(base: nn.Module, head: nn.Module, pairs: list[Pair], gamma: float) -> torch.Tensor:
+    """``E`` between the projections of the two views of the first pair (call in eval mode)."""
+    _, clean, perturbed = pairs[0]
+    (_, z1), (_, z2) = embed(base, head, clean), embed(base, head, perturbed)
+    return expected_alignment(z1, z2, gamma)
 
 
 def plot_alignments(before: torch.Tensor, after: torch.Tensor, path: Path, title: str) -> None:
@@ -145,19 +80,6 @@ def format_table(report: dict) -> str:
     for key, label in METRICS.items():
         lines.append(f"{label:<44}{report['before'][key]:>10.4f}{report['after'][key]:>10.4f}")
     return "\n".join(lines)
-
-
-@contextmanager
-def eval_mode(*modules: nn.Module):
-    """Put ``modules`` in eval mode for the ``with`` block, then restore each one's train/eval mode."""
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)
 
 
 class S3prlLastLayer(nn.Module):
@@ -216,7 +138,8 @@ def demo_report(
     results, alignments = {}, {}
     for name, (base, head) in (("before", before), ("after", after)):
         with eval_mode(base, head):
-            results[name], alignments[name] = measure(base, head, pairs, cfg.gamma)
+            results[name] = measure(base, head, pairs, cfg.gamma)
+            alignments[name] = first_pair_alignment(base, head, pairs, cfg.gamma)
     report = {
         "clips": len(pairs),
         "paths": [path for path, _, _ in pairs],

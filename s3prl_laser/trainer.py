@@ -39,7 +39,7 @@ from s3prl_laser.data import (
     default_workers,
     view_stretch,
 )
-from s3prl_laser.laser_model import Parts
+from s3prl_laser.laser_model import Parts, trainable_state
 from s3prl_laser.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.perturb import LaserPerturbation
 from s3prl_laser.runtime import (
@@ -50,6 +50,7 @@ from s3prl_laser.runtime import (
     barrier,
     ignore_signals_in_worker,
 )
+from s3prl_laser.validation import Validator
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -104,12 +105,16 @@ def build_data(
 
 @dataclass
 class TrainState:
-    """Progress: optimizer steps done, sampler position of the next batch, counts of skipped things."""
+    """Progress: optimizer steps done, sampler position of the next batch, counts of skipped things, and
+    the validation's bookkeeping (best step and value so far, whether the collapse warning was given)."""
 
     step: int = 0
     position: tuple[int, int] = (0, 0)
     counters: Counter = field(default_factory=Counter)
     pairs: int = 0
+    best_step: int | None = None
+    best_value: float | None = None
+    collapse_warned: bool = False
 
 
 def forward_pairs(module: nn.Module, batch: PairBatch, env: DistEnv, cfg: LaserConfig):
@@ -230,8 +235,12 @@ def train(
     out: Path,
     env: DistEnv,
     stop: StopSignals,
+    validator: Validator | None = None,
 ) -> TrainState:
-    """Run optimizer steps until ``cfg.steps`` (or a stop signal); checkpoint every ``save_every`` steps."""
+    """Run optimizer steps until ``cfg.steps`` (or a stop signal); checkpoint every ``save_every`` steps.
+
+    ``validator`` (optional) validates on held-out clips every ``eval_every`` steps and at the last one.
+    """
     if state.step >= cfg.steps:
         logger.info("already at step %d of %d: nothing to train", state.step, cfg.steps)
         return state
@@ -252,7 +261,10 @@ def train(
             if result["stepped"]:
                 state.step, idle = state.step + 1, 0
                 rate = (state.pairs - pairs_at_start) / max(time.perf_counter() - started, 1e-9)
-                _log_step(writer, progress, state, result, rate, cfg)
+                _log_step(writer, progress, state, result, rate, cfg, validator)
+                if validator is not None and validator.due(state.step, state.step >= cfg.steps):
+                    validator.run(parts, state, out, writer)
+                    _show(progress, result, rate, validator)
             else:
                 state.counters[result["skip"]] += 1
                 idle += 1
@@ -291,9 +303,16 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tb"))
 
 
-def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cfg: LaserConfig) -> None:
+def _show(progress, result: dict, rate: float, validator: Validator | None) -> None:
+    """Progress-bar postfix: the step's loss and pairs/s, and the newest validation metrics."""
+    latest = validator.latest if validator is not None else {}
+    progress.set_postfix(loss=f"{result['loss']:.4f}", pairs_s=f"{rate:.1f}", **latest)
+
+
+def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cfg: LaserConfig,
+              validator: Validator | None = None) -> None:  # fmt: skip
     progress.update(1)
-    progress.set_postfix(loss=f"{result['loss']:.4f}", pairs_s=f"{rate:.1f}")
+    _show(progress, result, rate, validator)
     if writer is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
         for key in ("loss", "alignment", "regularizer", "lr", "grad_norm"):
             writer.add_scalar(f"train/{key}", result[key], state.step)
@@ -305,11 +324,6 @@ def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cf
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
-    """The upstream's trainable parameters by name (the frozen rest comes from ``--ckpt``)."""
-    return {name: p.detach().cpu() for name, p in parts.base.named_parameters() if p.requires_grad}
 
 
 def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
@@ -335,6 +349,11 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
             "counters": dict(state.counters),
             "pairs": state.pairs,
             "world_size": env.world_size,
+            "validation": {
+                "best_step": state.best_step,
+                "best_value": state.best_value,
+                "collapse_warned": state.collapse_warned,
+            },
         }
         path = checkpointing.save_checkpoint(checkpoint, out, state.step)
         logger.info("checkpoint: %s", path)
@@ -371,7 +390,26 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
     state.position = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batch"])
     state.counters = Counter(checkpoint["counters"])
     state.pairs = checkpoint["pairs"]
+    validation = checkpoint.get("validation", {})
+    state.best_step, state.best_value = validation.get("best_step"), validation.get("best_value")
+    state.collapse_warned = bool(validation.get("collapse_warned", False))
+    if forget_later_best(out, state.step, env):
+        state.best_step = state.best_value = None
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
+
+
+def forget_later_best(out: Path, step: int, env: DistEnv) -> bool:
+    """Remove a ``best.pt`` written after ``step`` (rank 0); True if one was removed.
+
+    The resumed run validates those steps again; starting its search for the best afresh gives the same
+    best as the interrupted run had once it passes that step (the removed best beat every earlier one).
+    """
+    path = checkpointing.best_path(out)
+    if not (env.is_main and path.is_file() and checkpointing.load_checkpoint(path)["step"] > step):
+        return False
+    logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
+    path.unlink()
+    return True
 
 
 def check_ranks_in_sync(parts: Parts, env: DistEnv) -> None:

@@ -319,14 +319,21 @@ class BaseModel(nn.Module):
         return self._run(wavs, wav_lengths)["hidden_states"]
 
     # ------------------------------------------------------------------------------------- write back
-    def state_for_s3prl(self) -> dict:
+    def state_for_s3prl(self, replace: dict[str, Tensor] | None = None) -> dict:
         """The checkpoint dict in s3prl's own format with the current weights (CPU tensors, plain config).
 
         HuBERT: ``{"task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"}``; WavLM:
         ``{"cfg", "model"}``. Loadable by s3prl's stock ``hubert_local`` / ``wavlm_local`` and by
-        ``torch.load(weights_only=True)``; write it with :func:`save_s3prl_checkpoint`.
+        ``torch.load(weights_only=True)``; write it with :func:`save_s3prl_checkpoint`. ``replace`` maps
+        names of :meth:`named_parameters` (``model.encoder.layers.11.…``) to tensors written instead of the
+        current ones (e.g. the trainable weights of an earlier step); the model itself is left unchanged.
         """
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        for name, tensor in (replace or {}).items():
+            key = name.removeprefix("model.")
+            if key not in weights or weights[key].shape != tensor.shape:
+                raise ValueError(f"replace: {name!r} is not a parameter of shape {tuple(tensor.shape)} here")
+            weights[key] = tensor.detach().to("cpu", copy=True)
         state = copy.deepcopy(self.config)
         state["model_weight" if self.upstream == "hubert" else "model"] = weights
         return state

@@ -4,9 +4,11 @@ Every run uses short crops, 2 pairs per step and a few steps, so that the file s
 """
 
 import importlib.util
+import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import torch
 
 from s3prl_laser import checkpointing
 from s3prl_laser.finetune import main
+from s3prl_laser.heldout import BEST_METRIC, METRICS
 from s3prl_laser.laser_model import linear_warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +33,24 @@ def finetune(out, ckpt, data, *overrides, upstream="hubert", extra=()):
     return main([*argv, *FAST, *overrides])
 
 
-def final_weights(out, upstream="hubert"):
-    state = torch.load(out / f"{upstream}_laser.pt", weights_only=True)
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` read back from the TFRecord event files that tensorboardX wrote."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):  # record: length (u64), its CRC (u32), payload, payload CRC (u32)
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def final_weights(out, upstream="hubert", suffix=""):
+    state = torch.load(out / f"{upstream}_laser{suffix}.pt", weights_only=True)
     return state["model_weight" if upstream == "hubert" else "model"]
 
 
@@ -79,8 +98,12 @@ def test_held_out_audio_stops_the_command_before_any_model(tmp_path, tiny_hubert
 def test_parent_of_librispeech_trains_on_train_splits_only(tmp_path, tiny_hubert_ckpt, demo_corpus, caplog):
     caplog.set_level("INFO", logger="s3prl_laser")
     assert finetune(tmp_path / "run", tiny_hubert_ckpt, demo_corpus.parent, "steps=1") == 0
-    assert "data by split: train-clean-100: 40 clips" in caplog.text
-    assert "dev-clean" not in caplog.text and "test-clean" not in caplog.text
+    (by_split,) = [line for line in caplog.messages if line.startswith("data by split:")]
+    assert by_split.startswith("data by split: train-clean-100: 40 clips")
+    assert "dev-clean" not in by_split and "test-clean" not in by_split
+    # validation reads dev-clean of the LibriSpeech folder found below --data; training never does
+    (validation,) = [line for line in caplog.messages if line.startswith("validation:")]
+    assert validation.endswith(f"clips of {demo_corpus / 'dev-clean'}")
 
 
 @pytest.mark.parametrize("upstream", ["hubert", "wavlm"])
@@ -118,11 +141,13 @@ def test_resume_continues_exactly_from_the_runs_own_config(tmp_path, tiny_hubert
     original command (lr, batch size, crop, schedule...): they come from the run's own config.yaml.
     """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ("steps=6", "save_every=3", "num_workers=1")
+    args = ("steps=6", "save_every=3", "num_workers=1", "eval_every=2", "eval_clips=3")
     assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpointing.checkpoint_path(straight, 3), checkpointing.checkpoint_path(resumed, 3))
     shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    # the interrupted run's best.pt may be from after step 3: the resumed run must redo it, not trust it
+    shutil.copy(checkpointing.best_path(straight), checkpointing.best_path(resumed))
     caplog.clear()
     assert main(["--out", str(resumed), "--resume"]) == 0
     assert "--resume:" not in caplog.text  # nothing was changed
@@ -135,6 +160,11 @@ def test_resume_continues_exactly_from_the_runs_own_config(tmp_path, tiny_hubert
     assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"]
     assert torch.equal(last_a["rng"][0]["torch"], last_b["rng"][0]["torch"])
     assert last_b["config"] == last_a["config"] and last_b["config"]["lr"] == 1e-3  # not the preset lr
+    assert last_a["validation"] == last_b["validation"] and last_a["validation"]["best_step"] is not None
+    best_a = checkpointing.load_checkpoint(checkpointing.best_path(straight))
+    best_b = checkpointing.load_checkpoint(checkpointing.best_path(resumed))
+    assert best_a["step"] == best_b["step"] and best_a["metrics"] == best_b["metrics"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
     # Without restoring the step-3 state the run would differ: the base model was changed by training.
     assert not all(torch.equal(a[name], base_weights(tiny_hubert_ckpt)[name]) for name in a)
 
@@ -334,6 +364,39 @@ def test_demo_writes_report_table_and_picture(tmp_path, capsys):
     assert loaded["after"] == {"upstream": "wavlm_laser", "ckpt": str(out / "wavlm_laser.pt")}
     assert loaded["after_vs_tuned_in_memory_max_abs_diff"] < 1e-5
     assert "loaded through s3prl" in printed
+    # the run validated at its last step: TensorBoard holds every held-out metric
+    scalars = tensorboard_scalars(out / "tb")
+    for key in METRICS:
+        assert list(scalars[f"val/{key}"]) == [3] and math.isfinite(scalars[f"val/{key}"][3]), key
+    assert scalars["val/seconds"][3] > 0 and scalars["val/share_of_training"][3] > 0
+
+
+def test_validation_keeps_the_best_checkpoint_and_warns_once_of_collapse(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, caplog, capsys
+):
+    out = tmp_path / "run"
+    args = ("steps=6", "save_every=6", "eval_every=2", "eval_clips=3", "lr=3e-3")
+    assert finetune(out, tiny_hubert_ckpt, demo_corpus, *args) == 0
+    ratios = tensorboard_scalars(out / "tb")[f"val/{BEST_METRIC}"]
+    assert sorted(ratios) == [2, 4, 6]
+    assert "val=" in capsys.readouterr().err  # the progress bar shows the newest validation
+    best = checkpointing.load_checkpoint(checkpointing.best_path(out))
+    assert best["step"] == min(ratios, key=ratios.get)
+    assert best["metrics"][BEST_METRIC] == pytest.approx(ratios[best["step"]], rel=1e-6)
+    # <upstream>_laser_best.pt: the trainable weights of best.pt, everything else as in the last export
+    best_export, base = final_weights(out, "hubert", "_best"), base_weights(tiny_hubert_ckpt)
+    for name, tensor in best_export.items():
+        expected = best["model"].get(f"model.{name}", base[name])
+        assert torch.equal(tensor, expected), name
+    assert best_export.keys() == final_weights(out).keys()
+    assert "collapse guard" not in caplog.text
+
+    caplog.clear()
+    guarded = tmp_path / "guarded"  # a threshold no far-frame distance reaches: warned once, no best kept
+    assert finetune(guarded, tiny_hubert_ckpt, demo_corpus, *args, "collapse_threshold=3.0") == 0
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "collapse guard" in r.message]
+    assert len(warnings) == 1 and "collapse_threshold=3.0 at step 2" in warnings[0].message
+    assert not checkpointing.best_path(guarded).exists() and not (guarded / "hubert_laser_best.pt").exists()
 
 
 def test_throughput_benchmark_runs(capsys, monkeypatch):
@@ -353,6 +416,8 @@ def test_throughput_benchmark_runs(capsys, monkeypatch):
         "1",
         "--workers",
         "0",
+        "--eval-clips",
+        "2",
     ]
     assert bench.main([*argv, "--device", "cpu"]) == 0
     rows = [
