@@ -38,6 +38,7 @@ from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
 from s3prl_laser.config import resolve_config
+from s3prl_laser.data import complete_pairs
 from s3prl_laser.heldout import eval_mode, make_pairs, measure
 from s3prl_laser.laser_model import build_model
 from s3prl_laser.length_index import scan, scan_jobs
@@ -126,7 +127,7 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
         batches = iter(loader)
         for step in range(args.warmup + args.steps):
             t0 = sync(device)
-            batch = next(batches)
+            batch = complete_pairs(next(batches), loader.dataset.perturb, device)  # perturb_on: device
             t1 = sync(device)
             z, frames = forward_pairs(parts.module, batch, env, cfg)
             t2 = sync(device)
@@ -150,6 +151,7 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     result["step"] = step_time
     result["peak_mib"] = memory.peak / 2**20
     result["batch_size"] = cfg.batch_size
+    result["pairs_per_step"] = pairs / args.steps  # below batch_size where a batch exceeds max_batch_seconds
     result["precision"] = cfg.precision if device.type == "cuda" else "fp32"
     result["validation"] = time_validation(parts, cfg, items, device)
     result["validation_share"] = result["validation"] / (cfg.eval_every * step_time)
@@ -199,14 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             share = {k: 100 * r[k] / r["step"] for k in ("data", "forward", "loss", "backward")}
             projected = projected_hours(r["pairs_per_s"])
             print(
-                f"{upstream:<8} {r['batch_size']:>5} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} "
+                f"{upstream:<8} {r['pairs_per_step']:>5.1f} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} "
                 f"{share['data']:>5.0f}% {share['forward']:>5.0f}% {share['loss']:>5.0f}% "
                 f"{share['backward']:>7.0f}% {r['softdtw']:>8.4f} {r['perturb']:>10.4f} "
                 f"{r['peak_mib']:>9.0f} {projected:>9.2f} {r['validation']:>7.2f} "
                 f"{100 * r['validation_share']:>6.2f}"
             )
     print(
-        "data/fwd/loss/bwd+opt: share of the step; sdtw s: soft-DTW divergence fwd+bwd alone per step; "
+        "pairs: mean pairs per step; data/fwd/loss/bwd+opt: share of the step; "
+        "sdtw s: soft-DTW divergence fwd+bwd alone per step; "
         "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
         "peak MiB: peak memory of the run over what was allocated before it (CUDA: allocator; CPU: RSS); "
         "3600x8 h: projected hours of the paper's recipe on this device, one process; "

@@ -30,11 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import finetune_throughput
+import peak_memory
 import softdtw as softdtw_bench
 import torch
 from measure import exact_cpu_rss
@@ -70,6 +73,7 @@ def plan(smoke: bool) -> dict:
             "timing": argparse.Namespace(batch=2, dim=8, gamma=GAMMA, repeats=1),
             "finetune": {"tiny": True, "steps": 2, "warmup": 1, "batch_size": 2, "max_seconds": 2.0,
                          "workers": 0},
+            "worst_step": (1, 0.5),  # pairs, seconds per view: a small base-size step
         }
     return {
         "device": torch.device("cuda"),
@@ -80,6 +84,7 @@ def plan(smoke: bool) -> dict:
         "timing": argparse.Namespace(batch=8, dim=256, gamma=GAMMA, repeats=5),
         "finetune": {"tiny": False, "steps": None, "warmup": 3, "batch_size": None, "max_seconds": None,
                      "workers": None},
+        "worst_step": None,  # the largest step each preset's max_batch_seconds admits
     }
 
 
@@ -210,9 +215,28 @@ def finetune(p: dict, steps: int | None, upstream: str, workdir: Path) -> dict:
                               workers=spec["workers"], device=str(p["device"]), seed=0)
     r = finetune_throughput.run_one(upstream, args, workdir)
     return {"preset": f"{upstream}_laser", "model": "tiny" if spec["tiny"] else "base (random init)",
-            "precision": r["precision"], "pairs per step": r["batch_size"], "pairs/s": r["pairs_per_s"],
-            "step s": r["step"], "softdtw s": r["softdtw"], "peak MiB": r["peak_mib"],
-            "3600x8 h": finetune_throughput.projected_hours(r["pairs_per_s"])}
+            "precision": r["precision"], "batch_size": r["batch_size"], "pairs per step": r["pairs_per_step"],
+            "pairs/s": r["pairs_per_s"], "step s": r["step"], "softdtw s": r["softdtw"],
+            "peak MiB": r["peak_mib"], "3600x8 h": finetune_throughput.projected_hours(r["pairs_per_s"])}
+
+
+def worst_step_memory(p: dict, upstream: str) -> dict:
+    """Peak memory of one base-size training step on the largest batch the preset's budget admits, in a
+    fresh process (``benchmarks/peak_memory.py``); an out-of-memory step is reported, not raised."""
+    shape = p["worst_step"] or peak_memory.worst_step(upstream)
+    if shape is None:
+        return {"worst step": "no max_batch_seconds budget"}
+    pairs, seconds = shape
+    cmd = [sys.executable, peak_memory.__file__, "--upstream", upstream, "--device", str(p["device"]),
+           "--one", f"{pairs}x{seconds:.3f}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"worst step": f"{pairs} x {seconds:.1f} s: failed (exit {done.returncode}): {last[:80]}"}
+    point = json.loads(done.stdout.strip().splitlines()[-1])
+    shape_text = f"{pairs} x {seconds:.1f} s" + (" (smoke)" if p["worst_step"] else "")
+    shape_text += "" if point["stepped"] else " (out of memory: skipped)"
+    return {"worst step": shape_text, "worst step peak MiB": point["peak"] / 2**20}
 
 
 def print_tables(report: dict) -> None:
@@ -239,15 +263,22 @@ def print_tables(report: dict) -> None:
         print(f"| {r['size']:<16} | {r['method']:<16} | {r['fwd']:8.2f} | {r['bwd']:8.2f} | {r['div']:8.2f} "
               f"| {r['mem']:8.1f} |")
     print("\n## fine-tuning, one process; 3600x8 h: projected hours of the paper's recipe at this speed")
+    print("pairs: mean pairs per step; peak: over the timed run; worst step: pairs x seconds per view of the")
+    print("largest batch the preset's max_batch_seconds admits, one base-size step in a fresh process")
     print(f"| {'preset':<13} | {'model':<18} | {'precision':<9} | {'pairs':>5} | {'pairs/s':>8} "
-          f"| {'step s':>7} | {'peak MiB':>9} | {'3600x8 h':>8} |")
-    print(f"|{'-' * 15}|{'-' * 20}|{'-' * 11}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 10}|")
+          f"| {'step s':>7} | {'peak MiB':>9} | {'3600x8 h':>8} | {'worst step':<18} "
+          f"| {'its peak MiB':>12} |")
+    print(f"|{'-' * 15}|{'-' * 20}|{'-' * 11}|{'-' * 7}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 10}|{'-' * 20}"
+          f"|{'-' * 14}|")
     for r in report["finetune"]:
         if "note" in r:
             print(f"| {r['preset']:<13} | {r['note']}")
             continue
-        print(f"| {r['preset']:<13} | {r['model']:<18} | {r['precision']:<9} | {r['pairs per step']:>5} "
-              f"| {r['pairs/s']:8.2f} | {r['step s']:7.3f} | {r['peak MiB']:9.0f} | {r['3600x8 h']:8.2f} |")
+        worst_peak = r.get("worst step peak MiB")
+        worst_peak = "-" if worst_peak is None else f"{worst_peak:.0f}"
+        print(f"| {r['preset']:<13} | {r['model']:<18} | {r['precision']:<9} | {r['pairs per step']:5.1f} "
+              f"| {r['pairs/s']:8.2f} | {r['step s']:7.3f} | {r['peak MiB']:9.0f} | {r['3600x8 h']:8.2f} "
+              f"| {r.get('worst step', 'not run'):<18} | {worst_peak:>12} |")
     print(f"\n{report['elapsed_s']:.0f} s; report: {report['out']}")
 
 
@@ -283,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                 report["finetune"].append({"preset": f"{upstream}_laser", "note": "not run (time budget)"})
                 continue
             print(f"# fine-tuning {upstream} ...", flush=True)
-            report["finetune"].append(finetune(p, args.steps, upstream, Path(tmp)))
+            row = finetune(p, args.steps, upstream, Path(tmp))
+            if in_budget(f"worst-step memory of {upstream}"):
+                row.update(worst_step_memory(p, upstream))
+            report["finetune"].append(row)
     report["elapsed_s"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

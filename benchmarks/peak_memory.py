@@ -24,7 +24,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from s3prl_laser.trainer import train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling script, not a package)
+from measure import sync  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,9 +82,9 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str) -> dict:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
         before = vm_rss_bytes()
-    start = time.perf_counter()
+    start = sync(env.device)
     result = train_step(parts, batch, cfg, env, stop_requested=False)
-    elapsed = time.perf_counter() - start
+    elapsed = sync(env.device) - start
     peak = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else vm_hwm_bytes()
     return {"pairs": pairs, "seconds": seconds, "peak": peak, "before": before, "step_s": elapsed,
             "stepped": result["stepped"]}  # fmt: skip

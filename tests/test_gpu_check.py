@@ -52,6 +52,7 @@ def test_gpu_check_smoke_path_reports_every_section(tmp_path):
     for r in runs.values():
         assert r["pairs/s"] > 0 and r["peak MiB"] >= 0 and r["precision"] == "fp32"  # CPU: no autocast
         assert r["3600x8 h"] == pytest.approx(3600 * 8 / r["pairs/s"] / 3600)
+        assert r["worst step"] == "1 x 0.5 s (smoke)" and r["worst step peak MiB"] > 0, r
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
