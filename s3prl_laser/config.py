@@ -27,6 +27,7 @@ from s3prl_laser.loss import LOSS_TYPES
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
+FRAME_COUNTS = ("cnn", "round")
 
 
 @dataclass
@@ -77,12 +78,16 @@ class LaserConfig:
     #                              training step, batched, on the training device (GPU)
     # --- optimisation ---
     steps: int = 3600  # optimizer steps (3600 x 8 pairs is about one epoch of train-clean-100)
-    batch_size: int = 8  # pairs per optimizer step (per process under DDP: the global batch is N x this)
+    batch_size: int = 8  # pairs per batch (per process under DDP: the global batch is N x this)
+    grad_accum_steps: int = 1  # batches per optimizer step, gradients accumulated (official: batch 1 x 8)
     lr: float = 2e-5  # AdamW peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay (torch's default)
     warmup_steps: int = 1000  # linear warm-up steps, then linear decay to 0 at `steps`
+    warmup_from_zero: bool = False  # first step at lr 0 (official) instead of lr / warmup_steps
     grad_clip: float = 1.0  # gradient clipping by global norm
     precision: str = "bf16"  # "bf16" autocast on CUDA (soft-DTW in fp32) or "fp32"; CPU always fp32
+    fp32_head: bool = False  # run the projection head in fp32 under bf16 autocast (official: all fp32)
+    frame_count: str = "cnn"  # frames per clip: "cnn" (the CNN's formula) or "round" (round(L / 320))
     seed: int = 0  # seeds the head init, the data order and the per-clip perturbations
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
@@ -106,8 +111,10 @@ def validate(cfg: LaserConfig) -> None:
         raise ValueError(f"loss_type={cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
+    if cfg.frame_count not in FRAME_COUNTS:
+        raise ValueError(f"frame_count={cfg.frame_count!r}: choose one of {FRAME_COUNTS}")
     positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
-    positive += ("prefetch_batches",)
+    positive += ("prefetch_batches", "grad_accum_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 1")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from s3prl_laser.config import LaserConfig
+from s3prl_laser.config import FRAME_COUNTS, LaserConfig
 from s3prl_laser.loss import LaserLoss, ProjectionHead
 from s3prl_laser.runtime import DistEnv
 
@@ -28,14 +28,31 @@ logger = logging.getLogger("s3prl_laser.finetune")
 
 
 class LaserModel(nn.Module):
-    """The upstream plus the projection head: ``wavs [B, T], lengths [B] -> (z [B, F, D], frames [B])``."""
+    """The upstream plus the projection head: ``wavs [B, T], lengths [B] -> (z [B, F, D], frames [B])``.
 
-    def __init__(self, base: nn.Module, head: ProjectionHead) -> None:
+    ``fp32_head``: the head runs in fp32 even under autocast (its input cast up), as in the official code.
+    ``frame_count``: ``"cnn"`` counts each clip's frames with the CNN's formula (the frames it computed
+    from the clip alone); ``"round"`` uses ``round(L / downsample_rate)`` like the official code, at most
+    the ``F`` frames the batch has (so a clip shorter than the batch may count a frame that saw padding).
+    """
+
+    def __init__(
+        self, base: nn.Module, head: ProjectionHead, fp32_head: bool = False, frame_count: str = "cnn"
+    ) -> None:
         super().__init__()
+        if frame_count not in FRAME_COUNTS:
+            raise ValueError(f"frame_count must be one of {FRAME_COUNTS}, got {frame_count!r}")
         self.base, self.head = base, head
+        self.fp32_head, self.frame_count = fp32_head, frame_count
 
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, frames = self.base(wavs, lengths)
+        if self.frame_count == "round":
+            rounded = torch.round(lengths.to(hidden.device).double() / self.base.downsample_rate).long()
+            frames = rounded.clamp(1, hidden.shape[1])
+        if self.fp32_head:
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.head(hidden.float()), frames
         return self.head(hidden), frames
 
 
@@ -74,7 +91,7 @@ def seeded_head(cfg: LaserConfig, hidden_size: int) -> ProjectionHead:
 def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
     """Load and freeze the upstream; add the head, loss, AdamW and schedule (DDP-wrapped if distributed)."""
     base, head, n_base = build_upstream(cfg)
-    model = LaserModel(base, head).to(env.device)
+    model = LaserModel(base, head, cfg.fp32_head, cfg.frame_count).to(env.device)
     model.train()
     n_head = sum(p.numel() for p in head.parameters())
     n_total = sum(p.numel() for p in model.parameters())
@@ -94,15 +111,19 @@ def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_warmup_decay(step, cfg.warmup_steps, cfg.steps)
+        optimizer, lambda step: linear_warmup_decay(step, cfg.warmup_steps, cfg.steps, cfg.warmup_from_zero)
     )
     return Parts(base, head, model, module, loss_fn, optimizer, scheduler)
 
 
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier of optimizer step ``step`` (0-based): ``(step+1)/warmup`` up to 1, then linear to ~0."""
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, from_zero: bool = False) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): ``(step+1)/warmup`` up to 1, then linear to ~0.
+
+    ``from_zero``: ``step/warmup`` during the warm-up instead, so the first step has learning rate 0 (the
+    official code's schedule, transformers' ``get_linear_schedule_with_warmup``).
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + (0 if from_zero else 1)) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 

@@ -1,8 +1,10 @@
 """The training loop of a LASER run: steps, progress and TensorBoard, checkpoints and resume.
 
-One step: a batch of (view, view) pairs from ``s3prl_laser.data`` -> both views through the model in one
-``[2B, T]`` batch -> ``LaserLoss`` between rows ``[:B]`` and ``[B:]`` -> (when every rank's loss is finite)
-backward, clipping, AdamW step. Ranks agree on skips and stop requests through one small all-reduce per step.
+One step: ``grad_accum_steps`` batches (default 1) of (view, view) pairs from ``s3prl_laser.data``; for
+each, both views through the model in one ``[2B, T]`` batch -> ``LaserLoss`` between rows ``[:B]`` and
+``[B:]`` -> backward, gradients accumulated; then (when every rank's losses are finite) the gradient of the
+mean loss over all the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
+one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.validation` validates.
 Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything a
 bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
 
@@ -137,7 +139,9 @@ def local_step(
 ) -> LaserLossOutput:
     """This rank's share of a step: (on-device perturbation,) forward, loss and, if finite, backward.
 
-    Gradients stay local (DDP's ``no_sync``): ranks average them only once all agree that the step counts.
+    The backward pass is of the batch's loss SUM over its pairs (``loss * B``), added to the gradients
+    already there (gradient accumulation); :func:`train_step` divides by the step's pair count. Gradients
+    stay local (DDP's ``no_sync``): ranks average them only once all agree that the step counts.
     """
     batch = complete_pairs(batch, perturb, env.device)
     sync_off = parts.module.no_sync() if env.distributed else contextlib.nullcontext()
@@ -145,8 +149,15 @@ def local_step(
         z, frames = forward_pairs(parts.module, batch, env, cfg)
         out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
         if torch.isfinite(out.loss):
-            out.loss.backward()
+            (out.loss * batch.num_pairs).backward()
     return out
+
+
+def scale_gradients(params: list[nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 def release_memory(parts: Parts, env: DistEnv) -> None:
@@ -159,14 +170,15 @@ def release_memory(parts: Parts, env: DistEnv) -> None:
 
 def train_step(
     parts: Parts,
-    batch: PairBatch,
+    batches: list[PairBatch],
     cfg: LaserConfig,
     env: DistEnv,
     stop_requested: bool,
     perturb: LaserPerturbation | None = None,
 ) -> dict:
-    """Forward, loss and backward on each rank; then, when every rank's step is usable, averaged gradients,
-    clipping and the optimizer step.
+    """Forward, loss and backward of each of ``batches`` on each rank (``grad_accum_steps`` micro-batches,
+    their gradients accumulated); then, when every rank's step is usable, the gradient of the mean loss over
+    all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
 
     A rank that runs out of memory frees what the step allocated and reports it: every rank then skips the
     step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
@@ -175,25 +187,29 @@ def train_step(
     Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
     rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
     """
-    out, oom = None, False
-    if batch.num_pairs > 0:
+    outs, oom = [], None
+    for batch in batches:
+        if batch.num_pairs == 0:
+            continue
         try:
-            out = local_step(parts, batch, cfg, env, perturb)
+            outs.append((batch.num_pairs, local_step(parts, batch, cfg, env, perturb)))
         except torch.OutOfMemoryError:
-            oom = True
-    if oom:  # outside the except block, so that the traceback's frames (and their tensors) are gone
+            oom = batch
+            break
+    if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
         release_memory(parts, env)
         logger.warning(
             "out of memory in the step on batch %s (%d pairs, %d samples per row): skipping it; "
-            "lower max_batch_seconds if this recurs", batch.position, batch.num_pairs, batch.wavs.shape[-1],
+            "lower max_batch_seconds if this recurs", oom.position, oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
-    empty = out is None and not oom
-    nonfinite = out is not None and not bool(torch.isfinite(out.loss))
-    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable batch
-    if out is not None and not nonfinite:
-        b = batch.num_pairs
-        sums = [b, out.loss.item() * b, out.alignment.sum().item(), out.regularizer.sum().item()]
-    flags = [float(empty), float(nonfinite), float(oom), float(stop_requested)]
+    empty = not outs and oom is None
+    nonfinite = any(not bool(torch.isfinite(out.loss)) for _, out in outs)
+    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable step
+    if outs and not nonfinite and oom is None:
+        for b, out in outs:
+            sums = [a + v for a, v in zip(sums, [b, out.loss.item() * b, out.alignment.sum().item(),
+                                                 out.regularizer.sum().item()], strict=True)]  # fmt: skip
+    flags = [float(empty), float(nonfinite), float(oom is not None), float(stop_requested)]
     any_empty, any_nonfinite, any_oom, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(
         env, flags + sums
     )
@@ -203,6 +219,7 @@ def train_step(
         result["pairs"] = 0  # a skipped step trains on nothing
         parts.optimizer.zero_grad(set_to_none=True)
         return result
+    scale_gradients(parts.trainable(), env.world_size / pairs)  # sum over the step's pairs -> their mean
     average_gradients(env, parts.trainable())
     norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
     if not torch.isfinite(norm):
@@ -250,12 +267,14 @@ def train(
     progress = _progress(cfg, state, env)
     idle, started, pairs_at_start = 0, time.perf_counter(), state.pairs
     try:
-        for batch in loader:
-            for reason, count in batch.skipped.items():
-                state.counters[reason] += count
-            if batch.cropped:
-                state.counters["cropped_to_budget"] += batch.cropped
-            result = train_step(parts, batch, cfg, env, stop.signum is not None, perturb)
+        for batches in _steps(loader, cfg.grad_accum_steps):
+            for batch in batches:
+                for reason, count in batch.skipped.items():
+                    state.counters[reason] += count
+                if batch.cropped:
+                    state.counters["cropped_to_budget"] += batch.cropped
+            result = train_step(parts, batches, cfg, env, stop.signum is not None, perturb)
+            batch = batches[-1]
             state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
             if result["stepped"]:
@@ -272,7 +291,7 @@ def train(
                     "step %d skipped (%s batch); skipped so far: %s",
                     state.step + 1, result["skip"], dict(state.counters),
                 )  # fmt: skip
-                if idle >= max(sampler.batches_per_epoch(batch.position[0]), 1):
+                if idle * cfg.grad_accum_steps >= max(sampler.batches_per_epoch(batch.position[0]), 1):
                     raise ValueError(
                         f"no usable batch in a whole epoch of {cfg.data}; skipped: {dict(state.counters)}"
                     )
@@ -288,6 +307,13 @@ def train(
     if state.counters:
         logger.info("skipped during training: %s", dict(state.counters))
     return state
+
+
+def _steps(loader, accumulate: int):
+    """The loader's (endless) batches in lists of ``accumulate``: the micro-batches of one optimizer step."""
+    batches = iter(loader)
+    while True:
+        yield [next(batches) for _ in range(accumulate)]
 
 
 def _progress(cfg: LaserConfig, state: TrainState, env: DistEnv):

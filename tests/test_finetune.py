@@ -260,6 +260,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, dem
         *FAST,
         "steps=3",
         "save_every=2",
+        "grad_accum_steps=2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -268,7 +269,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, dem
     state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # dropout differs per rank
-    assert state["step"] == 3 and state["pairs"] == 3 * 2 * 2  # each step: 2 pairs on each of 2 ranks
+    assert state["step"] == 3 and state["pairs"] == 3 * 2 * 2 * 2  # each step: 2 x 2 pairs on each of 2 ranks
     changed = [
         n for n, w in final_weights(out).items() if not torch.equal(w, base_weights(tiny_hubert_ckpt)[n])
     ]
