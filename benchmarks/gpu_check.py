@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(smoke: bool) -> dict:
+def plan(smoke: bool, steps: int) -> dict:
     """Sizes of every section: the GPU check, or the tiny CPU smoke run."""
     if smoke:
         return {
@@ -70,9 +70,10 @@ def plan(smoke: bool) -> dict:
             "divergence": (2, 9, 12, [9, 5], [12, 7], 8),  # B, N, M, x lengths, y lengths, D
             "tiles": {"max_block": 4, "shapes": [(13, 15), (15, 15)], "pairs": 2},
             "timing_sizes": [(12, 15, False), (12, 15, True)],
-            "timing": argparse.Namespace(batch=2, dim=8, gamma=GAMMA, repeats=1),
-            "finetune": {"tiny": True, "steps": 2, "warmup": 1, "batch_size": 2, "max_seconds": 2.0,
-                         "workers": 0},
+            "timing": ["--batch", "2", "--dim", "8", "--repeats", "1"],  # benchmarks/softdtw.py options
+            # benchmarks/finetune_throughput.py options: tiny models, a few short steps
+            "finetune": ["--tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-seconds", "2",
+                         "--workers", "0", "--eval-clips", "2", "--device", "cpu"],
             "worst_step": (1, 0.5),  # pairs, seconds per view: a small base-size step
         }
     return {
@@ -81,9 +82,8 @@ def plan(smoke: bool) -> dict:
         "tiles": {"max_block": 16, "shapes": [(300, 370), (370, 370)], "pairs": 3},
         "timing_sizes": [(250, 312, False), (500, 625, False), (875, 1094, False), (1750, 2188, False),
                          (1750, 2188, True)],
-        "timing": argparse.Namespace(batch=8, dim=256, gamma=GAMMA, repeats=5),
-        "finetune": {"tiny": False, "steps": None, "warmup": 3, "batch_size": None, "max_seconds": None,
-                     "workers": None},
+        "timing": ["--batch", "8", "--dim", "256", "--repeats", "5"],
+        "finetune": ["--steps", str(steps), "--warmup", "3", "--device", "cuda"],  # each preset as configured
         "worst_step": None,  # the largest step each preset's max_batch_seconds admits
     }
 
@@ -180,7 +180,8 @@ def correctness(p: dict) -> list[dict]:
 
 def softdtw_timings(p: dict) -> list[dict]:
     """Ours and pysdtw side by side (``benchmarks/softdtw.py``'s timers); each row one method at one size."""
-    device, args = p["device"], p["timing"]
+    device = p["device"]
+    args = softdtw_bench.get_args_parser().parse_args([*p["timing"], "--gamma", str(GAMMA)])
     backend = "triton" if device.type == "cuda" else "cpu"
     try:
         import pysdtw  # noqa: F401
@@ -207,14 +208,11 @@ def softdtw_timings(p: dict) -> list[dict]:
     return rows
 
 
-def finetune(p: dict, steps: int | None, upstream: str, workdir: Path) -> dict:
+def finetune(p: dict, upstream: str, workdir: Path) -> dict:
     """Throughput and peak memory of one preset (``benchmarks/finetune_throughput.py``'s ``run_one``)."""
-    spec = p["finetune"]
-    args = argparse.Namespace(steps=spec["steps"] or steps, warmup=spec["warmup"], tiny=spec["tiny"],
-                              batch_size=spec["batch_size"], max_seconds=spec["max_seconds"],
-                              workers=spec["workers"], device=str(p["device"]), seed=0)
+    args = finetune_throughput.get_args_parser().parse_args(p["finetune"])
     r = finetune_throughput.run_one(upstream, args, workdir)
-    return {"preset": f"{upstream}_laser", "model": "tiny" if spec["tiny"] else "base (random init)",
+    return {"preset": f"{upstream}_laser", "model": "tiny" if args.tiny else "base (random init)",
             "precision": r["precision"], "batch_size": r["batch_size"], "pairs per step": r["pairs_per_step"],
             "pairs/s": r["pairs_per_s"], "step s": r["step"], "softdtw s": r["softdtw"],
             "peak MiB": r["peak_mib"], "3600x8 h": finetune_throughput.projected_hours(r["pairs_per_s"])}
@@ -287,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a GPU machine, or --smoke for the CPU path")
         return 2
-    p = plan(args.smoke)
+    p = plan(args.smoke, args.steps)
     device = p["device"]
     exact_cpu_rss()
     import triton
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["finetune"].append({"preset": f"{upstream}_laser", "note": "not run (time budget)"})
                 continue
             print(f"# fine-tuning {upstream} ...", flush=True)
-            row = finetune(p, args.steps, upstream, Path(tmp))
+            row = finetune(p, upstream, Path(tmp))
             if in_budget(f"worst-step memory of {upstream}"):
                 row.update(worst_step_memory(p, upstream))
             report["finetune"].append(row)
