@@ -220,7 +220,7 @@ def finetune(p: dict, upstream: str, workdir: Path) -> dict:
 
 def worst_step_memory(p: dict, upstream: str) -> dict:
     """Peak memory of one base-size training step on the largest batch the preset's budget admits, in a
-    fresh process (``benchmarks/peak_memory.py``); an out-of-memory step is reported, not raised."""
+    fresh process (``benchmarks/peak_memory.py``); a step that ran out of memory is reported as skipped."""
     shape = p["worst_step"] or peak_memory.worst_step(upstream)
     if shape is None:
         return {"worst step": "no max_batch_seconds budget"}
@@ -233,7 +233,7 @@ def worst_step_memory(p: dict, upstream: str) -> dict:
         return {"worst step": f"{pairs} x {seconds:.1f} s: failed (exit {done.returncode}): {last[:80]}"}
     point = json.loads(done.stdout.strip().splitlines()[-1])
     shape_text = f"{pairs} x {seconds:.1f} s" + (" (smoke)" if p["worst_step"] else "")
-    shape_text += "" if point["stepped"] else " (out of memory: skipped)"
+    shape_text += "" if point["stepped"] else " (step skipped)"  # out of memory, or a non-finite loss
     return {"worst step": shape_text, "worst step peak MiB": point["peak"] / 2**20}
 
 
