@@ -135,7 +135,7 @@ def test_interpreted_kernels_over_several_tiles_match_reference_and_stay_in_thei
 
 
 @pytest.mark.triton_interpreter
-def test_audit_flags_a_read_past_the_row():
+def test_interpreted_audit_flags_a_read_past_the_row():
     from triton_bounds_audit import bounds_audit, reads_past_its_row
 
     x = torch.arange(15, dtype=torch.float32).reshape(3, 5)

@@ -8,7 +8,7 @@ program ``p`` must lie inside slice ``p`` of one of the launch's tensor argument
 The audit wraps three interpreter internals that have the same names and signatures in Triton 3.4 and
 3.8 (``GridExecutor.__call__``, ``InterpreterBuilder.create_masked_load`` / ``create_masked_store``,
 through which unmasked loads and stores also go); the interpreter suite runs on both versions, and
-``test_audit_flags_a_read_past_the_row`` shows that it catches a real overrun.
+``test_interpreted_audit_flags_a_read_past_the_row`` shows that it catches a real overrun.
 """
 
 from __future__ import annotations
