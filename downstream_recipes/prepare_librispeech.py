@@ -74,7 +74,10 @@ def read_split(root: str | Path, split: str) -> list[Utterance]:
         for audio in sorted(chapter_dir.glob("*.flac")):
             if audio.stem not in transcripts:
                 raise ValueError(f"{audio} has no line in its chapter's .trans.txt")
-            info = soundfile.info(str(audio))
+            try:
+                info = soundfile.info(str(audio))
+            except (RuntimeError, OSError) as error:  # soundfile raises LibsndfileError (a RuntimeError)
+                raise ValueError(f"{audio}: unreadable audio ({error}); replace or remove it") from None
             if info.samplerate != SAMPLE_RATE:
                 raise ValueError(f"{audio} is sampled at {info.samplerate} Hz; SUPERB uses {SAMPLE_RATE} Hz")
             relative = audio.relative_to(root).as_posix()

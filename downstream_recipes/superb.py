@@ -282,8 +282,37 @@ def parse_metric(output: str, split: str, key: str) -> float:
     return float(values[-1])
 
 
+def check_upstream(name: str, ckpt: Path | None) -> None:
+    """``ValueError`` naming ``--upstream``/``--ckpt`` unless s3prl has the entry and the checkpoint reads.
+
+    For ``hubert_laser``/``wavlm_laser`` the checkpoint (given, or the default location) is read as the
+    entry will read it; for other entries a given ``--ckpt`` must exist and be a complete file.
+    """
+    import s3prl.hub
+
+    from s3prl_laser.registration import ENTRY_NAMES
+    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+
+    if not callable(getattr(s3prl.hub, name, None)):
+        raise ValueError(
+            f"--upstream {name}: s3prl.hub has no such entry (e.g. hubert_laser, wavlm_laser, hubert_local)"
+        )
+    if name in ENTRY_NAMES:
+        from s3prl_laser.hubconf import checked_ckpt
+
+        checked_ckpt(name, ckpt)
+    elif ckpt is not None:
+        check_checkpoint_file(ckpt, "--ckpt")
+
+
 def prepare(task_key: str, args, out: Path) -> tuple[Path, Path, str]:
     """Check the inputs, write data tables and the resolved config; returns (s3prl tree, config, device)."""
+    from s3prl_laser.paths import check_output_folder
+
+    check_output_folder(out, "--out")
+    if not args.librispeech.is_dir():
+        raise ValueError(f"--librispeech {args.librispeech}: no such folder (the LibriSpeech root)")
+    check_upstream(args.upstream, args.ckpt)
     if (out / "exp").exists() and any((out / "exp").iterdir()):
         raise ValueError(f"{out / 'exp'} already holds a run; remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     try:
         tree, config, device = prepare(task_key, args, out)
-    except ValueError as err:
+    except ValueError as err:  # a missing or wrong input, named in the message
         print(f"superb_{task_key}: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # SUPERB ASR with s3prl's own run_downstream: prepare data and config, train, evaluate on test-clean,
-# write OUT/result.json. All the logic is in superb.py (python $PYTHON, default: python on PATH).
+# write OUT/result.json. All the logic is in superb.py, run by the Python of the environment s3prl-laser
+# is installed in (find_python.sh: $PYTHON, else the active venv, python on PATH, a venv in this repository).
 #   superb_asr.sh --upstream NAME [--ckpt FILE] --librispeech ROOT --out DIR [--steps N]
 #                [--s3prl-src DIR] [--set KEY=VALUE ...] [--smoke] [--device auto|cpu|cuda]
 set -euo pipefail
-exec "${PYTHON:-python}" "$(dirname "$0")/superb.py" asr "$@"
+source "$(dirname "$0")/find_python.sh"
+python="$(recipe_python)" || exit 2
+exec "$python" "$(dirname "$0")/superb.py" asr "$@"

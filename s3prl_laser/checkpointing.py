@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+from s3prl_laser.s3prl_checkpoint import read_checkpoint, save_s3prl_checkpoint
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -69,8 +69,11 @@ def save_best(state: dict, out: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint on the CPU without executing code (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a training checkpoint on the CPU without executing code (``weights_only=True``).
+
+    Raises ``DamagedCheckpointError`` naming the file when it is truncated or corrupted.
+    """
+    return read_checkpoint(path, allow_fairseq=False)
 
 
 def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.loss import LOSS_TYPES
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
@@ -104,53 +105,55 @@ class LaserConfig:
 
 
 def validate(cfg: LaserConfig) -> None:
-    """Raise ``ValueError`` naming the key when a value is out of range."""
+    """Raise ``UserInputError`` (a ``ValueError``) naming the key when a value is out of range."""
     if cfg.upstream not in UPSTREAMS:
-        raise ValueError(f"upstream={cfg.upstream!r}: choose one of {UPSTREAMS}")
+        raise UserInputError(f"upstream={cfg.upstream!r}: choose one of {UPSTREAMS}")
     if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+        raise UserInputError(f"loss_type={cfg.loss_type!r}: choose one of {LOSS_TYPES}")
     if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
+        raise UserInputError(f"precision={cfg.precision!r}: choose 'bf16' or 'fp32'")
     if cfg.frame_count not in FRAME_COUNTS:
-        raise ValueError(f"frame_count={cfg.frame_count!r}: choose one of {FRAME_COUNTS}")
+        raise UserInputError(f"frame_count={cfg.frame_count!r}: choose one of {FRAME_COUNTS}")
     positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
     positive += ("prefetch_batches", "grad_accum_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 1")
+            raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 1")
     for key in ("lr", "gamma"):
         if not getattr(cfg, key) > 0:
-            raise ValueError(f"{key}={getattr(cfg, key)!r} must be > 0")
+            raise UserInputError(f"{key}={getattr(cfg, key)!r} must be > 0")
     if cfg.eval_clips < 2:
-        raise ValueError(f"eval_clips={cfg.eval_clips!r} must be >= 2 (the metrics compare clips)")
+        raise UserInputError(f"eval_clips={cfg.eval_clips!r} must be >= 2 (the metrics compare clips)")
     for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples",
                 "eval_every", "collapse_threshold"):  # fmt: skip
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
-            raise ValueError(f"{key}={getattr(cfg, key)!r} must be >= 0")
+            raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 0")
     if not 0.0 <= cfg.swap_prob <= 1.0:
-        raise ValueError(f"swap_prob={cfg.swap_prob!r} must be in [0, 1]")
+        raise UserInputError(f"swap_prob={cfg.swap_prob!r} must be in [0, 1]")
     if not cfg.speed_factors or any(f <= 0 for f in cfg.speed_factors):
-        raise ValueError(f"speed_factors={cfg.speed_factors!r} must be a non-empty list of positive numbers")
+        raise UserInputError(
+            f"speed_factors={cfg.speed_factors!r} must be a non-empty list of positive numbers"
+        )
     if not cfg.data_subsets:
-        raise ValueError("data_subsets must name at least one LibriSpeech split, e.g. [train-clean-100]")
+        raise UserInputError("data_subsets must name at least one LibriSpeech split, e.g. [train-clean-100]")
     held_out = [s for s in cfg.data_subsets if s.startswith(("dev-", "test-"))]
     if held_out and not cfg.allow_held_out_splits:
-        raise ValueError(
+        raise UserInputError(
             f"data_subsets={cfg.data_subsets!r} names the evaluation split(s) {held_out}: training on them "
             "contaminates SUPERB scores; set allow_held_out_splits=true if you mean it"
         )
     if cfg.perturb_on not in ("workers", "device"):
-        raise ValueError(f"perturb_on={cfg.perturb_on!r}: choose 'workers' or 'device'")
+        raise UserInputError(f"perturb_on={cfg.perturb_on!r}: choose 'workers' or 'device'")
     stretch = max(1.0, 1.0 / min(cfg.speed_factors))
     smallest_pair = 2 * stretch * max(cfg.min_samples, 1) / cfg.sample_rate
     if cfg.max_batch_seconds is not None and cfg.max_batch_seconds < smallest_pair:
-        raise ValueError(
+        raise UserInputError(
             f"max_batch_seconds={cfg.max_batch_seconds!r} cannot hold one pair of clips of min_samples="
             f"{cfg.min_samples} (2 views x {stretch:.3g} x {cfg.min_samples} samples = "
             f"{smallest_pair:.3g} s); raise it, or set it to null"
         )
     if cfg.max_seconds is not None and cfg.max_seconds * cfg.sample_rate < max(cfg.min_samples, 1):
-        raise ValueError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")
+        raise UserInputError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")
 
 
 def config_keys() -> list[str]:
@@ -162,7 +165,9 @@ def read_preset(name: str) -> dict[str, Any]:
     """Read ``upstream_configs/<name>.yaml`` shipped with the package (works after ``pip install``)."""
     resource = importlib.resources.files(PRESET_PACKAGE) / f"{name}.yaml"
     if not resource.is_file():
-        raise ValueError(f"no preset {name}.yaml in {PRESET_PACKAGE}; is the package installed correctly?")
+        raise UserInputError(
+            f"no preset {name}.yaml in {PRESET_PACKAGE}; is the package installed correctly?"
+        )
     return _as_mapping(yaml.safe_load(resource.read_text()), f"preset {name}.yaml")
 
 
@@ -170,8 +175,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a user configuration YAML (a flat mapping of config keys)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    return _as_mapping(yaml.safe_load(path.read_text()), str(path))
+        raise UserInputError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserInputError(
+            f"--config {path}{where}: YAML syntax error ({error.problem}); fix the file "
+            "(it holds one `key: value` per line)"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        raise UserInputError(f"--config {path}: cannot be read as YAML ({error})") from None
+    return _as_mapping(data, str(path))
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -180,7 +196,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
+            raise UserInputError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
         parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return parsed
 
@@ -190,7 +206,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str
     known = set(config_keys())
     for key in update:
         if key not in known:
-            raise ValueError(
+            raise UserInputError(
                 f"unknown config key {key!r} in {source}; known keys: {', '.join(sorted(known))}"
             )
     return {**base, **update}
@@ -205,7 +221,7 @@ def resolve_config(
 ) -> LaserConfig:
     """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides."""
     if upstream not in UPSTREAMS:
-        raise ValueError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
+        raise UserInputError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
     values: dict[str, Any] = {"upstream": upstream}
     values = merge(values, read_preset(f"{upstream}_laser"), f"{upstream}_laser.yaml")
     if demo:
@@ -240,14 +256,14 @@ def resume_config(
     """
     saved = Path(saved)
     if not saved.is_file():
-        raise ValueError(f"--resume: {saved} not found; is --out the folder of an earlier run?")
+        raise UserInputError(f"--resume: {saved} not found; is --out the folder of an earlier run?")
     try:
         values = _as_mapping(yaml.safe_load(saved.read_text()), str(saved))
     except yaml.YAMLError as error:
-        raise ValueError(f"--resume: {saved} is not valid YAML ({error})") from None
+        raise UserInputError(f"--resume: {saved} is not valid YAML ({error})") from None
     before = from_dict(merge({}, values, str(saved)))
     if upstream is not None and upstream != before.upstream:
-        raise ValueError(f"--upstream {upstream}: the run in {saved.parent} is a {before.upstream} run")
+        raise UserInputError(f"--upstream {upstream}: the run in {saved.parent} is a {before.upstream} run")
     updates: dict[str, Any] = {}
     if config_file is not None:
         updates = merge(updates, read_yaml(config_file), str(config_file))
@@ -291,10 +307,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if example is None or kind.endswith("| None"):
             return None
-        raise ValueError(f"{key}: null is not allowed (default {example!r})")
+        raise UserInputError(f"{key}: null is not allowed (default {example!r})")
     if isinstance(example, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{key}={value!r} must be true or false")
+            raise UserInputError(f"{key}={value!r} must be true or false")
         return value
     if isinstance(example, list):
         if not isinstance(value, list):
@@ -310,7 +326,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return _number(key, value, int)
     if isinstance(example, str) or example is None:
         if isinstance(value, (dict, list)):
-            raise ValueError(f"{key}={value!r} must be a string")
+            raise UserInputError(f"{key}={value!r} must be a string")
         return str(value)
     return value
 
@@ -320,10 +336,10 @@ def _number(key: str, value: Any, kind: type) -> Any:
         try:
             value = kind(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r} must be a number") from None
+            raise UserInputError(f"{key}={value!r} must be a number") from None
     wrong_type = not isinstance(value, (int, float)) or (kind is int and isinstance(value, float))
     if isinstance(value, bool) or wrong_type:
-        raise ValueError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}")
+        raise UserInputError(f"{key}={value!r} must be a{'n integer' if kind is int else ' number'}")
     return kind(value)
 
 
@@ -331,5 +347,5 @@ def _as_mapping(data: Any, source: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{source} must be a YAML mapping of config keys, got {type(data).__name__}")
+        raise UserInputError(f"{source} must be a YAML mapping of config keys, got {type(data).__name__}")
     return data

@@ -40,6 +40,7 @@ import soundfile
 import torch
 import torchaudio
 
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.perturb import LaserPerturbation, PerturbParams
 
 logger = logging.getLogger(__name__)
@@ -110,14 +111,14 @@ def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean
     """
     root = Path(source).expanduser()
     if not root.exists():
-        raise ValueError(f"--data {root}: no such file or directory")
+        raise UserInputError(f"--data {root}: no such file or directory")
     if root.is_file():
         items = read_manifest(root)
     elif librispeech_root(root) is not None:
         root = librispeech_root(root)
         missing = [s for s in subsets if not (root / s).is_dir()]
         if missing:
-            raise ValueError(
+            raise UserInputError(
                 f"--data {root} looks like a LibriSpeech root but lacks {missing}; "
                 f"set data_subsets to some of {[s for s in LIBRISPEECH_SPLITS if (root / s).is_dir()]}"
             )
@@ -125,7 +126,9 @@ def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean
     else:
         items = [AudioItem(str(p)) for p in _audio_files(root)]
     if not items:
-        raise ValueError(f"--data {root}: no audio found (looked for {', '.join(AUDIO_SUFFIXES)} files)")
+        raise UserInputError(
+            f"--data {root}: no audio found (looked for {', '.join(AUDIO_SUFFIXES)} files)"
+        )
     return sorted(items, key=lambda item: item.path)
 
 
@@ -146,14 +149,14 @@ def split_of(path: str) -> str | None:
 
 
 def refuse_held_out(items: Sequence[AudioItem], source: str | os.PathLike) -> None:
-    """Raise ``ValueError`` if any clip lies under a ``dev-*``/``test-*`` split folder.
+    """Raise ``UserInputError`` if any clip lies under a ``dev-*``/``test-*`` split folder.
 
     Training on the audio that SUPERB scores on would inflate every downstream result. The message names
     the first such file and the config key that allows it on purpose (``allow_held_out_splits``).
     """
     held_out = [item.path for item in items if (split_of(item.path) or "").startswith(HELD_OUT_PREFIXES)]
     if held_out:
-        raise ValueError(
+        raise UserInputError(
             f"--data {source}: {len(held_out)} of {len(items)} clips lie under LibriSpeech dev/test split "
             f"folders (first: {held_out[0]}); SUPERB scores on these splits, so training on them "
             "contaminates the evaluation. Point --data at the training audio only, or set "
@@ -199,7 +202,9 @@ def measure_lengths(
         frames, rate = header
         kept.append(AudioItem(item.path, math.ceil(frames * sample_rate / rate)))
     if not kept:
-        raise ValueError(f"none of the {len(items)} audio files could be read (first: {items[0].path})")
+        raise UserInputError(
+            f"none of the {len(items)} audio files could be read (first: {items[0].path})"
+        )
     return kept, dropped
 
 
@@ -446,7 +451,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 "; pass clip_limit=clip_limit_samples(...) so that clips are cropped to the budget"
             )
         if self.batches_per_epoch(0) == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"{len(self.lengths)} clips make {len(self._global_batches(0))} batches of "
                 f"batch_size={batch_size}, fewer than the {world_size} processes: "
                 "use more data or a smaller batch"
@@ -564,6 +569,8 @@ def read_manifest(manifest: Path) -> list[AudioItem]:
         path = Path(line).expanduser()
         path = path if path.is_absolute() else manifest.parent / path
         if Path(line).suffix.lower() not in AUDIO_SUFFIXES:
-            raise ValueError(f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path")
+            raise UserInputError(
+                f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path"
+            )
         items.append(AudioItem(str(path), length))
     return items

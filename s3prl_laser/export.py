@@ -4,6 +4,9 @@ Command line::
 
     python -m s3prl_laser.export --ckpt OUT/hubert_laser.pt --to hf DIR [--upstream hubert] [--verify]
 
+A missing, damaged or unsupported checkpoint, or an output directory that is a file or not empty (without
+``--overwrite``), is reported in one line naming it, with exit status 2, before anything is written.
+
 ``DIR`` becomes a ``save_pretrained`` directory: ``config.json``, ``model.safetensors`` and
 ``preprocessor_config.json`` (a ``Wav2Vec2FeatureExtractor``), loadable offline with
 ``transformers.AutoModel.from_pretrained(DIR)`` and ``AutoFeatureExtractor.from_pretrained(DIR)``.
@@ -42,8 +45,11 @@ from pathlib import Path
 
 import torch
 
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.hf_convert import UPSTREAMS, feature_extractor, load_s3prl_checkpoint, to_hf_model
 from s3prl_laser.lanes import missing_s3prl_message
+from s3prl_laser.paths import check_output_folder
+from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
 
 VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
 VERIFY_TOLERANCE = 1e-5  # largest ||hf - s3prl|| / ||s3prl|| accepted by --verify (<= 4e-7 measured, CPU)
@@ -145,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     if (missing := missing_s3prl_message()) is not None:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    if args.out_dir.exists() and any(args.out_dir.iterdir()) and not args.overwrite:
-        raise ValueError(f"{args.out_dir} is not empty; pass --overwrite to replace its files")
-    dropped = export_to_hf(args.ckpt, args.out_dir, args.upstream)
+    try:
+        check_checkpoint_file(args.ckpt, "--ckpt")
+        check_output_folder(args.out_dir, "output directory")
+        if args.out_dir.is_dir() and any(args.out_dir.iterdir()) and not args.overwrite:
+            raise UserInputError(
+                f"output directory {args.out_dir} is not empty; pass --overwrite to replace its files"
+            )
+        dropped = export_to_hf(args.ckpt, args.out_dir, args.upstream)
+    except UserInputError as error:  # the checkpoint or the output directory: one line, exit 2
+        print(f"export: error: {error}", file=sys.stderr)
+        return 2
     print(f"exported {args.ckpt} -> {args.out_dir}")
     if dropped:
         print(f"not exported (pre-training heads, not part of the transformers model): {', '.join(dropped)}")

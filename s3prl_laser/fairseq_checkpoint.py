@@ -23,6 +23,8 @@ import types
 import torch
 from torch import Tensor
 
+from s3prl_laser.errors import UnsafeCheckpointError, UserInputError
+
 # Globals of these packages come back as inert stand-ins: fairseq's classes and enums, omegaconf's
 # containers, nodes and metadata, and the typing annotations (``Tuple[Any, ...]`` is pickled as
 # ``operator.getitem(typing.Tuple, ...)``) that omegaconf keeps in its metadata.
@@ -42,10 +44,6 @@ SAFE_BUILTINS = (
     "bytearray",
     "object",
 )
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint pickle names a global outside the reader's whitelist; nothing of it was executed."""
 
 
 class _Inert:
@@ -156,7 +154,7 @@ def _to_plain(obj, where: str):
             return _to_plain(obj.state.get("_content", obj.state.get("_val")), where)
         if len(obj.args) == 1 and obj.state is None:  # an enum member: Enum(value)
             return _to_plain(obj.args[0], where)
-        raise ValueError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
+        raise UserInputError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
     if isinstance(obj, dict):
         return {str(k): _to_plain(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -165,13 +163,13 @@ def _to_plain(obj, where: str):
         return obj
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
         return obj.item()
-    raise ValueError(f"{where}: unexpected {type(obj).__name__} in a checkpoint config")
+    raise UserInputError(f"{where}: unexpected {type(obj).__name__} in a checkpoint config")
 
 
 def _dictionary_symbols(dictionary, where: str) -> list[str]:
     state = dictionary.state if isinstance(dictionary, _Inert) else dictionary
     if not isinstance(state, dict) or "symbols" not in state:
-        raise ValueError(f"{where}: expected a fairseq Dictionary with 'symbols', found {dictionary!r}")
+        raise UserInputError(f"{where}: expected a fairseq Dictionary with 'symbols', found {dictionary!r}")
     return [str(s) for s in state["symbols"]]
 
 
@@ -202,7 +200,7 @@ def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
         cfg = _unwrap(state["cfg"])
         if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
             found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
-            raise ValueError(
+            raise UserInputError(
                 f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
             )
         task_cfg, model_cfg = (_to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
@@ -216,17 +214,19 @@ def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
             for dc in (HubertPretrainingConfig, HubertConfig)
         )
     else:
-        raise ValueError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+        raise UserInputError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
     dictionaries = (state.get("task_state") or {}).get("dictionaries")
     if not isinstance(dictionaries, list | tuple) or not dictionaries:
-        raise ValueError(f"{where}: expected task_state['dictionaries'] (a HuBERT pre-training checkpoint)")
+        raise UserInputError(
+            f"{where}: expected task_state['dictionaries'] (a HuBERT pre-training checkpoint)"
+        )
     symbols = [
         _dictionary_symbols(d, f"{where}:task_state.dictionaries[{i}]") for i, d in enumerate(dictionaries)
     ]
     weights = state["model"]
     bad = [k for k, v in weights.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{where}: model weights that are not tensors: {bad[:5]}")
+        raise UserInputError(f"{where}: model weights that are not tensors: {bad[:5]}")
     return {
         "task_cfg": task_cfg,
         "model_cfg": model_cfg,

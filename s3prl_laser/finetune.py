@@ -21,6 +21,11 @@ upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) a
 ``--resume`` continues the run in ``--out`` from its own ``config.yaml``: ``--upstream``, ``--data`` and
 ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value`` changes a key only when given
 (each change is logged as ``key: old -> new``). Resuming a finished run says so and exits 0.
+
+Exit status: 0 when done; 2 with a one-line message naming the file or key for a mistake in the config,
+data, checkpoint or paths (found before training); 128 + N after signal N (SIGINT, SIGTERM) reached any
+process, once every process has saved the step's checkpoint; 1 for a failure during training, whose
+process prints its traceback while the others stop at the same step with a one-line message.
 """
 
 from __future__ import annotations
@@ -33,18 +38,22 @@ from pathlib import Path
 
 from s3prl_laser import checkpointing
 from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.heldout import validation_split
 from s3prl_laser.lanes import missing_s3prl_message
 from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
 from s3prl_laser.length_index import load_or_build_index
+from s3prl_laser.paths import check_output_folder
 from s3prl_laser.runtime import (
     DistEnv,
+    PeerFailure,
     StopSignals,
     barrier,
     setup_distributed,
     setup_logging,
     teardown_distributed,
 )
+from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
 from s3prl_laser.trainer import TrainState, resume, train
 from s3prl_laser.validation import Validator
 
@@ -80,22 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     if (missing := missing_s3prl_message()) is not None:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    env = setup_distributed(args.device)
-    setup_logging(env)
+    env = None
     try:
+        env = setup_distributed(args.device)
+        setup_logging(env)
         return run(args, env)
-    except (ValueError, FileNotFoundError) as error:  # bad config, data or checkpoint: message, exit 2
+    except UserInputError as error:  # config, data, checkpoint or path: one line naming it, exit 2
         logger.error("error: %s", error)
         return 2
-    finally:
-        teardown_distributed(env)
+    except PeerFailure as error:  # another process failed and printed its traceback; this one stops too
+        logger.error("error: %s", error)
+        return 1
+    finally:  # any other exception (a bug) keeps its traceback
+        if env is not None:
+            teardown_distributed(env)
 
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
     if args.upstream is None and not (args.resume and args.out):
-        raise ValueError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
+        raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
     out = Path(args.out or f"runs/{args.upstream}_laser")
+    check_output_folder(out, "--out")
     extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
@@ -109,6 +124,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
+    if cfg.ckpt is not None and "://" not in cfg.ckpt:
+        check_checkpoint_file(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:
@@ -121,9 +138,9 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.resume:
             resume(parts, state, cfg, out, env)
         train(cfg, parts, items, state, out, env, stop, validator)
-        if stop.signum is not None:
-            logger.info("stopped by signal %d at step %d; resume with --resume", stop.signum, state.step)
-            return 128 + stop.signum
+    if state.stop_signal is not None:  # agreed by all ranks: every one saved, none exports
+        logger.info("stopped by signal %d at step %d; resume with --resume", state.stop_signal, state.step)
+        return 128 + state.stop_signal
     if env.is_main:
         final = export_upstream(parts, cfg, out)
         logger.info("tuned upstream (last step, %d) written to %s", state.step, final)

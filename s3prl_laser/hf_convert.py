@@ -26,11 +26,11 @@ Option correspondence (s3prl/fairseq -> transformers config):
 - dropouts and ``encoder_layerdrop`` by name; ``mask_emb`` -> ``masked_spec_embed``. The training-time
   masking settings (``mask_prob``, ...) keep transformers' defaults, as in transformers' own conversions.
 
-What transformers cannot express raises ``ValueError`` naming the option: ``layer_type="conformer"``,
-other activations (e.g. WavLM's "glu"), WavLM with ``relative_position_embedding=False`` or
-``gru_rel_pos=False`` (transformers' WavLM always applies the gated relative position bias),
-``encoder_embed_dim`` not divisible by the heads or ``conv_pos_groups``, and any weight whose name or
-shape has no place in the transformers model.
+What transformers cannot express raises ``UserInputError`` (a ``ValueError``) naming the option:
+``layer_type="conformer"``, other activations (e.g. WavLM's "glu"), WavLM with
+``relative_position_embedding=False`` or ``gru_rel_pos=False`` (transformers' WavLM always applies the
+gated relative position bias), ``encoder_embed_dim`` not divisible by the heads or ``conv_pos_groups``,
+and any weight whose name or shape has no place in the transformers model.
 
 Example::
 
@@ -42,14 +42,14 @@ Example::
 from __future__ import annotations
 
 import ast
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, UPSTREAMS
+from s3prl_laser.errors import UserInputError
+from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, UPSTREAMS, read_checkpoint
 
 HUBERT_KEYS = CKPT_KEYS["hubert"]
 WAVLM_KEYS = CKPT_KEYS["wavlm"]
@@ -122,36 +122,30 @@ def detect_upstream(state: dict, path: str | Path = "<checkpoint>") -> str:
         'wavlm'
     """
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
+        raise UserInputError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
     if all(k in state for k in HUBERT_KEYS):
         return "hubert"
     if all(k in state for k in WAVLM_KEYS):
         return "wavlm"
-    raise ValueError(
+    raise UserInputError(
         f"{path}: not an s3prl HuBERT/WavLM checkpoint; top-level keys are {sorted(state)}. "
         f"HuBERT needs {list(HUBERT_KEYS)}, WavLM needs {list(WAVLM_KEYS)}."
     )
 
 
 def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3prlCheckpoint:
-    """Read an s3prl HuBERT/WavLM checkpoint with ``torch.load(weights_only=True)``.
+    """Read an s3prl HuBERT/WavLM checkpoint with ``torch.load(weights_only=True)`` (``read_checkpoint``).
 
     Args:
         path: the ``.pt`` file.
         upstream: ``"hubert"``/``"wavlm"`` to insist on a format; ``None`` detects it from the keys.
     """
     if upstream is not None and upstream not in UPSTREAMS:
-        raise ValueError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({err}). Checkpoints must hold "
-            "only tensors, dicts, lists, strings and numbers (s3prl's converted format)."
-        ) from err
+        raise UserInputError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
+    state = read_checkpoint(path, allow_fairseq=False)
     found = detect_upstream(state, path)
     if upstream is not None and found != upstream:
-        raise ValueError(f"{path}: --upstream {upstream} given, but the checkpoint keys say {found}")
+        raise UserInputError(f"{path}: --upstream {upstream} given, but the checkpoint keys say {found}")
     if found == "hubert":
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
 
@@ -168,7 +162,7 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
     from s3prl.upstream.wavlm.WavLM import WavLMConfig
 
     if not isinstance(state["cfg"], dict):
-        raise ValueError(f"{path}: 'cfg' must be a dict, got {type(state['cfg']).__name__}")
+        raise UserInputError(f"{path}: 'cfg' must be a dict, got {type(state['cfg']).__name__}")
     model_cfg = {**WavLMConfig().__dict__, **state["cfg"]}
     return S3prlCheckpoint(
         "wavlm", model_cfg, dict(state["model"]), bool(model_cfg["normalize"]), 16000, str(path)
@@ -178,7 +172,7 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
 def _merge_dataclass(cls, cfg: dict, path, key: str) -> dict:
     """s3prl's ``merge_with_parent``: dataclass defaults, updated by the known keys of ``cfg``."""
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: {key!r} must be a dict, got {type(cfg).__name__}")
+        raise UserInputError(f"{path}: {key!r} must be a dict, got {type(cfg).__name__}")
     defaults = {name: f.default for name, f in cls.__dataclass_fields__.items()}
     known = {k: v for k, v in cfg.items() if k in defaults}
     merged = {**defaults, **known}
@@ -206,19 +200,19 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = value(node.left), value(node.right)
             if isinstance(node.op, ast.Mult) and not (isinstance(right, int) and 0 <= right <= MAX_REPEAT):
-                raise ValueError(
+                raise UserInputError(
                     f"conv_feature_layers: repeat count must be an int in [0, {MAX_REPEAT}] in {spec!r}"
                 )
             return left + right if isinstance(node.op, ast.Add) else left * right
-        raise ValueError(f"conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
+        raise UserInputError(f"conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
 
     try:
         tree = ast.parse(spec, mode="eval")
     except SyntaxError as err:
-        raise ValueError(f"conv_feature_layers: cannot parse {spec!r}: {err}") from err
+        raise UserInputError(f"conv_feature_layers: cannot parse {spec!r}: {err}") from err
     layers = value(tree.body)
     if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
-        raise ValueError(
+        raise UserInputError(
             f"conv_feature_layers: expected a list of (dim, kernel, stride) tuples, got {spec!r}"
         )
     return layers
@@ -235,26 +229,28 @@ def hf_config(ckpt: S3prlCheckpoint):
     where = f"{ckpt.path} ({ckpt.upstream} model config)"
     layer_type = str(cfg.get("layer_type", "transformer"))
     if layer_type != "transformer":
-        raise ValueError(
+        raise UserInputError(
             f"{where}: layer_type={layer_type!r} is not supported (transformers' "
             f"{ckpt.upstream} has transformer layers only)"
         )
     mode = str(cfg["extractor_mode"])
     if mode not in EXTRACTOR_MODES:
-        raise ValueError(
+        raise UserInputError(
             f"{where}: extractor_mode={mode!r} is not supported; expected one of "
             f"{sorted(EXTRACTOR_MODES)} (-> feat_extract_norm 'group'/'layer')"
         )
     act = str(cfg["activation_fn"])
     if act not in ACTIVATIONS:
-        raise ValueError(f"{where}: activation_fn={act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        raise UserInputError(
+            f"{where}: activation_fn={act!r} is not supported; supported: {sorted(ACTIVATIONS)}"
+        )
     dim, heads, groups = (
         int(cfg["encoder_embed_dim"]),
         int(cfg["encoder_attention_heads"]),
         int(cfg["conv_pos_groups"]),
     )
     if dim % heads or dim % groups:
-        raise ValueError(
+        raise UserInputError(
             f"{where}: encoder_embed_dim={dim} must be divisible by encoder_attention_heads={heads} "
             f"and conv_pos_groups={groups}"
         )
@@ -287,7 +283,7 @@ def hf_config(ckpt: S3prlCheckpoint):
         return HubertConfig(**common, feat_proj_layer_norm=True, conv_pos_batch_norm=False)
     for option in ("relative_position_embedding", "gru_rel_pos"):
         if not cfg.get(option, False):
-            raise ValueError(
+            raise UserInputError(
                 f"{where}: {option}=False is not supported; transformers' WavLM always applies "
                 "the gated relative position bias (relative_position_embedding=True, gru_rel_pos=True)"
             )
@@ -309,7 +305,7 @@ def map_key(key: str) -> str | None:
     for pattern, template in _KEY_RULES:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, template, key)
-    raise ValueError(f"s3prl parameter {key!r} has no transformers counterpart (unknown module)")
+    raise UserInputError(f"s3prl parameter {key!r} has no transformers counterpart (unknown module)")
 
 
 def convert_state_dict(ckpt: S3prlCheckpoint, target_keys) -> tuple[dict, list[str]]:
@@ -344,7 +340,7 @@ def convert_state_dict(ckpt: S3prlCheckpoint, target_keys) -> tuple[dict, list[s
         dim = int(ckpt.model_cfg["encoder_embed_dim"])
         width = parse_conv_layers(str(ckpt.model_cfg["conv_feature_layers"]))[-1][0]
         if width != dim:
-            raise ValueError(
+            raise UserInputError(
                 f"{ckpt.path}: post_extract_proj is missing but the CNN width {width} differs from "
                 f"encoder_embed_dim {dim}"
             )
@@ -368,13 +364,13 @@ def to_hf_model(ckpt: S3prlCheckpoint):
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
-        raise ValueError(
+        raise UserInputError(
             f"{ckpt.path}: the converted weights do not match transformers' {type(model).__name__}: "
             f"missing {missing}, unexpected {unexpected}"
         )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(target[name].shape):
-            raise ValueError(
+            raise UserInputError(
                 f"{ckpt.path}: {name} has shape {tuple(tensor.shape)}, transformers expects "
                 f"{tuple(target[name].shape)}"
             )

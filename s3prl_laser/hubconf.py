@@ -9,9 +9,10 @@ downsample rate of 320, exactly like s3prl's stock ``hubert_local`` / ``wavlm_lo
 
 Checkpoint lookup: ``ckpt`` (``run_downstream.py -k FILE``) when given, else
 ``$S3PRL_LASER_HOME/<entry>.pt`` with ``S3PRL_LASER_HOME`` defaulting to ``~/.cache/s3prl_laser``.
-The file is first read with ``torch.load(weights_only=True)``, so a checkpoint holding anything but
-tensors and plain containers is refused before s3prl's expert (which calls ``torch.load`` without
-``weights_only``) reads it, even under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
+The file is first read by :func:`s3prl_laser.s3prl_checkpoint.read_checkpoint` with
+``torch.load(weights_only=True)``, so a checkpoint holding anything but tensors and plain containers is
+refused before s3prl's expert (which calls ``torch.load`` without ``weights_only``) reads it, even under
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``; a damaged file is reported as damaged, naming it.
 
 Example::
 
@@ -22,14 +23,13 @@ Example::
 """
 
 import os
-import pickle
 from pathlib import Path
 
-import torch
 from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
 from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
-from s3prl_laser.s3prl_checkpoint import CKPT_KEYS
+from s3prl_laser.errors import MissingFileError, UserInputError
+from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, read_checkpoint
 
 HOME_ENV = "S3PRL_LASER_HOME"
 DEFAULT_HOME = "~/.cache/s3prl_laser"
@@ -53,28 +53,22 @@ def default_ckpt_path(name: str) -> Path:
     return laser_home() / f"{name}.pt"
 
 
-def _checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
+def checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
     """Resolve the checkpoint path of entry ``name`` and check its format with a weights-only load."""
     upstream, keys, format_name = _FORMATS[name]
     path = Path(ckpt).expanduser() if ckpt else default_ckpt_path(name)
     if not path.is_file():
         how = "the file given as ckpt (run_downstream -k)" if ckpt else f"the default location (${HOME_ENV})"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: no checkpoint at {path} ({how}). Make one with "
             f"`python -m s3prl_laser.finetune --upstream {upstream} --data LIBRISPEECH_ROOT "
             f"--out {path.parent}` "
             f"(it writes {path.parent / f'{name}.pt'}), or pass another file with ckpt=... / -k FILE."
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{name}: {path} holds objects other than tensors and plain containers, so it is not loaded "
-            f"(weights-only load refused it: {err})"
-        ) from err
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    state = read_checkpoint(path, allow_fairseq=False)
+    missing = [key for key in keys if key not in state]
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"{name}: {path} is not a checkpoint in {format_name} format (missing keys {missing}; "
             f"expected {list(keys)}). Pass the file that "
             f"`python -m s3prl_laser.finetune --upstream {upstream}` writes."
@@ -88,9 +82,9 @@ def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _HubertExpert
     ``kwds`` go to the expert like in ``hubert_local`` (s3prl's runner passes ``model_config`` and
     ``refresh``, which it ignores).
     """
-    return _HubertExpert(_checked_ckpt("hubert_laser", ckpt), **kwds)
+    return _HubertExpert(checked_ckpt("hubert_laser", ckpt), **kwds)
 
 
 def wavlm_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _WavLMExpert:
     """LASER-tuned WavLM as an s3prl upstream: s3prl's WavLM expert on ``ckpt`` (see module doc)."""
-    return _WavLMExpert(_checked_ckpt("wavlm_laser", ckpt), **kwds)
+    return _WavLMExpert(checked_ckpt("wavlm_laser", ckpt), **kwds)

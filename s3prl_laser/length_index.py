@@ -29,6 +29,7 @@ from s3prl_laser.data import (
     read_manifest,
     refuse_held_out,
 )
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.runtime import DistEnv, broadcast_object
 
 logger = logging.getLogger("s3prl_laser.finetune")
@@ -73,9 +74,9 @@ def read_index(path: Path, key: dict) -> list[AudioItem] | None:
 
 
 def scan(cfg: LaserConfig, jobs: int) -> list[AudioItem]:
-    """List the training audio, refuse held-out clips, read lengths; ``ValueError`` on bad data."""
+    """List the training audio, refuse held-out clips, read lengths; ``UserInputError`` on bad data."""
     if cfg.data is None:
-        raise ValueError("no training data: give --data (LibriSpeech root, audio folder or manifest)")
+        raise UserInputError("no training data: give --data (LibriSpeech root, audio folder or manifest)")
     found = find_audio(cfg.data, cfg.data_subsets)
     if not cfg.allow_held_out_splits:
         refuse_held_out(found, cfg.data)
@@ -103,15 +104,15 @@ def load_or_build_index(cfg: LaserConfig, out: Path, env: DistEnv) -> list[Audio
                 logger.info("data: lengths read from %s (delete it to rescan)", path)
                 if not cfg.allow_held_out_splits:
                     refuse_held_out(items, path)
-        except ValueError as raised:
+        except UserInputError as raised:  # the same one-line error on every rank; a bug keeps its traceback
             error = str(raised)
     error = broadcast_object(env, error)
     if error is not None:
-        raise ValueError(error)
+        raise UserInputError(error)
     if not env.is_main:
         items = read_index(path, key)
         if items is None:
-            raise ValueError(f"{path}: rank 0 wrote this length index but rank {env.rank} cannot read it")
+            raise UserInputError(f"{path}: rank 0 wrote this length index but rank {env.rank} cannot read it")
     hours = sum(item.num_samples for item in items) / cfg.sample_rate / 3600
     logger.info("data: %d clips (%.2f h) from %s", len(items), hours, cfg.data)
     logger.info("data by split: %s", describe_splits(items, cfg.sample_rate))

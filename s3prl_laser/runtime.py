@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from s3prl_laser.console import setup_console
+from s3prl_laser.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +45,42 @@ class DistEnv:
         return self.world_size > 1
 
 
+class PeerFailure(RuntimeError):
+    """Another process of the run failed (it prints its own traceback); this one stops at the same step."""
+
+
 def setup_distributed(device: str | None = None) -> DistEnv:
     """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; join the process group (NCCL or gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
-        device = f"cuda:{local_rank}"
-    env = DistEnv(rank, world_size, local_rank, torch.device(device))
+    env = DistEnv(rank, world_size, local_rank, resolve_device(device, local_rank))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed:
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
     return env
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` as a ``torch.device``: cuda when available if None; ``cuda`` is ``cuda:LOCAL_RANK``.
+
+    Raises ``UserInputError`` naming ``--device`` for a name torch does not know or a GPU that is not there.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = f"cuda:{local_rank}"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+        raise UserInputError(
+            f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) visible to this process; "
+            "use --device cpu, or one process per GPU under torchrun"
+        )
+    return resolved
 
 
 def teardown_distributed(env: DistEnv) -> None:
@@ -76,10 +98,15 @@ def setup_logging(env: DistEnv) -> None:
     setup_console(level, fmt=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step (which then saves).
 
-    A second signal interrupts at once (``KeyboardInterrupt``). Handlers are restored on exit.
+    ``signum`` is the signal received by this process (None until one comes); the ranks agree on it in
+    the step's all-reduce (see :func:`stop_flags`). A second signal interrupts at once
+    (``KeyboardInterrupt``). Handlers are restored on exit.
     """
 
     def __init__(self) -> None:
@@ -93,13 +120,24 @@ class StopSignals:
         logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
 
     def __enter__(self) -> StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def stop_flags(signum: int | None) -> list[float]:
+    """One flag per signal of ``STOP_SIGNALS``: 1.0 for the one received; summed over ranks by ``agree``."""
+    return [float(signum == candidate) for candidate in STOP_SIGNALS]
+
+
+def agreed_stop(flags: list[float]) -> int | None:
+    """The signal the run stops for, from ``stop_flags`` summed over ranks (SIGTERM wins over SIGINT)."""
+    received = [int(candidate) for candidate, count in zip(STOP_SIGNALS, flags, strict=True) if count > 0]
+    return max(received) if received else None
 
 
 def ignore_signals_in_worker(worker_id: int) -> None:
@@ -113,8 +151,19 @@ def agree(env: DistEnv, values: list[float]) -> list[float]:
     if not env.distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    torch.distributed.all_reduce(tensor)
+    try:
+        torch.distributed.all_reduce(tensor)
+    except RuntimeError as error:  # the backend lost a peer: it failed (and printed why) or was killed
+        raise _lost_peer(error) from None
     return tensor.tolist()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        try:
+            torch.distributed.barrier()
+        except RuntimeError as error:
+            raise _lost_peer(error) from None
 
 
 def broadcast_object(env: DistEnv, value):
@@ -122,7 +171,10 @@ def broadcast_object(env: DistEnv, value):
     if not env.distributed:
         return value
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    try:
+        torch.distributed.broadcast_object_list(box, src=0)
+    except RuntimeError as error:
+        raise _lost_peer(error) from None
     return box[0]
 
 
@@ -132,12 +184,14 @@ def average_gradients(env: DistEnv, params: list[torch.nn.Parameter]) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
+    try:
+        torch.distributed.all_reduce(flat)
+    except RuntimeError as error:
+        raise _lost_peer(error) from None
     flat /= env.world_size
     for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
         p.grad = chunk.view_as(p)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        torch.distributed.barrier()
+def _lost_peer(error: RuntimeError) -> PeerFailure:
+    return PeerFailure(f"lost contact with another process, which failed or was killed ({error})")

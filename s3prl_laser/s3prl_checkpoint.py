@@ -2,7 +2,9 @@
 
 - :func:`read_checkpoint` reads a checkpoint without executing code from it: ``torch.load(weights_only=True)``
   for s3prl's own formats, the restricted unpickler of :mod:`s3prl_laser.fairseq_checkpoint` for an
-  original fairseq checkpoint.
+  original fairseq checkpoint. Every checkpoint this package loads goes through it (``--ckpt``, training
+  checkpoints on ``--resume``, the ``hubert_laser``/``wavlm_laser`` entries, the export), so a missing,
+  damaged or refused file gets the same error everywhere.
 - :func:`check_keys` says which format a checkpoint dict is in when it is not the expected one.
 - :func:`save_s3prl_checkpoint` writes a checkpoint atomically.
 
@@ -16,10 +18,12 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
+from s3prl_laser.errors import DamagedCheckpointError, MissingFileError, UnsafeCheckpointError, UserInputError
 from s3prl_laser.fairseq_checkpoint import restricted_pickle_module
 
 UPSTREAMS = ("hubert", "wavlm")
@@ -55,28 +59,89 @@ def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint without executing code from it.
+def read_checkpoint(path: str | os.PathLike, allow_fairseq: bool = True) -> dict:
+    """Read a checkpoint without executing code from it; the one reader of every checkpoint we load.
 
-    ``torch.load(weights_only=True)`` first (s3prl formats); if the pickle names other globals (an
-    original fairseq checkpoint), the restricted unpickler reads it: see
-    :class:`~s3prl_laser.fairseq_checkpoint.RestrictedUnpickler`.
-    Raises ``FileNotFoundError`` naming the path, ``fairseq_checkpoint.UnsafeCheckpointError`` for a
-    forbidden global.
+    ``torch.load(weights_only=True)`` first (s3prl's formats, our training checkpoints). If the pickle names
+    other globals and ``allow_fairseq`` is set (an original fairseq checkpoint), the restricted unpickler
+    of :mod:`s3prl_laser.fairseq_checkpoint` reads it. A zip checkpoint's CRC-32 checksums are verified
+    first, so a file corrupted on disk is not read back as wrong weights.
+
+    Raises (all :class:`~s3prl_laser.errors.UserInputError`, each message naming ``path``):
+    ``MissingFileError`` when there is no such file; ``DamagedCheckpointError`` for a truncated, corrupted
+    or foreign file; ``UnsafeCheckpointError`` for a pickle naming a global it may not load (nothing of it
+    is executed); ``UserInputError`` when it holds something other than a dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise MissingFileError(f"checkpoint {path}: {what}")
+    _verify_zip(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # weights_only=False is what lets torch use our pickle_module; its find_class is the whitelist.
-        state = torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module()
-        )
+        # Either a pickle that names more than tensors and containers, or a damaged one: the restricted
+        # unpickler tells them apart (UnsafeCheckpointError names the global; other errors mean damage).
+        state = _read_restricted(path)
+        if not allow_fairseq:
+            raise UnsafeCheckpointError(
+                f"{path} holds objects other than tensors and plain containers, so it is not loaded "
+                "(torch.load(weights_only=True) refused it); pass a checkpoint in s3prl's format, e.g. "
+                "the one python -m s3prl_laser.finetune writes"
+            ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise _damaged(path, error) from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
+        raise UserInputError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
     return state
+
+
+def check_checkpoint_file(path: str | os.PathLike, option: str = "--ckpt") -> Path:
+    """Cheap check, before expensive work, that ``path`` can be a checkpoint: it exists, and is a complete
+    zip archive (``torch.save``'s format) or a legacy pickle. Full reading is :func:`read_checkpoint`'s job.
+
+    Raises ``MissingFileError`` or ``DamagedCheckpointError`` naming ``option`` and the file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise MissingFileError(f"{option} {path}: {what}")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise _damaged(path, "the zip archive's directory at the end of the file is missing")
+    if not head.startswith((b"PK", b"\x80")):  # a zip archive, or a pickle (protocol 2 or later)
+        raise _damaged(path, "empty" if not head else "not a PyTorch checkpoint")
+    return path
+
+
+def _verify_zip(path: Path) -> None:
+    """Check the CRC-32 of every member of a zip checkpoint (``torch.save``'s format); others pass."""
+    if not zipfile.is_zipfile(path):
+        return  # a truncated zip has lost its directory: torch.load then fails, and says so
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise _damaged(path, error) from None
+    if bad is not None:
+        raise _damaged(path, f"checksum mismatch in {bad}")
+
+
+def _read_restricted(path: Path) -> dict:
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module()
+        )  # weights_only=False is what lets torch use our pickle_module; its find_class is the whitelist
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"{path}: {error}") from None
+    except Exception as error:  # whatever a damaged pickle makes the unpickler raise
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, reason: object) -> DamagedCheckpointError:
+    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return DamagedCheckpointError(path, text.split(". ")[0])  # torch adds advice on its internals after
 
 
 def check_keys(upstream: str, state: dict, where: str) -> None:
@@ -85,7 +150,7 @@ def check_keys(upstream: str, state: dict, where: str) -> None:
     if missing:
         other = next((u for u in UPSTREAMS if u != upstream and all(k in state for k in CKPT_KEYS[u])), None)
         hint = f" (it looks like a {other} checkpoint)" if other else ""
-        raise ValueError(
+        raise UserInputError(
             f"{where} is not an s3prl {upstream} checkpoint{hint}: expected keys {list(expected)}, "
             f"found {sorted(state)}"
         )

@@ -41,16 +41,20 @@ from s3prl_laser.data import (
     default_workers,
     view_stretch,
 )
+from s3prl_laser.errors import DamagedCheckpointError, UserInputError
 from s3prl_laser.laser_model import Parts, trainable_state
 from s3prl_laser.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.perturb import LaserPerturbation
 from s3prl_laser.runtime import (
     DistEnv,
+    PeerFailure,
     StopSignals,
     agree,
+    agreed_stop,
     average_gradients,
     barrier,
     ignore_signals_in_worker,
+    stop_flags,
 )
 from s3prl_laser.validation import Validator
 
@@ -107,8 +111,9 @@ def build_data(
 
 @dataclass
 class TrainState:
-    """Progress: optimizer steps done, sampler position of the next batch, counts of skipped things, and
-    the validation's bookkeeping (best step and value so far, whether the collapse warning was given)."""
+    """Progress: optimizer steps done, sampler position of the next batch, counts of skipped things, the
+    validation's bookkeeping (best step and value so far, whether the collapse warning was given), and the
+    signal the run stopped for (agreed by all ranks; None while it runs or when it finished)."""
 
     step: int = 0
     position: tuple[int, int] = (0, 0)
@@ -117,6 +122,7 @@ class TrainState:
     best_step: int | None = None
     best_value: float | None = None
     collapse_warned: bool = False
+    stop_signal: int | None = None
 
 
 def forward_pairs(module: nn.Module, batch: PairBatch, env: DistEnv, cfg: LaserConfig):
@@ -173,7 +179,7 @@ def train_step(
     batches: list[PairBatch],
     cfg: LaserConfig,
     env: DistEnv,
-    stop_requested: bool,
+    stop_signal: int | None,
     perturb: LaserPerturbation | None = None,
 ) -> dict:
     """Forward, loss and backward of each of ``batches`` on each rank (``grad_accum_steps`` micro-batches,
@@ -182,12 +188,16 @@ def train_step(
 
     A rank that runs out of memory frees what the step allocated and reports it: every rank then skips the
     step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
+    A rank whose local steps fail otherwise (a bug, a device fault) reports it in the same all-reduce and
+    then re-raises its exception with its traceback, while the others raise
+    :class:`~s3prl_laser.runtime.PeerFailure`: the local steps run no collective, so every rank gets there.
+    ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
     ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
 
     Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
     rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
     """
-    outs, oom = [], None
+    outs, oom, error = [], None, None
     for batch in batches:
         if batch.num_pairs == 0:
             continue
@@ -196,24 +206,34 @@ def train_step(
         except torch.OutOfMemoryError:
             oom = batch
             break
+        except Exception as exc:  # a bug or a device fault on this rank: tell the others before raising it
+            if not env.distributed:
+                raise
+            error = exc
+            break
     if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
         release_memory(parts, env)
         logger.warning(
             "out of memory in the step on batch %s (%d pairs, %d samples per row): skipping it; "
             "lower max_batch_seconds if this recurs", oom.position, oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
-    empty = not outs and oom is None
+    empty = not outs and oom is None and error is None
     nonfinite = any(not bool(torch.isfinite(out.loss)) for _, out in outs)
     sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable step
     if outs and not nonfinite and oom is None:
         for b, out in outs:
             sums = [a + v for a, v in zip(sums, [b, out.loss.item() * b, out.alignment.sum().item(),
                                                  out.regularizer.sum().item()], strict=True)]  # fmt: skip
-    flags = [float(empty), float(nonfinite), float(oom is not None), float(stop_requested)]
-    any_empty, any_nonfinite, any_oom, any_stop, pairs, loss_sum, align_sum, reg_sum = agree(
-        env, flags + sums
-    )
-    result = {"stepped": False, "skip": None, "stop": any_stop > 0, "pairs": int(pairs)}
+    flags = [float(error is not None), float(empty), float(nonfinite), float(oom is not None)]
+    flags += stop_flags(stop_signal)
+    agreed = agree(env, flags + sums)
+    any_failed, any_empty, any_nonfinite, any_oom, *stops = agreed[: len(flags)]
+    pairs, loss_sum, align_sum, reg_sum = agreed[len(flags) :]
+    if any_failed:
+        if error is not None:
+            raise error
+        raise PeerFailure(f"{int(any_failed)} other process(es) failed in this step; see their traceback")
+    result = {"stepped": False, "skip": None, "stop": agreed_stop(stops), "pairs": int(pairs)}
     if any_empty or any_nonfinite or any_oom:
         result["skip"] = "oom" if any_oom else "nonfinite" if any_nonfinite else "empty"
         result["pairs"] = 0  # a skipped step trains on nothing
@@ -273,7 +293,7 @@ def train(
                     state.counters[reason] += count
                 if batch.cropped:
                     state.counters["cropped_to_budget"] += batch.cropped
-            result = train_step(parts, batches, cfg, env, stop.signum is not None, perturb)
+            result = train_step(parts, batches, cfg, env, stop.signum, perturb)
             batch = batches[-1]
             state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
@@ -292,13 +312,15 @@ def train(
                     state.step + 1, result["skip"], dict(state.counters),
                 )  # fmt: skip
                 if idle * cfg.grad_accum_steps >= max(sampler.batches_per_epoch(batch.position[0]), 1):
-                    raise ValueError(
+                    raise UserInputError(
                         f"no usable batch in a whole epoch of {cfg.data}; skipped: {dict(state.counters)}"
                     )
             done = state.step >= cfg.steps
-            if result["stop"] or done or (result["stepped"] and state.step % cfg.save_every == 0):
+            state.stop_signal = result["stop"]
+            stopping = state.stop_signal is not None
+            if stopping or done or (result["stepped"] and state.step % cfg.save_every == 0):
                 save(parts, state, cfg, out, env)
-            if result["stop"] or done:
+            if stopping or done:
                 break
     finally:
         progress.close()
@@ -386,23 +408,28 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
     barrier(env)
 
 
+TRAINING_KEYS = ("model", "head", "optimizer", "scheduler", "step", "config", "rng", "data_position")
+
+
 def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
     """Restore model, head, optimizer, schedule, RNG, data position and step from the newest checkpoint."""
-    path = checkpointing.latest_checkpoint(out)
-    if path is None:
+    found = read_newest_checkpoint(out, env)
+    if found is None:
         logger.warning(
             "--resume: no checkpoint in %s; starting from step 0", checkpointing.checkpoint_dir(out)
         )
         return
-    checkpoint = checkpointing.load_checkpoint(path)
+    path, checkpoint = found
     missing = {n for n, p in parts.base.named_parameters() if p.requires_grad} - set(checkpoint["model"])
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"checkpoint {path} lacks trainable parameters {sorted(missing)[:5]}: other trainable_layers?"
         )
     result = parts.base.load_state_dict(checkpoint["model"], strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} has parameters the model lacks: {result.unexpected_keys[:5]}")
+        raise UserInputError(
+            f"checkpoint {path} has parameters the model lacks: {result.unexpected_keys[:5]}"
+        )
     parts.head.load_state_dict(checkpoint["head"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -436,6 +463,37 @@ def forget_later_best(out: Path, step: int, env: DistEnv) -> bool:
     logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
     path.unlink()
     return True
+
+
+def read_newest_checkpoint(out: Path, env: DistEnv) -> tuple[Path, dict] | None:
+    """``(path, checkpoint)`` of the newest readable training checkpoint in ``out``; None if there is none.
+
+    A damaged newest file (a disk fault, a copy stopped half-way) is reported naming it, renamed to
+    ``*.damaged`` by rank 0 (so that it no longer counts among the kept checkpoints), and the one before
+    it is used: that is why two are kept. Raises ``UserInputError`` if none is readable.
+    """
+    damaged = []
+    for _, path in reversed(checkpointing.list_checkpoints(out)):
+        try:
+            checkpoint = checkpointing.load_checkpoint(path)
+            missing = [key for key in TRAINING_KEYS if key not in checkpoint]
+            if missing:
+                raise DamagedCheckpointError(path, f"lacks {missing}: not a training checkpoint")
+        except UserInputError as error:
+            reason = error.reason if isinstance(error, DamagedCheckpointError) else str(error)
+            logger.warning("--resume: %s is damaged (%s); trying the checkpoint before it", path, reason)
+            damaged.append(path)
+            continue
+        for bad in damaged if env.is_main else ():
+            bad.replace(bad.with_name(bad.name + ".damaged"))
+            logger.warning("--resume: renamed %s to %s.damaged", bad.name, bad.name)
+        return path, checkpoint
+    if damaged:
+        raise UserInputError(
+            f"--resume: no readable checkpoint in {checkpointing.checkpoint_dir(out)} (damaged: "
+            f"{', '.join(p.name for p in damaged)}); remove them to start from step 0, or restore a copy"
+        )
+    return None
 
 
 def check_ranks_in_sync(parts: Parts, env: DistEnv) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.fairseq_checkpoint import convert_fairseq_hubert, is_fairseq_checkpoint
 from s3prl_laser.s3prl_checkpoint import DEFAULT_CKPT_URLS, UPSTREAMS, check_keys, read_checkpoint
 
@@ -37,15 +38,16 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     without fairseq, converted in memory), or ``None`` for s3prl's default ``hubert_base`` / ``wavlm_base``
     (downloaded by s3prl's own helper into its cache).
 
-    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a wrong format (naming the keys found
-    and expected), ``fairseq_checkpoint.UnsafeCheckpointError`` for a pickle that names a non-whitelisted
-    global.
+    Raises :class:`~s3prl_laser.errors.UserInputError` subclasses naming the file: ``MissingFileError``,
+    ``DamagedCheckpointError`` (truncated or corrupted), ``UnsafeCheckpointError`` (a pickle naming a
+    non-whitelisted global), and ``UserInputError`` itself for a wrong format (naming the keys found and
+    expected).
 
     Example:
         >>> model = load_base_model("wavlm", "tiny_wavlm.pt")  # doctest: +SKIP
     """
     if upstream not in UPSTREAMS:
-        raise ValueError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
+        raise UserInputError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
     if ckpt is None:
         from s3prl.util import download
 
@@ -54,7 +56,7 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     state = read_checkpoint(ckpt)
     if is_fairseq_checkpoint(state):
         if upstream != "hubert":
-            raise ValueError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
+            raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
         state = convert_fairseq_hubert(state, where)
     check_keys(upstream, state, where)
     if upstream == "hubert":
@@ -172,7 +174,9 @@ class BaseModel(nn.Module):
         Returns the number of trainable parameters.
         """
         if not 0 <= trainable_layers <= self.num_layers:
-            raise ValueError(f"trainable_layers must be in [0, {self.num_layers}], got {trainable_layers}")
+            raise UserInputError(
+                f"trainable_layers must be in [0, {self.num_layers}], got {trainable_layers}"
+            )
         names = [f"encoder.layers.{i}" for i in range(self.num_layers - trainable_layers, self.num_layers)]
         if train_final_layer_norm:
             names.append("encoder.layer_norm")

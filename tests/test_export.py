@@ -9,6 +9,7 @@ s3prl has no post_extract_proj; WavLM with few relative-position buckets so the 
 """
 
 import json
+import os
 import pickle
 from argparse import Namespace
 
@@ -205,8 +206,8 @@ def test_cli_verify_passes_and_catches_a_corrupted_export(tmp_path, tiny_wavlm_c
     out = tmp_path / "hf"
     assert main(["--ckpt", str(tiny_wavlm_ckpt), "--to", "hf", str(out), "--verify"]) == 0
     assert "verified" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--overwrite"):
-        main(["--ckpt", str(tiny_wavlm_ckpt), "--to", "hf", str(out)])
+    assert main(["--ckpt", str(tiny_wavlm_ckpt), "--to", "hf", str(out)]) == 2
+    assert f"output directory {out} is not empty; pass --overwrite" in capsys.readouterr().err
     # Break one weight of layer 1: hidden states 0 and 1 still agree, 2 and later must not.
     from safetensors.torch import load_file, save_file
 
@@ -284,8 +285,21 @@ def test_parse_conv_layers_without_eval():
             parse_conv_layers(bad)
 
 
+class _RunsCode:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def test_unpicklable_is_a_value_error_not_code_execution(tmp_path):
+    marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps(Namespace(x=1)))
-    with pytest.raises(ValueError, match="weights_only"):
+    path.write_bytes(pickle.dumps(_RunsCode(f"touch {marker}")))  # a raw pickle, not torch.save's zip
+    with pytest.raises(ValueError, match=r"evil\.pt"):
         export_to_hf(path, tmp_path / "hf")
+    torch.save({"cfg": _RunsCode(f"touch {marker}"), "model": {}}, path)
+    with pytest.raises(ValueError, match=r"evil\.pt.*(posix|os)\.system"):
+        export_to_hf(path, tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
