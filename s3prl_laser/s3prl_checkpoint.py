@@ -76,6 +76,8 @@ def read_checkpoint(path: str | os.PathLike, allow_fairseq: bool = True) -> dict
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "no such file"
         raise MissingFileError(f"checkpoint {path}: {what}")
+    if not os.access(path, os.R_OK):
+        raise UserInputError(f"checkpoint {path}: no permission to read it")
     _verify_zip(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -51,7 +51,14 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     if ckpt is None:
         from s3prl.util import download
 
-        ckpt = download._urls_to_filepaths(DEFAULT_CKPT_URLS[upstream])
+        url = DEFAULT_CKPT_URLS[upstream]
+        try:
+            ckpt = download._urls_to_filepaths(url)
+        except OSError as error:  # no network, proxy, HTTP error (requests' errors are OSErrors)
+            raise UserInputError(
+                f"cannot download s3prl's default {upstream} checkpoint from {url} ({error}); download it "
+                "yourself and pass it with --ckpt FILE"
+            ) from None
     where = str(ckpt)
     state = read_checkpoint(ckpt)
     if is_fairseq_checkpoint(state):

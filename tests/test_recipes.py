@@ -188,9 +188,9 @@ def test_pr_config_resolves_a_checkout(recipes, demo_corpus, tmp_path, layout):
         assert all(Path(row["wav_path"]).is_absolute() and Path(row["wav_path"]).is_file() for row in rows)
 
 
-def test_pr_recipe_names_what_the_pypi_package_lacks(demo_corpus, tmp_path):
-    done = run_recipe("pr", "--upstream", "hubert_laser", "--librispeech", str(demo_corpus),
-                      "--out", str(tmp_path / "out"), "--steps", "4")  # fmt: skip
+def test_pr_recipe_names_what_the_pypi_package_lacks(demo_corpus, tiny_hubert_ckpt, tmp_path):
+    done = run_recipe("pr", "--upstream", "hubert_laser", "--ckpt", str(tiny_hubert_ckpt), "--librispeech",
+                      str(demo_corpus), "--out", str(tmp_path / "out"), "--steps", "4")  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     for needed in ["downstream/ctc/libriphone.yaml", "downstream/ctc/corpus/libriphone.py", "--s3prl-src",
                    "git clone https://github.com/s3prl/s3prl.git"]:  # fmt: skip
@@ -200,8 +200,8 @@ def test_pr_recipe_names_what_the_pypi_package_lacks(demo_corpus, tmp_path):
     src = tmp_path / "src"
     (src / "s3prl").mkdir(parents=True)
     (src / "s3prl" / "run_downstream.py").write_text("")
-    done = run_recipe("pr", "--upstream", "hubert_laser", "--librispeech", str(demo_corpus),
-                      "--out", str(tmp_path / "out"), "--s3prl-src", str(src))  # fmt: skip
+    done = run_recipe("pr", "--upstream", "hubert_laser", "--ckpt", str(tiny_hubert_ckpt), "--librispeech",
+                      str(demo_corpus), "--out", str(tmp_path / "out"), "--s3prl-src", str(src))  # fmt: skip
     assert done.returncode == 2
     assert str(src.resolve() / "s3prl" / "downstream" / "ctc" / "libriphone.yaml") in done.stderr
 
