@@ -175,7 +175,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a user configuration YAML (a flat mapping of config keys)."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"--config {path}: no such file")
+        what = "a folder, not a YAML file" if path.is_dir() else "no such file"
+        raise UserInputError(f"--config {path}: {what}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as error:

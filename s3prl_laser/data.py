@@ -556,9 +556,19 @@ def _audio_files(folder: Path) -> list[Path]:
 
 def read_manifest(manifest: Path) -> list[AudioItem]:
     """Parse ``path [num_samples]`` lines (relative paths: relative to the manifest's folder); blank lines
-    and ``#`` comments are ignored. ``ValueError`` names the file and line of a path that is not audio."""
+    and ``#`` comments are ignored. ``UserInputError`` names the file and line of a path that is not audio,
+    or the file when it is an audio file itself or not text."""
+    if manifest.suffix.lower() in AUDIO_SUFFIXES:
+        raise UserInputError(
+            f"--data {manifest} is one audio file; give the folder that holds the audio, or a manifest "
+            "(one audio path per line)"
+        )
+    try:
+        text = manifest.read_text()
+    except UnicodeDecodeError:
+        raise UserInputError(f"--data {manifest}: not a text manifest (one audio path per line)") from None
     items = []
-    for number, raw in enumerate(manifest.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

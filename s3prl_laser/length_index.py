@@ -66,11 +66,15 @@ def read_index(path: Path, key: dict) -> list[AudioItem] | None:
     """The items of the index at ``path``, or None when there is none or it was built from other data."""
     if not path.is_file():
         return None
-    with path.open() as handle:
-        first = handle.readline()
-    if not first.startswith(_HEADER) or json.loads(first[len(_HEADER) :]) != key:
+    try:
+        with path.open() as handle:
+            first = handle.readline()
+        if not first.startswith(_HEADER) or json.loads(first[len(_HEADER) :]) != key:
+            return None
+        return read_manifest(path)
+    except (UnicodeDecodeError, json.JSONDecodeError, UserInputError):  # a damaged index: scan again
+        logger.warning("data: %s is damaged; reading the lengths again", path)
         return None
-    return read_manifest(path)
 
 
 def scan(cfg: LaserConfig, jobs: int) -> list[AudioItem]:

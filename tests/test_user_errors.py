@@ -165,6 +165,29 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(
     assert "step_0000004.pt" in line and "step_0000006.pt" in line
 
 
+def test_data_naming_an_audio_or_binary_file_is_one_line(tmp_path, caplog, tiny_hubert_ckpt, demo_corpus):
+    clip = sorted(demo_corpus.rglob("*.flac"))[0]
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--out", str(tmp_path / "run")]
+    code = main([*argv, "--data", str(clip)])
+    assert error_line(caplog.text, code, f"--data {clip}", "is one audio file")
+    code = main([*argv, "--data", str(tiny_hubert_ckpt)])
+    assert error_line(caplog.text, code, f"--data {tiny_hubert_ckpt}", "not a text manifest")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_length_index_is_read_again(tmp_path, caplog, demo_corpus):
+    from s3prl_laser.config import resolve_config
+    from s3prl_laser.length_index import INDEX_NAME, load_or_build_index
+    from s3prl_laser.runtime import DistEnv
+
+    cfg = resolve_config("hubert", overrides=[f"data={demo_corpus}"])
+    first = load_or_build_index(cfg, tmp_path, DistEnv())
+    index = tmp_path / INDEX_NAME
+    index.write_bytes(index.read_bytes()[:40] + bytes([0xFF, 0xFE]) * 8)  # header cut, then garbage
+    assert load_or_build_index(cfg, tmp_path, DistEnv()) == first
+    assert f"{index} is damaged" in caplog.text
+
+
 # -------------------------------------------------------------------------------------------- export
 def test_export_of_a_damaged_ckpt_or_onto_a_file_is_one_line(tmp_path, tiny_wavlm_ckpt, capsys):
     ckpt = truncated_copy(tiny_wavlm_ckpt, tmp_path / "wavlm_laser.pt")
