@@ -215,7 +215,8 @@ def finetune(p: dict, upstream: str, workdir: Path) -> dict:
     return {"preset": f"{upstream}_laser", "model": "tiny" if args.tiny else "base (random init)",
             "precision": r["precision"], "batch_size": r["batch_size"], "pairs per step": r["pairs_per_step"],
             "pairs/s": r["pairs_per_s"], "step s": r["step"], "softdtw s": r["softdtw"],
-            "peak MiB": r["peak_mib"], "3600x8 h": finetune_throughput.projected_hours(r["pairs_per_s"])}
+            "peak MiB": r["peak_mib"], "3600x8 h": finetune_throughput.projected_hours(r["pairs_per_s"]),
+            "val s": r["validation"], "val % of eval_every steps": 100 * r["validation_share"]}
 
 
 def worst_step_memory(p: dict, upstream: str) -> dict:
