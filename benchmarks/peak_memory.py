@@ -83,7 +83,7 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
         before = vm_rss_bytes()
     start = sync(env.device)
-    result = train_step(parts, [batch], cfg, env, stop_requested=False)
+    result = train_step(parts, [batch], cfg, env, stop_signal=None)
     elapsed = sync(env.device) - start
     peak = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else vm_hwm_bytes()
     return {"pairs": pairs, "seconds": seconds, "peak": peak, "before": before, "step_s": elapsed,

@@ -52,7 +52,7 @@ def test_accumulated_batch_one_steps_give_the_gradient_of_the_mean_loss(tiny_hub
 
     seen = []  # the gradients the optimizer step receives
     parts.optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in params]))
-    result = train_step(parts, [batches[0], empty, batches[1], batches[2]], cfg, DistEnv(), False)
+    result = train_step(parts, [batches[0], empty, batches[1], batches[2]], cfg, DistEnv(), None)
     assert result["stepped"] and result["pairs"] == 3
     assert result["loss"] == pytest.approx(float(torch.stack(losses).mean().detach()), rel=1e-5)
     for ours, ref in zip(seen[0], reference, strict=True):
