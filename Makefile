@@ -5,7 +5,7 @@
 #                   memory per preset (benchmarks/gpu_check.py; about 5-8 minutes; report in runs/)
 # The classic lane (PyPI's s3prl 0.4.18, torch 2.8) goes into its own venv:
 #   make LANE=classic test     (venv .venv-classic)
-# pip's own notices go to $(VENV)/pip.log; errors still reach the screen.
+# pip's output goes to $(VENV)/pip.log; its errors (and the log's tail on failure) still reach the screen.
 PYTHON ?= python3
 LANE ?= current
 VENV ?= $(if $(filter current,$(LANE)),.venv,.venv-$(LANE))
@@ -18,7 +18,9 @@ PYTEST_ARGS ?=
 $(STAMP): setup.cfg setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing s3prl-laser[$(LANE),test] into $(VENV) (pip log: $(VENV)/pip.log)"
-	@$(PY) -m pip install -qq --log $(VENV)/pip.log -e '.[$(LANE),test]'
+	@$(PY) -m pip install -e '.[$(LANE),test]' >$(VENV)/pip.log 2>&1 \
+		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
+	@grep '^ERROR' $(VENV)/pip.log || true  # pip reports dependency conflicts as errors, yet exits 0
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	@$(PY) -m pip install -qq --log $(VENV)/pip.log -e '.[$(LANE),bench]'
+	$(PY) -m pip install --quiet -e '.[$(LANE),bench]'
 	$(PY) benchmarks/softdtw.py
 
 # the bench extra (pysdtw) only where it fits what is installed: nothing installed changes; if it cannot be
