@@ -19,6 +19,7 @@ Example::
     >>> wav, rate = torchaudio.load("clip.flac")   # [C, T] float32, 16000
 """
 
+import importlib.metadata
 import importlib.util
 import io
 import logging
@@ -120,13 +121,14 @@ def load_with_soundfile(
 
 def patch_torchaudio(torchaudio: ModuleType) -> bool:
     """Point ``torchaudio.load`` at ``load_with_soundfile`` where it cannot decode; True if it did."""
-    if _release(torchaudio.__version__) < TORCHCODEC_ONLY_TORCHAUDIO:
+    version = getattr(torchaudio, "__version__", None) or importlib.metadata.version("torchaudio")
+    if _release(version) < TORCHCODEC_ONLY_TORCHAUDIO:
         return False  # torchaudio's own backends (soundfile, sox, ffmpeg) are still there
     reason = _torchcodec_unusable()
     if reason is None:
         return False
     torchaudio.load = load_with_soundfile
-    logger.debug("torchaudio %s: %s, so torchaudio.load reads with soundfile", torchaudio.__version__, reason)
+    logger.debug("torchaudio %s: %s, so torchaudio.load reads with soundfile", version, reason)
     return True
 
 

@@ -132,3 +132,11 @@ def test_a_failing_patch_is_logged_not_raised_into_the_import(monkeypatch, caplo
     with caplog.at_level("WARNING", logger="s3prl_laser._startup"):
         _startup.after_import(module)
     assert "s3prl_laser.compat.patch_torchaudio(torchaudio) failed: KeyError('boom')" in caplog.text
+
+
+def test_torchaudio_release_comes_from_its_metadata_when_the_module_has_no_version():
+    from importlib import metadata
+
+    module = types.ModuleType("torchaudio")  # what torchaudio is when its version.py failed to import
+    newer = compat._release(metadata.version("torchaudio")) >= compat.TORCHCODEC_ONLY_TORCHAUDIO
+    assert compat.patch_torchaudio(module) is (newer and compat._torchcodec_unusable() is not None)
