@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.config import resolve_config
-from s3prl_laser.data import PairBatch, max_view_seconds
+from s3prl_laser.data import PairBatch, view_stretch
 from s3prl_laser.laser_model import build_model
 from s3prl_laser.runtime import DistEnv
 from s3prl_laser.trainer import train_step
 
+LIBRI_LONGEST, LIBRI_MEAN = 24.5, 12.7  # seconds: train-clean-100's longest and average utterance
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling script, not a package)
 from measure import sync  # noqa: E402
@@ -47,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", default=["1x4", "1x8", "2x4"], help="PAIRSxSECONDS per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fit", action="store_true", help="fit the memory model and predict per preset")
+    parser.add_argument("--target-gib", type=float, default=20.0, help="peak a budget must stay under")
+    parser.add_argument("--coefficients", type=float, nargs=3, metavar=("A_GIB", "B_MIB", "C_MIB"),
+                        help="skip measuring: predict from a fit printed earlier")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape in this process
     return parser
 
@@ -100,13 +104,50 @@ def fit(points: list[dict]) -> tuple[float, float, float]:
     return tuple(float(v) for v in solution)
 
 
-def worst_step(upstream: str) -> tuple[int, float] | None:
-    """``(pairs, seconds per view)`` of the largest step the preset's budget admits, or None (no budget)."""
+def predicted_peak(coefficients, pairs: int, view_seconds: float) -> float:
+    a, b, c = coefficients
+    rows = 2 * pairs
+    return a + b * rows * view_seconds + c * rows * view_seconds**2
+
+
+def worst_step(coefficients, budget: float, stretch: float, longest_clip: float, batch_size: int):
+    """The step of highest predicted peak that a budget admits: ``(peak, pairs, seconds per view)``.
+
+    Views run from 0.5 s to the longest clip (cropped to one pair's share of the budget) x ``stretch``; a
+    batch of views of ``L`` seconds holds ``min(batch_size, budget // (2 L))`` pairs (at least one).
+    """
+    longest_view = min(longest_clip, budget / (2 * stretch)) * stretch
+    worst = (0.0, 1, 0.0)
+    for view in [tenth / 10 for tenth in range(5, int(longest_view * 10) + 1)] + [longest_view]:
+        pairs = max(1, min(batch_size, int(budget // (2 * view))))
+        worst = max(worst, (predicted_peak(coefficients, pairs, view), pairs, view))
+    return worst
+
+
+def budget_report(upstream: str, coefficients, target_gib: float) -> None:
+    """Predicted peaks of the preset's budget (worst step, LibriSpeech worst step, average step), and the
+    largest budget (multiple of 10 s) whose worst step stays under ``target_gib``."""
     cfg = resolve_config(upstream)
-    if cfg.max_batch_seconds is None:
-        return None
-    longest = max_view_seconds(cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors)
-    return max(1, min(cfg.batch_size, int(cfg.max_batch_seconds // (2 * longest)))), longest
+    stretch = view_stretch(cfg.speed_factors)
+    crop = cfg.max_seconds if cfg.max_seconds is not None else 3600.0
+    budgets = [cfg.max_batch_seconds] if cfg.max_batch_seconds is not None else []
+    for budget in budgets:
+        peak, pairs, view = worst_step(coefficients, budget, stretch, crop, cfg.batch_size)
+        libri, libri_pairs, libri_view = worst_step(
+            coefficients, budget, stretch, LIBRI_LONGEST, cfg.batch_size
+        )
+        typical_pairs = max(1, min(cfg.batch_size, int(budget // (2 * LIBRI_MEAN * stretch))))
+        typical = predicted_peak(coefficients, typical_pairs, LIBRI_MEAN * stretch)
+        print(
+            f"preset {upstream}_laser, max_batch_seconds={budget:g}: worst step {pairs} x {view:.1f} s views "
+            f"{peak / 2**30:.1f} GiB; on train-clean-100 (clips <= {LIBRI_LONGEST} s) {libri_pairs} x "
+            f"{libri_view:.1f} s {libri / 2**30:.1f} GiB; average clip ({LIBRI_MEAN} s) {typical_pairs} "
+            f"pairs {typical / 2**30:.1f} GiB"
+        )
+    fitting = [b for b in range(10, 1001, 10) if worst_step(coefficients, b, stretch, crop, cfg.batch_size)[0]
+               <= target_gib * 2**30]  # fmt: skip
+    if fitting:
+        print(f"largest budget whose worst step is predicted under {target_gib:g} GiB: {max(fitting)} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         pairs, seconds = args.one.split("x")
         print(json.dumps(measure_one(args.upstream, int(pairs), float(seconds), args.device)))
+        return 0
+    if args.coefficients:
+        a_gib, b_mib, c_mib = args.coefficients
+        budget_report(args.upstream, (a_gib * 2**30, b_mib * 2**20, c_mib * 2**20), args.target_gib)
         return 0
     print(f"{args.upstream}, base size, random init, device {args.device}: one training step per process")
     print(f"{'pairs':>5} {'s/view':>7} {'rows x s':>9} {'peak GiB':>9} {'step GiB':>9} {'step s':>7}")
@@ -136,15 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fit: peak = {a / 2**30:.2f} GiB + {b / 2**20:.1f} MiB x rows*s + {c / 2**20:.2f} MiB x rows*s^2"
         )
-        worst = worst_step(args.upstream)
-        if worst is not None:
-            pairs, seconds = worst
-            rows = 2 * pairs
-            predicted = a + b * rows * seconds + c * rows * seconds**2
-            print(
-                f"preset {args.upstream}_laser: largest step {pairs} pairs x {seconds:.1f} s per view, "
-                f"predicted peak {predicted / 2**30:.1f} GiB"
-            )
+        budget_report(args.upstream, (a, b, c), args.target_gib)
     return 0
 
 

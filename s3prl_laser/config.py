@@ -70,7 +70,7 @@ class LaserConfig:
     # slowest speed factor), i.e. the padded [2B, T] batch the model sees. A length bucket that would exceed
     # it is split into smaller batches; a clip longer than one pair's share is cropped to it (counted).
     # Presets: sized so that the paper's recipe fits a 24 GB GPU (README, "Memory"); null = no bound.
-    max_batch_seconds: float | None = 240.0
+    max_batch_seconds: float | None = 120.0
     num_workers: int | None = (
         None  # DataLoader workers per process; null = CPUs per process on this machine - 1
     )

@@ -142,7 +142,7 @@ def librispeech_root(folder: Path) -> Path | None:
 
 def split_of(path: str) -> str | None:
     """The LibriSpeech-style split folder (``train-clean-100``, ``dev-other``...) holding a path, or None."""
-    for part in reversed(Path(path).parts[:-1]):
+    for part in reversed(path.split(os.sep)[:-1]):  # string work: this runs once per clip of a corpus
         if _SPLIT_NAME.match(part):
             return part
     return None
@@ -383,17 +383,6 @@ def clip_limit_samples(
     return min(limits) if limits else None
 
 
-def max_view_seconds(
-    max_seconds: float | None,
-    max_batch_seconds: float,
-    speed_factors: Sequence[float],
-    sample_rate: int = 16000,
-) -> float:
-    """The longest view a batch can hold under the budget, in seconds (clip limit x ``view_stretch``)."""
-    limit = clip_limit_samples(max_seconds, max_batch_seconds, speed_factors, sample_rate)
-    return limit * view_stretch(speed_factors) / sample_rate
-
-
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Endless, deterministic, length-bucketed batches under an audio budget, one shard per DDP rank.
 
@@ -576,11 +565,9 @@ def read_manifest(manifest: Path) -> list[AudioItem]:
         length = None
         if len(parts) == 2 and parts[1].isdigit():
             line, length = parts[0], int(parts[1])
-        path = Path(line).expanduser()
-        path = path if path.is_absolute() else manifest.parent / path
-        if Path(line).suffix.lower() not in AUDIO_SUFFIXES:
-            raise UserInputError(
-                f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path"
-            )
-        items.append(AudioItem(str(path), length))
+        if not line.lower().endswith(AUDIO_SUFFIXES):
+            raise UserInputError(f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path")
+        path = os.path.expanduser(line) if line.startswith("~") else line
+        path = path if os.path.isabs(path) else str(manifest.parent / path)  # absolute: no Path (1M lines)
+        items.append(AudioItem(path, length))
     return items

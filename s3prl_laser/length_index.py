@@ -90,17 +90,20 @@ def scan(cfg: LaserConfig, jobs: int) -> list[AudioItem]:
     return items
 
 
-def load_or_build_index(cfg: LaserConfig, out: Path, env: DistEnv) -> list[AudioItem]:
+def load_or_build_index(
+    cfg: LaserConfig, out: Path, env: DistEnv, jobs: int | None = None
+) -> list[AudioItem]:
     """The training clips with lengths: from ``OUT/data_index.tsv`` if it matches ``cfg``, else scanned by
-    rank 0 and written there. Every rank gets the same list; a data error is raised on every rank, before
-    any model is loaded and before ``out`` is created."""
+    rank 0 (``jobs`` header reads at once; default :func:`scan_jobs`) and written there. Every rank gets the
+    same list; a data error is raised on every rank, before any model is loaded and before ``out`` is
+    created."""
     path, key = out / INDEX_NAME, index_key(cfg) if cfg.data is not None else None
     error = None
     if env.is_main:
         try:
             items = read_index(path, key) if key is not None else None
             if items is None:
-                items = scan(cfg, scan_jobs())
+                items = scan(cfg, jobs or scan_jobs())
                 out.mkdir(parents=True, exist_ok=True)
                 write_index(path, items, key)
                 logger.info("data: length index written to %s (delete it to rescan)", path)

@@ -92,6 +92,15 @@ def build_data(
             cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate
         ),
     )
+    if cfg.max_batch_seconds is not None:
+        sizes = [len(batch) for batch in sampler.epoch_batches(start[0])]
+        binding = cfg.max_seconds is None or budget_limit < cfg.max_seconds * cfg.sample_rate
+        cropped = sum(item.num_samples > budget_limit for item in items) if binding else 0
+        logger.info(
+            "batch budget %g s: %.1f pairs per batch on average (batch_size %d) in epoch %d; %d clips longer "
+            "than %.1f s are cropped to it", cfg.max_batch_seconds, sum(sizes) / len(sizes), cfg.batch_size,
+            start[0], cropped, budget_limit / cfg.sample_rate,
+        )  # fmt: skip
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     loader = build_loader(
         dataset,
