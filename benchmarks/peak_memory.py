@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.config import resolve_config
-from s3prl_laser.data import PairBatch, view_stretch
+from s3prl_laser.data import PairBatch, clip_limit_samples, view_stretch
 from s3prl_laser.laser_model import build_model
 from s3prl_laser.runtime import DistEnv
 from s3prl_laser.trainer import train_step
@@ -110,7 +110,7 @@ def predicted_peak(coefficients, pairs: int, view_seconds: float) -> float:
     return a + b * rows * view_seconds + c * rows * view_seconds**2
 
 
-def worst_step(coefficients, budget: float, stretch: float, longest_clip: float, batch_size: int):
+def predicted_worst_step(coefficients, budget: float, stretch: float, longest_clip: float, batch_size: int):
     """The step of highest predicted peak that a budget admits: ``(peak, pairs, seconds per view)``.
 
     Views run from 0.5 s to the longest clip (cropped to one pair's share of the budget) x ``stretch``; a
@@ -124,6 +124,17 @@ def worst_step(coefficients, budget: float, stretch: float, longest_clip: float,
     return worst
 
 
+def worst_step(upstream: str) -> tuple[int, float] | None:
+    """``(pairs, seconds per view)`` of the largest step the preset's budget admits: a batch of the longest
+    views (clips cropped to ``max_seconds`` and to one pair's share of the budget); None without a budget."""
+    cfg = resolve_config(upstream)
+    if cfg.max_batch_seconds is None:
+        return None
+    limit = clip_limit_samples(cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate)
+    longest = limit * view_stretch(cfg.speed_factors) / cfg.sample_rate
+    return max(1, min(cfg.batch_size, int(cfg.max_batch_seconds // (2 * longest)))), longest
+
+
 def budget_report(upstream: str, coefficients, target_gib: float) -> None:
     """Predicted peaks of the preset's budget (worst step, LibriSpeech worst step, average step), and the
     largest budget (multiple of 10 s) whose worst step stays under ``target_gib``."""
@@ -132,8 +143,8 @@ def budget_report(upstream: str, coefficients, target_gib: float) -> None:
     crop = cfg.max_seconds if cfg.max_seconds is not None else 3600.0
     budgets = [cfg.max_batch_seconds] if cfg.max_batch_seconds is not None else []
     for budget in budgets:
-        peak, pairs, view = worst_step(coefficients, budget, stretch, crop, cfg.batch_size)
-        libri, libri_pairs, libri_view = worst_step(
+        peak, pairs, view = predicted_worst_step(coefficients, budget, stretch, crop, cfg.batch_size)
+        libri, libri_pairs, libri_view = predicted_worst_step(
             coefficients, budget, stretch, LIBRI_LONGEST, cfg.batch_size
         )
         typical_pairs = max(1, min(cfg.batch_size, int(budget // (2 * LIBRI_MEAN * stretch))))
@@ -144,8 +155,11 @@ def budget_report(upstream: str, coefficients, target_gib: float) -> None:
             f"{libri_view:.1f} s {libri / 2**30:.1f} GiB; average clip ({LIBRI_MEAN} s) {typical_pairs} "
             f"pairs {typical / 2**30:.1f} GiB"
         )
-    fitting = [b for b in range(10, 1001, 10) if worst_step(coefficients, b, stretch, crop, cfg.batch_size)[0]
-               <= target_gib * 2**30]  # fmt: skip
+
+    def worst(budget: int) -> float:
+        return predicted_worst_step(coefficients, budget, stretch, crop, cfg.batch_size)[0]
+
+    fitting = [budget for budget in range(10, 1001, 10) if worst(budget) <= target_gib * 2**30]
     if fitting:
         print(f"largest budget whose worst step is predicted under {target_gib:g} GiB: {max(fitting)} s")
 

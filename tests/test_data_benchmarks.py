@@ -4,6 +4,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
+from s3prl_laser.config import resolve_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,13 +54,15 @@ def test_peak_memory_predictions_respect_the_budget_bound(capsys):
     a, b, c = coefficients
     previous = 0.0
     for budget in (60, 100, 150, 240):
-        peak, pairs, view = bench.worst_step(coefficients, budget, 1.25, 35.0, 8)
+        peak, pairs, view = bench.predicted_worst_step(coefficients, budget, 1.25, 35.0, 8)
         assert 2 * pairs * view <= budget or pairs == 1  # the step fits the budget (or is one cropped pair)
         longest = min(35.0, budget / 2.5) * 1.25
         assert peak <= a + b * budget + c * budget * longest + 1  # memory grows at most with S x L
         assert peak >= bench.predicted_peak(coefficients, 1, longest)  # one pair of the longest views fits
         assert peak >= previous  # a larger budget never predicts less
         previous = peak
+    pairs, view = bench.worst_step("wavlm")  # what gpu_check measures: the longest views the budget admits
+    assert 2 * pairs * view <= resolve_config("wavlm").max_batch_seconds and view == pytest.approx(35 / 0.8)
     assert bench.main(["--upstream", "wavlm", "--coefficients", "1.22", "35.5", "4.30"]) == 0
     out = capsys.readouterr().out
     assert "preset wavlm_laser, max_batch_seconds=" in out and "largest budget" in out
