@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         return 128 + state.stop_signal
     if env.is_main:
         final = export_upstream(parts, cfg, out)
-        logger.info("tuned upstream (last step, %d) written to %s", state.step, final)
+        logger.info("tuned upstream written to %s (last step, %d)", final, state.step)
         best = export_best(parts, cfg, out)
         if best is not None:
             logger.info("tuned upstream at the best validation (step %d) written to %s", best[1], best[0])
