@@ -55,9 +55,10 @@ def test_accumulated_batch_one_steps_give_the_gradient_of_the_mean_loss(tiny_hub
     result = train_step(parts, [batches[0], empty, batches[1], batches[2]], cfg, DistEnv(), None)
     assert result["stepped"] and result["pairs"] == 3
     assert result["loss"] == pytest.approx(float(torch.stack(losses).mean().detach()), rel=1e-5)
-    for ours, ref in zip(seen[0], reference, strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
-    assert any(float(ref.abs().max()) > 0 for ref in reference)
+    ours = torch.cat([g.reshape(-1) for g in seen[0]])  # the whole gradient, compared by relative error
+    ref = torch.cat([g.reshape(-1) for g in reference])
+    assert float((ours - ref).norm()) <= 1e-5 * float(ref.norm())
+    assert float(ref.norm()) > 0
 
 
 def test_fp32_head_computes_the_projection_in_fp32_under_bf16_autocast(tiny_hubert_ckpt):
