@@ -151,7 +151,7 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     result["step"] = step_time
     result["peak_mib"] = memory.peak / 2**20
     result["batch_size"] = cfg.batch_size
-    result["pairs_per_step"] = pairs / args.steps  # below batch_size where a batch exceeds max_batch_seconds
+    result["pairs_per_step"] = pairs / args.steps  # per pass: below batch_size where the budget cuts a batch
     result["precision"] = cfg.precision if device.type == "cuda" else "fp32"
     result["validation"] = time_validation(parts, cfg, items, device)
     result["validation_share"] = result["validation"] / (cfg.eval_every * step_time)
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * r['validation_share']:>6.2f}"
             )
     print(
-        "pairs: mean pairs per step; data/fwd/loss/bwd+opt: share of the step; "
+        "pairs: mean pairs per pass (a micro-batch under the budget); "
+        "data/fwd/loss/bwd+opt: share of the step; "
         "sdtw s: soft-DTW divergence fwd+bwd alone per step; "
         "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
         "peak MiB: peak memory of the run over what was allocated before it (CUDA: allocator; CPU: RSS); "

@@ -84,7 +84,7 @@ def plan(smoke: bool, steps: int) -> dict:
                          (1750, 2188, True)],
         "timing": ["--batch", "8", "--dim", "256", "--repeats", "5"],
         "finetune": ["--steps", str(steps), "--warmup", "3", "--device", "cuda"],  # each preset as configured
-        "worst_step": None,  # the largest step each preset's max_batch_seconds admits
+        "worst_step": None,  # the largest micro-batch each preset's max_batch_seconds admits
     }
 
 
@@ -220,7 +220,7 @@ def finetune(p: dict, upstream: str, workdir: Path) -> dict:
 
 
 def worst_step_memory(p: dict, upstream: str) -> dict:
-    """Peak memory of one base-size training step on the largest batch the preset's budget admits, in a
+    """Peak memory of one base-size training step on the largest micro-batch the preset's budget admits, in a
     fresh process (``benchmarks/peak_memory.py``); a step that ran out of memory is reported as skipped."""
     shape = p["worst_step"] or peak_memory.worst_step(upstream)
     if shape is None:
@@ -263,7 +263,7 @@ def print_tables(report: dict) -> None:
               f"| {r['mem']:8.1f} |")
     print("\n## fine-tuning, one process; 3600x8 h: projected hours of the paper's recipe at this speed")
     print("pairs: mean pairs per step; peak: over the timed run; worst step: pairs x seconds per view of the")
-    print("largest batch the preset's max_batch_seconds admits, one base-size step in a fresh process")
+    print("largest micro-batch the preset's max_batch_seconds admits, one base-size step in a fresh process")
     print(f"| {'preset':<13} | {'model':<18} | {'precision':<9} | {'pairs':>5} | {'pairs/s':>8} "
           f"| {'step s':>7} | {'peak MiB':>9} | {'3600x8 h':>8} | {'worst step':<18} "
           f"| {'its peak MiB':>12} |")

@@ -6,10 +6,12 @@ views, loss, backward, clipping, AdamW) on a batch of ``pairs`` pairs whose two 
 On a CPU it reports the process' peak resident memory (``VmHWM``) and its growth over the state right
 before the step; on a GPU ``torch.cuda.max_memory_allocated``.
 
-The step's memory grows with the padded audio of the batch and, through attention and the soft-DTW tables,
+Under the budget a step runs as micro-batches, one forward/backward pass each, its gradients accumulated in
+buffers that the measured step already holds: a step's peak is that of its largest micro-batch. The step's
+memory grows with the padded audio of the batch and, through attention and the soft-DTW tables,
 with each row's length squared. ``--fit`` fits ``peak = a + b * rows * s + c * rows * s^2`` (rows = 2 x pairs,
 s = seconds per view) to the measured points by least squares and prints, for each preset's
-``max_batch_seconds`` budget, the largest step the budget admits (a batch of the longest views) and its
+``max_batch_seconds`` budget, the largest micro-batch the budget admits (of the longest views) and its
 predicted peak.
 
     python benchmarks/peak_memory.py --upstream hubert --shapes 1x4 1x8 2x4 1x12 --fit   # CPU: a few minutes
@@ -111,10 +113,10 @@ def predicted_peak(coefficients, pairs: int, view_seconds: float) -> float:
 
 
 def predicted_worst_step(coefficients, budget: float, stretch: float, longest_clip: float, batch_size: int):
-    """The step of highest predicted peak that a budget admits: ``(peak, pairs, seconds per view)``.
+    """The micro-batch of highest predicted peak that a budget admits: ``(peak, pairs, seconds per view)``.
 
     Views run from 0.5 s to the longest clip (cropped to one pair's share of the budget) x ``stretch``; a
-    batch of views of ``L`` seconds holds ``min(batch_size, budget // (2 L))`` pairs (at least one).
+    micro-batch of views of ``L`` seconds holds ``min(batch_size, budget // (2 L))`` pairs (at least one).
     """
     longest_view = min(longest_clip, budget / (2 * stretch)) * stretch
     worst = (0.0, 1, 0.0)
@@ -125,7 +127,7 @@ def predicted_worst_step(coefficients, budget: float, stretch: float, longest_cl
 
 
 def worst_step(upstream: str) -> tuple[int, float] | None:
-    """``(pairs, seconds per view)`` of the largest step the preset's budget admits: a batch of the longest
+    """``(pairs, seconds per view)`` of the largest micro-batch the preset's budget admits: the longest
     views (clips cropped to ``max_seconds`` and to one pair's share of the budget); None without a budget."""
     cfg = resolve_config(upstream)
     if cfg.max_batch_seconds is None:

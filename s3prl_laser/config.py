@@ -66,9 +66,10 @@ class LaserConfig:
     max_seconds: float | None = 35.0
     min_samples: int = 400  # clips shorter than this (one conv receptive field) are skipped
     bucket_batches: int = 50  # length bucketing: sort chunks of this many batches by length
-    # Audio budget of one batch, in seconds: 2 views x pairs x the longest view (a clip stretched by the
-    # slowest speed factor), i.e. the padded [2B, T] batch the model sees. A length bucket that would exceed
-    # it is split into smaller batches; a clip longer than one pair's share is cropped to it (counted).
+    # Audio budget of one forward/backward pass, in seconds: 2 views x pairs x the longest view (a clip
+    # stretched by the slowest speed factor), i.e. the padded [2b, T] tensor the model sees. It never changes
+    # which pairs make a step: a batch that would exceed it runs as micro-batches within it, their gradients
+    # accumulated into the batch's step; a clip longer than one pair's share is cropped to it (counted).
     # Presets: sized so that the paper's recipe fits a 24 GB GPU (README, "Memory"); null = no bound.
     max_batch_seconds: float | None = 120.0
     num_workers: int | None = (
@@ -79,7 +80,7 @@ class LaserConfig:
     #                              training step, batched, on the training device (GPU)
     # --- optimisation ---
     steps: int = 3600  # optimizer steps (3600 x 8 pairs is about one epoch of train-clean-100)
-    batch_size: int = 8  # pairs per batch (per process under DDP: the global batch is N x this)
+    batch_size: int = 8  # pairs per batch, whatever max_batch_seconds (per process under DDP: N x this)
     grad_accum_steps: int = 1  # batches per optimizer step, gradients accumulated (official: batch 1 x 8)
     lr: float = 2e-5  # AdamW peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay (torch's default)

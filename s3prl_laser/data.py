@@ -80,6 +80,8 @@ class PairBatch:
         lengths: ``[2B]`` (or ``[B]`` while pending) int64 valid samples per row.
         skipped: reason -> number of clips of this batch that were dropped ("unreadable", "too_short").
         position: ``(epoch, batch)`` of this batch in the sampler's order.
+        part: ``(part, parts)``: this is micro-batch ``part`` of the ``parts`` that the batch budget cut the
+            batch at ``position`` into (``(0, 1)`` when it is whole).
         cropped: clips of this batch cut shorter by the batch budget (``max_batch_seconds``).
         perturb_params: per pair, the drawn speed factor and pitch shift, while the perturbation is pending.
         swap: ``[B]`` bool, per pair, whether the perturbed view comes first (while pending).
@@ -89,6 +91,7 @@ class PairBatch:
     lengths: torch.Tensor
     skipped: dict[str, int] = field(default_factory=dict)
     position: tuple[int, int] = (0, 0)
+    part: tuple[int, int] = (0, 1)
     cropped: int = 0
     perturb_params: list[PerturbParams] | None = None
     swap: torch.Tensor | None = None
@@ -243,9 +246,10 @@ def random_crop(wav: torch.Tensor, max_samples: int | None, generator: torch.Gen
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of (view, view) pairs, indexed by ``(index, epoch, batch)`` keys.
+    """Map-style dataset of (view, view) pairs, indexed by ``(index, epoch, batch[, part, parts])`` keys.
 
-    ``dataset[(i, epoch, batch)]`` reads clip ``i``, crops it to ``max_seconds`` and ``budget_limit``
+    ``dataset[(i, epoch, batch)]`` reads clip ``i`` (the views depend on ``(seed, epoch, i)`` only, not on the
+    batch or micro-batch it is in), crops it to ``max_seconds`` and ``budget_limit``
     samples, perturbs a copy with ``perturb(wav, generator)`` and swaps the two with probability
     ``swap_prob``. It returns a dict with ``a``, ``b`` (``[T]`` tensors) or, for a skipped clip,
     ``a = b = None`` and ``skip`` naming the reason; ``cropped`` tells whether the budget cut the clip.
@@ -285,10 +289,11 @@ class PairDataset(torch.utils.data.Dataset):
         limits = [n for n in (self.max_samples, self.budget_limit) if n is not None]
         return min(limits) if limits else None
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict:
-        index, epoch, batch = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        index, epoch, batch, *part = key
         path = self.items[index].path
-        sample = {"a": None, "b": None, "skip": None, "position": (epoch, batch), "cropped": False}
+        sample = {"a": None, "b": None, "skip": None, "position": (epoch, batch), "cropped": False,
+                  "part": tuple(part) or (0, 1)}  # fmt: skip
         try:
             wav = read_audio(path, self.sample_rate)
         except (RuntimeError, OSError, ValueError) as error:
@@ -330,7 +335,10 @@ def collate_pairs(samples: Sequence[dict]) -> PairBatch:
     wavs = torch.zeros(len(views), int(lengths.max()) if views else 0)
     for row, view in enumerate(views):
         wavs[row, : view.shape[-1]] = view
-    batch = PairBatch(wavs=wavs, lengths=lengths, skipped=skipped, position=samples[0]["position"])
+    batch = PairBatch(
+        wavs=wavs, lengths=lengths, skipped=skipped, position=samples[0]["position"],
+        part=samples[0].get("part", (0, 1)),
+    )  # fmt: skip
     batch.cropped = sum(bool(s.get("cropped")) for s in samples)
     if pending:
         batch.perturb_params = [s["params"] for s in kept]
@@ -384,19 +392,23 @@ def clip_limit_samples(
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Endless, deterministic, length-bucketed batches under an audio budget, one shard per DDP rank.
+    """Endless, deterministic, length-bucketed batches cut into micro-batches under an audio budget, one
+    shard per DDP rank.
 
     Each epoch: shuffle all clips (seeded by ``(seed, epoch)``), cut the order into chunks of
-    ``batch_size * bucket_batches`` clips, sort each chunk by length so that a batch holds clips of
-    similar length (little padding), cut into batches, shuffle the batches. A batch holds at most
-    ``batch_size`` pairs and, when ``max_batch_samples`` is set, at most that much padded audio: the model
-    sees ``[2B, T]`` with ``T`` up to ``view_stretch`` x the longest clip of the batch, so a batch of ``B``
-    clips of at most ``L`` samples costs ``2 * B * ceil(L * view_stretch)``; a bucket that would exceed it is
-    split. Lengths are counted after the crop ``clip_limit`` (see :func:`clip_limit_samples`), so one clip
-    alone always fits. The batches are dealt round-robin to ``world_size`` ranks (the tail that does not
-    divide evenly is dropped, so all ranks take the same number of steps). Iteration starts at
-    ``start = (epoch, batch)`` (for resuming) and yields lists of ``(index, epoch, batch)`` keys for
-    ``PairDataset``.
+    ``batch_size * bucket_batches`` clips, sort each chunk by length (after the crop ``clip_limit``,
+    ``max_seconds``) so that a batch holds clips of similar length (little padding), cut into batches of
+    ``batch_size``, shuffle the batches. The batches are dealt round-robin to ``world_size`` ranks (the tail
+    that does not divide evenly is dropped, so all ranks take the same number of steps). The budget never
+    changes these batches: when ``max_batch_samples`` is set, each batch is only cut into micro-batches that
+    run one after another and are accumulated into the batch's one optimizer step. The model sees
+    ``[2b, T]`` with ``T`` up to ``view_stretch`` x the longest clip of the micro-batch, so ``b`` clips of at
+    most ``L`` samples cost ``2 * b * ceil(L * view_stretch)``; a batch's clips (longest first) are cut
+    greedily into as few micro-batches as keep that within the budget. Those costs count clips after the
+    crop ``budget_limit`` too (one pair's share of the budget, see :func:`clip_limit_samples`), so one clip
+    alone always fits. Iteration starts at ``start = (epoch, batch)`` (for resuming: always at a batch's
+    first micro-batch) and yields, per micro-batch, a list of ``(index, epoch, batch, part, parts)`` keys for
+    ``PairDataset`` (micro-batch ``part`` of the batch's ``parts``).
 
     Example::
 
@@ -404,7 +416,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         >>> len(next(iter(sampler)))
         2
         >>> budget = BucketBatchSampler([16000] * 4, batch_size=4, max_batch_samples=64000)
-        >>> [len(b) for b in budget.epoch_batches(0)]  # 2 pairs x 2 views x 16000 samples per batch
+        >>> [len(b) for b in budget.epoch_batches(0)]  # the budget keeps the batch of 4 pairs ...
+        [4]
+        >>> [len(m) for m in budget.micro_batches(budget.epoch_batches(0)[0])]  # ... in 2 x 2 x 16000 samples
         [2, 2]
     """
 
@@ -420,10 +434,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         max_batch_samples: int | None = None,
         view_stretch: float = 1.0,
         clip_limit: int | None = None,
+        budget_limit: int | None = None,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         if clip_limit is not None:
             self.lengths = self.lengths.clamp(max=clip_limit)
+        self.budget_lengths = self.lengths if budget_limit is None else self.lengths.clamp(max=budget_limit)
         self.batch_size = batch_size
         self.bucket_batches = bucket_batches
         self.seed = seed
@@ -433,11 +449,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.max_batch_samples = max_batch_samples
         self.view_stretch = view_stretch
         self._cache: dict[int, list[list[int]]] = {}
-        if max_batch_samples is not None and self.pair_cost(1, int(self.lengths.max())) > max_batch_samples:
+        longest = int(self.budget_lengths.max())
+        if max_batch_samples is not None and self.pair_cost(1, longest) > max_batch_samples:
             raise ValueError(
-                f"one pair of {int(self.lengths.max())}-sample clips exceeds max_batch_samples="
-                f"{max_batch_samples}"
-                "; pass clip_limit=clip_limit_samples(...) so that clips are cropped to the budget"
+                f"one pair of {longest}-sample clips exceeds max_batch_samples={max_batch_samples}"
+                "; pass budget_limit=clip_limit_samples(...) so that clips are cropped to the budget"
             )
         if self.batches_per_epoch(0) == 0:
             raise UserInputError(
@@ -457,28 +473,28 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         batches: list[list[int]] = []
         for begin in range(0, len(order), chunk):
             part = order[begin : begin + chunk]
-            part = part[torch.argsort(self.lengths[part], descending=True, stable=True)]
-            batches += self._cut(part.tolist())
+            part = part[torch.argsort(self.lengths[part], descending=True, stable=True)].tolist()
+            batches += [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def _cut(self, indices: list[int]) -> list[list[int]]:
-        """Cut clips sorted longest first into batches of at most ``batch_size`` within the budget."""
-        batches, current = [], []
-        for index in indices:
-            full = len(current) == self.batch_size
-            over = (
-                self.max_batch_samples is not None
-                and current
-                and self.pair_cost(len(current) + 1, int(self.lengths[current[0]])) > self.max_batch_samples
-            )
-            if full or over:
-                batches.append(current)
+    def micro_batches(self, batch: list[int]) -> list[list[int]]:
+        """Cut a batch (clips sorted longest first) into consecutive micro-batches within the budget; the
+        whole batch when there is no budget."""
+        if self.max_batch_samples is None:
+            return [batch]
+        parts, current = [], []
+        for index in batch:
+            if current and self.pair_cost(
+                len(current) + 1, int(self.budget_lengths[current[0]])
+            ) > self.max_batch_samples:
+                parts.append(current)
                 current = []
             current.append(index)
-        return batches + [current] if current else batches
+        return parts + [current] if current else parts
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (lists of clip indices) for ``epoch``."""
+        """This rank's batches (lists of clip indices) for ``epoch``: one optimizer step each (per
+        ``grad_accum_steps``), whatever the budget."""
         if epoch not in self._cache:
             batches = self._global_batches(epoch)
             usable = len(batches) - len(batches) % self.world_size
@@ -488,7 +504,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return self._cache[epoch]
 
     def batches_per_epoch(self, epoch: int) -> int:
-        """This rank's number of batches in ``epoch`` (the budget can split more buckets in some epochs)."""
+        """This rank's number of batches in ``epoch``."""
         return len(self.epoch_batches(epoch))
 
     def next_position(self, position: tuple[int, int]) -> tuple[int, int]:
@@ -496,12 +512,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         epoch, batch = position
         return (epoch + 1, 0) if batch + 1 >= self.batches_per_epoch(epoch) else (epoch, batch + 1)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
         epoch, batch = self.start
         while True:
             batches = self.epoch_batches(epoch)
             for number in range(batch, len(batches)):
-                yield [(index, epoch, number) for index in batches[number]]
+                parts = self.micro_batches(batches[number])
+                for part, indices in enumerate(parts):
+                    yield [(index, epoch, number, part, len(parts)) for index in indices]
             epoch, batch = epoch + 1, 0
 
 

@@ -1,9 +1,11 @@
 """The training loop of a LASER run: steps, progress and TensorBoard, checkpoints and resume.
 
-One step: ``grad_accum_steps`` batches (default 1) of (view, view) pairs from ``s3prl_laser.data``; for
-each, both views through the model in one ``[2B, T]`` batch -> ``LaserLoss`` between rows ``[:B]`` and
-``[B:]`` -> backward, gradients accumulated; then (when every rank's losses are finite) the gradient of the
-mean loss over all the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
+One step: ``grad_accum_steps`` batches (default 1) of ``batch_size`` (view, view) pairs from
+``s3prl_laser.data``, each run as one or more micro-batches (as many as the audio budget
+``max_batch_seconds`` needs; it never changes which pairs make a step); for each micro-batch, both views
+through the model in one ``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward,
+gradients accumulated; then (when every rank's losses are finite) the gradient of the mean loss over all
+the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
 one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.validation` validates.
 Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything a
 bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
@@ -66,10 +68,11 @@ SKIP_REASONS = ("unreadable", "too_short", "nonfinite", "empty", "oom")
 def build_data(
     cfg: LaserConfig, items: list[AudioItem], env: DistEnv, start: tuple[int, int]
 ) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
-    """DataLoader of pair batches for this rank, starting at sampler position ``start``.
+    """DataLoader of pair micro-batches for this rank, starting at sampler position ``start``.
 
-    Batches respect ``batch_size`` and the audio budget ``max_batch_seconds``; clips longer than one pair's
-    share of the budget are cropped to it (counted in ``PairBatch.cropped``).
+    Batches hold ``batch_size`` pairs; the audio budget ``max_batch_seconds`` cuts each into micro-batches
+    that fit it (``PairBatch.part``); clips longer than one pair's share of the budget are cropped to it
+    (counted in ``PairBatch.cropped``).
     """
     perturb = LaserPerturbation(cfg.speed_factors, cfg.pitch_semitones, cfg.sample_rate)
     budget_limit = clip_limit_samples(None, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate)
@@ -88,18 +91,20 @@ def build_data(
         start,
         max_batch_samples=budget,
         view_stretch=view_stretch(cfg.speed_factors),
-        clip_limit=clip_limit_samples(
-            cfg.max_seconds, cfg.max_batch_seconds, cfg.speed_factors, cfg.sample_rate
-        ),
+        clip_limit=clip_limit_samples(cfg.max_seconds, None, cfg.speed_factors, cfg.sample_rate),
+        budget_limit=budget_limit,
     )
     if cfg.max_batch_seconds is not None:
-        sizes = [len(batch) for batch in sampler.epoch_batches(start[0])]
+        batches = sampler.epoch_batches(start[0])
+        parts = sum(len(sampler.micro_batches(batch)) for batch in batches) / len(batches)
         binding = cfg.max_seconds is None or budget_limit < cfg.max_seconds * cfg.sample_rate
         cropped = sum(item.num_samples > budget_limit for item in items) if binding else 0
         logger.info(
-            "batch budget %g s: %.1f pairs per batch on average (batch_size %d) in epoch %d; %d clips longer "
-            "than %.1f s are cropped to it", cfg.max_batch_seconds, sum(sizes) / len(sizes), cfg.batch_size,
-            start[0], cropped, budget_limit / cfg.sample_rate,
+            "batch budget %g s: a step of %d pairs (batch_size %d x grad_accum_steps %d) runs as %.2f "
+            "micro-batches on average in epoch %d; %d clips longer than %.1f s are cropped to it",
+            cfg.max_batch_seconds, cfg.batch_size * cfg.grad_accum_steps, cfg.batch_size,
+            cfg.grad_accum_steps, parts * cfg.grad_accum_steps, start[0], cropped,
+            budget_limit / cfg.sample_rate,
         )  # fmt: skip
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     loader = build_loader(
@@ -191,9 +196,10 @@ def train_step(
     stop_signal: int | None,
     perturb: LaserPerturbation | None = None,
 ) -> dict:
-    """Forward, loss and backward of each of ``batches`` on each rank (``grad_accum_steps`` micro-batches,
-    their gradients accumulated); then, when every rank's step is usable, the gradient of the mean loss over
-    all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
+    """Forward, loss and backward of each of ``batches`` on each rank (the micro-batches of the step's
+    ``grad_accum_steps`` batches, their gradients accumulated; ranks may run different numbers of them, as
+    the budget cuts their batches differently); then, when every rank's step is usable, the gradient of the
+    mean loss over all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
 
     A rank that runs out of memory frees what the step allocated and reports it: every rank then skips the
     step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
@@ -223,8 +229,9 @@ def train_step(
     if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
         release_memory(parts, env)
         logger.warning(
-            "out of memory in the step on batch %s (%d pairs, %d samples per row): skipping it; "
-            "lower max_batch_seconds if this recurs", oom.position, oom.num_pairs, oom.wavs.shape[-1],
+            "out of memory in the step on batch %s (micro-batch %d of %d: %d pairs, %d samples per row): "
+            "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
+            oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
     empty = not outs and oom is None and error is None
     nonfinite = any(not bool(torch.isfinite(out.loss)) for _, out in outs)
@@ -341,10 +348,17 @@ def train(
 
 
 def _steps(loader, accumulate: int):
-    """The loader's (endless) batches in lists of ``accumulate``: the micro-batches of one optimizer step."""
-    batches = iter(loader)
+    """The loader's (endless) micro-batches in lists that hold ``accumulate`` whole batches: one optimizer
+    step each. A step thus always ends at a batch's last micro-batch (the resume position is never inside a
+    step)."""
+    micro_batches = iter(loader)
     while True:
-        yield [next(batches) for _ in range(accumulate)]
+        step, whole = [], 0
+        while whole < accumulate:
+            step.append(next(micro_batches))
+            part, parts = step[-1].part
+            whole += part + 1 == parts
+        yield step
 
 
 def _progress(cfg: LaserConfig, state: TrainState, env: DistEnv):

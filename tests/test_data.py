@@ -1,5 +1,6 @@
 """Data: finding audio, reading/cropping/perturbing pairs, skip accounting, the bucketing sampler."""
 
+import itertools
 import math
 from pathlib import Path
 
@@ -251,7 +252,7 @@ def test_sampler_resumes_at_a_position():
     assert position == (1, 1)
     resumed = iter(BucketBatchSampler(lengths, 4, 2, seed=5, start=position))
     assert [next(resumed) for _ in range(2)] == straight[per_epoch + 1 :]
-    assert all(key[1:] == (1, n + 1) for n, batch in enumerate(straight[per_epoch + 1 :]) for key in batch)
+    assert all(key[1:3] == (1, n + 1) for n, batch in enumerate(straight[per_epoch + 1 :]) for key in batch)
 
 
 def padded_cost(batch, lengths, stretch):
@@ -260,44 +261,53 @@ def padded_cost(batch, lengths, stretch):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_a_small_budget_splits_buckets_and_every_batch_fits(world_size):
-    lengths = torch.randint(8000, 160000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+def test_a_small_budget_cuts_batches_into_micro_batches_that_fit_and_keeps_the_batches(world_size):
+    lengths = torch.randint(8000, 320000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     stretch = 1 / 0.8
-    budget = 16000 * 40  # 40 s of padded audio: e.g. 4 pairs of 4 s clips (5 s views), 1 pair of 10 s
+    budget = 16000 * 40  # 40 s of padded audio: e.g. 4 pairs of 4 s clips (5 s views), 1 pair of 16 s
     limit = clip_limit_samples(None, budget / 16000, [0.8, 1.0], 16000)
     assert limit == 16000 * 16  # 40 s / (2 views x 1.25)
-    free = BucketBatchSampler(lengths, 8, 10, seed=1, world_size=world_size)
-    bounded = BucketBatchSampler(
-        lengths, 8, 10, seed=1, world_size=world_size, max_batch_samples=budget, view_stretch=stretch,
-        clip_limit=limit,
-    )  # fmt: skip
+    assert sum(n > limit for n in lengths) > 10  # some clips are cropped to the budget
     cropped = [min(n, limit) for n in lengths]
     for epoch in range(3):
-        shards = [
-            BucketBatchSampler(
-                lengths, 8, 10, seed=1, rank=r, world_size=world_size, max_batch_samples=budget,
-                view_stretch=stretch, clip_limit=limit,
-            ).epoch_batches(epoch)
-            for r in range(world_size)
-        ]  # fmt: skip
-        assert len({len(shard) for shard in shards}) == 1  # every rank takes the same number of steps
-        batches = [b for shard in shards for b in shard]
-        assert all(len(b) <= 8 and padded_cost(b, cropped, stretch) <= budget for b in batches)
-        flat = sorted(i for b in batches for i in b)
-        assert len(flat) == len(set(flat)) and len(flat) > 300 - 8 * world_size * 2  # at most a tail dropped
-        assert bounded.batches_per_epoch(epoch) == len(shards[0]) > free.batches_per_epoch(epoch)
-        # a batch is as full as the budget allows (one more pair of its longest clip would not fit), except
-        # the last batch of each chunk of 8 x 10 clips
-        partial = [b for b in batches if len(b) < 8 and padded_cost(b + b[:1], cropped, stretch) <= budget]
-        assert len(partial) <= math.ceil(300 / 80)
+        for rank in range(world_size):
+            free = BucketBatchSampler(lengths, 8, 10, seed=1, rank=rank, world_size=world_size)
+            bounded = BucketBatchSampler(
+                lengths, 8, 10, seed=1, rank=rank, world_size=world_size, max_batch_samples=budget,
+                view_stretch=stretch, budget_limit=limit,
+            )  # fmt: skip
+            # the budget changes no batch: the same pairs in the same order as without it
+            assert bounded.epoch_batches(epoch) == free.epoch_batches(epoch)
+            batches = free.epoch_batches(epoch)
+            assert sum(len(b) == 8 for b in batches) >= len(batches) - math.ceil(300 / 80)  # chunk tails
+            splits = 0
+            for batch in batches:
+                parts = bounded.micro_batches(batch)
+                assert [i for part in parts for i in part] == batch  # consecutive, every pair once
+                assert all(padded_cost(part, cropped, stretch) <= budget for part in parts)
+                # greedy: a micro-batch could not have taken the next pair of its batch
+                for part, following in zip(parts, parts[1:], strict=False):
+                    assert padded_cost(part + following[:1], cropped, stretch) > budget
+                splits += len(parts) > 1
+            assert splits > len(batches) // 2  # the budget binds
+    # iteration: each batch's micro-batches in order, labelled (part, parts); whole batches without budget
+    sampler = BucketBatchSampler(
+        lengths, 8, 10, seed=1, max_batch_samples=budget, view_stretch=stretch, budget_limit=limit
+    )
+    stream = iter(sampler)
+    for number, batch in enumerate(sampler.epoch_batches(0)[:20]):
+        parts = sampler.micro_batches(batch)
+        for part, indices in enumerate(parts):
+            assert next(stream) == [(i, 0, number, part, len(parts)) for i in indices]
 
 
 def test_budgeted_batches_are_deterministic_and_resume_mid_epoch():
     lengths = torch.randint(8000, 160000, (120,), generator=torch.Generator().manual_seed(4)).tolist()
-    kwargs = dict(max_batch_samples=16000 * 30, view_stretch=1.25, clip_limit=16000 * 12)
+    kwargs = dict(max_batch_samples=16000 * 30, view_stretch=1.25, budget_limit=16000 * 12)
     sampler = BucketBatchSampler(lengths, 8, 5, seed=9, **kwargs)
     stream = iter(sampler)
-    straight = [next(stream) for _ in range(sampler.batches_per_epoch(0) + sampler.batches_per_epoch(1) + 2)]
+    straight = list(itertools.takewhile(lambda batch: batch[0][1] < 2, stream))  # epochs 0 and 1
+    assert any(batch[0][4] > 1 for batch in straight)  # the budget cut some batches
     again = iter(BucketBatchSampler(lengths, 8, 5, seed=9, **kwargs))
     assert [next(again) for _ in straight] == straight
     position = (0, 0)
@@ -305,7 +315,8 @@ def test_budgeted_batches_are_deterministic_and_resume_mid_epoch():
         position = sampler.next_position(position)
     assert position == (1, 3)
     resumed = iter(BucketBatchSampler(lengths, 8, 5, seed=9, start=position, **kwargs))
-    tail = straight[sampler.batches_per_epoch(0) + 3 :]
+    first = next(n for n, batch in enumerate(straight) if batch[0][1:4] == (1, 3, 0))  # its first part
+    tail = straight[first:]
     assert [next(resumed) for _ in tail] == tail
 
 

@@ -3,6 +3,7 @@
 Every run uses short crops, 2 pairs per step and a few steps, so that the file stays well under a minute.
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -428,3 +429,134 @@ def test_throughput_benchmark_runs(capsys, monkeypatch):
     ]
     assert [row[0] for row in rows] == ["hubert", "wavlm"]
     assert all(float(row[1]) == 2.0 and float(row[2]) > 0 and float(row[-1]) > 0 for row in rows)
+
+
+def record_steps(monkeypatch):
+    """Record, per optimizer step, its micro-batches' ``(position, part, pairs, padded samples)`` (the
+    padded samples of the ``[2b, T]`` tensor that goes through the model)."""
+    import s3prl_laser.trainer as trainer
+
+    real_step, real_complete = trainer.train_step, trainer.complete_pairs
+    steps, shapes = [], []
+
+    def complete(batch, perturb, device):
+        done = real_complete(batch, perturb, device)
+        shapes.append(done.wavs.numel())
+        return done
+
+    def step(parts, batches, *args, **kwargs):
+        shapes.clear()
+        result = real_step(parts, batches, *args, **kwargs)
+        steps.append([(b.position, b.part, b.num_pairs, n) for b, n in zip(batches, shapes, strict=True)])
+        return result
+
+    monkeypatch.setattr(trainer, "complete_pairs", complete)
+    monkeypatch.setattr(trainer, "train_step", step)
+    return steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_batch_budget_splits_steps_into_micro_batches_with_the_unsplit_gradient(
+    tmp_path, demo_corpus, monkeypatch, caplog, accumulate
+):
+    """A budget of 2 pairs of 1 s clips runs each step of 4 pairs as 2 micro-batches: the same pairs per
+    step, the same training (fp32, CPU) as the unsplit steps, within float tolerance.
+
+    A pair's loss must not depend on the batch it is in for the unsplit step to be the reference: the tiny
+    model has no dropout and a per-frame normalised feature extractor, and every view is 1 s long (clips
+    cropped to 1 s, no speed change), so that no batch pads (padding changes features near a clip's end
+    through the convolutional position embedding, and through the first CNN layer's norm in base models).
+    AdamW normalises each gradient entry, so float noise in an entry whose exact gradient is 0 (the
+    attention's key bias) would become a whole +-lr step; a large ``eps`` makes its update linear in it.
+    """
+    from s3prl_laser.fixtures import build_tiny_hubert
+
+    ckpt = build_tiny_hubert(
+        tmp_path / "plain.pt", seed=0, extractor_mode="layer_norm", dropout=0.0, attention_dropout=0.0,
+        encoder_layerdrop=0.0, dropout_input=0.0, dropout_features=0.0,
+    )  # fmt: skip
+    monkeypatch.setattr(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, eps=1e3))
+    budget = 2 * 2 * 1.0 + 0.01  # seconds: 2 pairs of 1 s views
+    common = ("steps=3", "save_every=3", "batch_size=4", f"grad_accum_steps={accumulate}",
+              "perturb_on=device", "speed_factors=[1.0]", "lr=30.0", "weight_decay=0.0")  # fmt: skip
+    steps = record_steps(monkeypatch)
+    assert finetune(tmp_path / "free", ckpt, demo_corpus, *common, "max_batch_seconds=null") == 0
+    free = list(steps)
+    steps.clear()
+    caplog.clear()
+    assert finetune(tmp_path / "split", ckpt, demo_corpus, *common, f"max_batch_seconds={budget}") == 0
+    split = list(steps)
+    assert f"runs as {2 * accumulate:.2f} micro-batches on average" in caplog.text
+
+    assert all(part == (0, 1) for step in free for _, part, _, _ in step)
+    assert len(split) == len(free) == 3
+    for whole, cut in zip(free, split, strict=True):
+        assert len(cut) == 2 * len(whole)  # every batch of 4 pairs in 2 micro-batches ...
+        assert all(n <= budget * 16000 for _, _, _, n in cut)  # ... that fit the budget
+        assert sum(p for _, _, p, _ in cut) == sum(p for _, _, p, _ in whole) == 4 * accumulate
+        assert [(pos, part) for pos, part, _, _ in cut] == [
+            (pos, (i, 2)) for pos, _, _, _ in whole for i in range(2)
+        ]
+    base = base_weights(ckpt)
+    a, b = final_weights(tmp_path / "free"), final_weights(tmp_path / "split")
+    moved = {n: a[n] - base[n] for n in a if not torch.equal(a[n], base[n])}
+    largest = max(float(d.abs().max()) for d in moved.values())
+    assert len(moved) > 10 and largest > 1e-5  # training moved the top layers
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-3 * largest
+    state_a = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "free"))
+    state_b = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "split"))
+    assert state_a["data_position"] == state_b["data_position"] and state_a["pairs"] == state_b["pairs"]
+
+
+def test_resume_after_budget_split_steps_is_exact(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    budget = f"max_batch_seconds={2 * 2 * math.ceil(16000 / 0.9) / 16000 + 0.01}"  # 2 pairs of 4 per part
+    args = ("steps=4", "save_every=2", "batch_size=4", budget)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpointing.checkpoint_path(straight, 2), checkpointing.checkpoint_path(resumed, 2))
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    assert checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 2))["data_position"] == {
+        "epoch": 0, "batch": 2,
+    }  # fmt: skip
+    assert main(["--out", str(resumed), "--resume"]) == 0
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    last_a = checkpointing.load_checkpoint(checkpointing.checkpoint_path(straight, 4))
+    last_b = checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 4))
+    assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"] == 16
+
+
+def test_torchrun_ranks_that_cut_their_batches_differently_stay_in_sync(
+    tmp_path, tiny_hubert_ckpt, demo_corpus
+):
+    """A 9 s budget cuts a batch of 4 clips of 1.8-2.7 s (views up to 3 s) into 2 to 4 micro-batches: the two
+    ranks run different numbers of passes in some steps, and still take the same steps, in sync."""
+    from s3prl_laser.config import resolve_config
+    from s3prl_laser.length_index import scan
+    from s3prl_laser.runtime import DistEnv
+    from s3prl_laser.trainer import build_data
+
+    keys = [*FAST, "max_seconds=3.0", "batch_size=4", "max_batch_seconds=9.0", "steps=5", "save_every=5"]
+    cfg = resolve_config("hubert", overrides=[*keys, f"data={demo_corpus}"])
+    items = scan(cfg, 1)
+    passes = []  # per rank: micro-batches of each of its 5 steps (its whole epoch 0: 40 clips, 2 x 5 x 4)
+    for rank in (0, 1):
+        _, sampler = build_data(cfg, items, DistEnv(rank=rank, world_size=2), (0, 0))
+        passes.append([len(sampler.micro_batches(batch)) for batch in sampler.epoch_batches(0)])
+    assert passes[0] != passes[1] and min(passes[0] + passes[1]) >= 2
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "s3prl_laser.finetune", "--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt)]
+    cmd += ["--data", str(demo_corpus), "--out", str(out), "--device", "cpu", *keys]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    average = sum(passes[0]) / len(passes[0])
+    assert f"runs as {average:.2f} micro-batches on average in epoch 0" in log  # rank 0's start-up line
+    assert "all 2 ranks hold identical trainable weights" in log and "skipped" not in log
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert state["step"] == 5 and state["pairs"] == 5 * 4 * 2
+    assert state["data_position"] == {"epoch": 1, "batch": 0}
