@@ -135,7 +135,7 @@ def extract(
     upstream = S3PRLUpstream(spec.name, path_or_url=spec.ckpt).to(device).eval()
     features: list[torch.Tensor | None] = [None] * len(clips)
     batches = length_batches(clips, batch_seconds)
-    with tqdm(total=len(clips), desc=f"features {spec.name}", unit="clip", leave=False) as bar:
+    with tqdm(total=len(clips), desc=f"features {spec.name}", unit="clip", leave=False, disable=None) as bar:
         for batch in batches:
             wavs = [read_audio(clips[i].path) for i in batch]
             lengths = torch.tensor([w.shape[0] for w in wavs])

@@ -118,7 +118,7 @@ def train_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr)
     best = (float("inf"), 0, copy.deepcopy(head.state_dict()))
     waited, step = 0, 0
-    with tqdm(total=settings.steps, desc=desc, unit="step", leave=False) as bar:
+    with tqdm(total=settings.steps, desc=desc, unit="step", leave=False, disable=None) as bar:
         for step in range(1, settings.steps + 1):
             pick = torch.randint(
                 len(train_x), (min(settings.batch_size, len(train_x)),), generator=generator
