@@ -13,6 +13,7 @@ by an assumed sustained bf16 throughput (``--gpu-tflops``, default 990 x 0.25: a
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling script, not a package)
 
+from s3prl_laser.console import setup_console  # noqa: E402
 from s3prl_laser.probe.clips import Clip  # noqa: E402
 from s3prl_laser.probe.features import UpstreamSpec, extract  # noqa: E402
 from s3prl_laser.probe.head import ProbeHead, ctc_loss  # noqa: E402
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed head steps (default 5)")
     parser.add_argument("--gpu-tflops", type=float, default=990 * 0.25, help="assumed sustained GPU TFLOP/s")
     args = parser.parse_args(argv)
+    setup_console(logging.INFO, "%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint("hubert", Path(tmp) / "base.pt", tiny=False, seed=0)
         clips = write_clips(Path(tmp), args.clips)

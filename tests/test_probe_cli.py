@@ -129,3 +129,11 @@ def test_help_is_quick_and_imports_no_torch():
     )
     assert result.returncode == 0 and "--upstream" in result.stdout
     assert time.perf_counter() - start < 5.0  # interpreter start-up included, on a busy machine
+
+
+def test_probe_key_of_finetune_is_off_by_default_and_in_the_demo():
+    from s3prl_laser.config import resolve_config
+
+    assert resolve_config("hubert").probe is False
+    assert resolve_config("hubert", demo=True).probe is False  # the demo's probe costs more than 60 s here
+    assert resolve_config("hubert", overrides=["probe=true"]).probe is True
