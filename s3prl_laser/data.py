@@ -38,10 +38,9 @@ from pathlib import Path
 
 import soundfile
 import torch
-import torchaudio
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.perturb import LaserPerturbation, PerturbParams
+from s3prl_laser.perturb import LaserPerturbation, PerturbParams, SincResampler
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +224,8 @@ def read_audio(path: str, sample_rate: int = 16000) -> torch.Tensor:
     data, rate = soundfile.read(path, dtype="float32", always_2d=True)
     wav = torch.from_numpy(data).mean(dim=1)
     if rate != sample_rate:
-        wav = torchaudio.functional.resample(wav, rate, sample_rate)
+        # torchaudio's resampling maths (see SincResampler), without depending on torchaudio
+        wav = SincResampler(rate, sample_rate, wav.device, wav.dtype)(wav[None], [len(wav)])[0]
     return wav
 
 

@@ -35,27 +35,15 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
-from s3prl_laser.errors import UserInputError
-from s3prl_laser.heldout import validation_split
-from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
-from s3prl_laser.length_index import load_or_build_index
-from s3prl_laser.paths import check_output_folder
-from s3prl_laser.runtime import (
-    DistEnv,
-    PeerFailure,
-    StopSignals,
-    barrier,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-)
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
-from s3prl_laser.trainer import TrainState, resume, train
-from s3prl_laser.validation import Validator
+from s3prl_laser.lanes import require_python, stack_problem
+
+if TYPE_CHECKING:  # the rest is imported when needed: --help and the environment checks need no torch
+    from s3prl_laser.config import LaserConfig
+    from s3prl_laser.runtime import DistEnv
+
+UPSTREAMS = ("hubert", "wavlm")  # s3prl_checkpoint.UPSTREAMS (a torch module), repeated for --help
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -85,10 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.finetune")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.runtime import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+
     env = None
     try:
         env = setup_distributed(args.device)
@@ -107,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
+    from s3prl_laser.config import resolve_config, resume_config, write_config
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.heldout import validation_split
+    from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
+    from s3prl_laser.length_index import load_or_build_index
+    from s3prl_laser.paths import check_output_folder
+    from s3prl_laser.runtime import StopSignals
+    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+    from s3prl_laser.trainer import TrainState, resume, train
+    from s3prl_laser.validation import Validator
+
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
     out = Path(args.out or f"runs/{args.upstream}_laser")
@@ -159,6 +162,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
 def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
+    from s3prl_laser import checkpointing
+
     found = checkpointing.list_checkpoints(out)
     exported = (out / f"{cfg.upstream}_laser.pt").is_file()
     if found and found[-1][0] >= cfg.steps and exported:
@@ -174,6 +179,7 @@ def _absolute(path: str) -> str:
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
     """``--demo``: the bundled corpus, and a tiny random-init upstream built into ``out`` (unless given)."""
     from s3prl_laser import fixtures
+    from s3prl_laser.runtime import barrier
 
     updates = {}
     if cfg.data is None:

@@ -1,8 +1,14 @@
-"""The two s3prl stacks ("lanes") this package runs on, and the error shown when neither is installed.
+"""The s3prl stacks ("lanes") this package runs on; the one-line errors of environments that cannot run it.
 
 The package itself depends on no s3prl distribution, so that installing it never replaces the one a user
 has (PyPI's ``s3prl``, an editable source checkout, or ESPnet's ``espnet-s3prl``, which all provide the
 ``s3prl`` import). A fresh environment gets a whole lane from one extra (setup.cfg's extras_require).
+
+Every command checks its interpreter before anything heavy is imported (``require_python``: no torch here,
+so activate the environment or install), and, once its arguments are parsed, the s3prl stack
+(``stack_problem``: no s3prl, or a torchaudio whose C library cannot load with the installed torch).
+torchaudio's library is built for one torch release, pip does not check that, and ``import torchaudio``
+then raises ``OSError``, which breaks s3prl and anything else that imports it.
 
 Example::
 
@@ -13,7 +19,9 @@ Example::
     True
 """
 
+import importlib.metadata
 import importlib.util
+import sys
 from typing import NamedTuple
 
 
@@ -47,3 +55,68 @@ def missing_s3prl_message() -> str | None:
             "From a source tree, use '.[current]' or '.[classic]' instead of 's3prl-laser[...]'.",
         ]
     )
+
+
+# torch release (major.minor) -> the torchaudio release whose C library loads with it. torchaudio 2.N is built
+# for torch 2.N up to 2.11 (its last release); 2.14 + 2.11.1 was measured to load and resample, 2.12 + 2.11.1
+# to fail (undefined symbol).
+TORCHAUDIO_FOR_TORCH = {f"2.{n}": f"2.{n}" for n in range(6, 12)} | {"2.14": "2.11"}
+# What the commands import at their top level or first thing (module names).
+RUNTIME_MODULES = ("torch", "yaml", "soundfile", "numpy")
+
+
+def require_python(command: str, modules: tuple[str, ...] = RUNTIME_MODULES) -> None:
+    """Exit 2 with one line if this interpreter lacks ``modules`` (not imported: only looked up, fast)."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"error: {command} needs {', '.join(missing)}, which {sys.executable} does not have: activate "
+            "the environment s3prl-laser is installed in (e.g. source .venv/bin/activate), or install it "
+            f"with {LANES['current'].install}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def torchaudio_problem() -> str | None:
+    """None if torchaudio is absent or imports; else what is installed, the pairs that work and the fix.
+
+    Imports torchaudio (and so torch): call it after the arguments are parsed, not before ``--help``.
+    """
+    if importlib.util.find_spec("torchaudio") is None:
+        return None
+    try:
+        import torchaudio  # noqa: F401
+    except Exception as error:  # OSError (library built for another torch), ImportError, AttributeError
+        return torchaudio_message(error)
+    return None
+
+
+def torchaudio_message(error: BaseException) -> str:
+    """The error for a torchaudio that cannot load: what is installed, the pairs that work, the fix."""
+    torch_version, audio_version = _version("torch"), _version("torchaudio")
+    minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    pairs = ", ".join(f"torch {t} + torchaudio {a}" for t, a in TORCHAUDIO_FOR_TORCH.items())
+    if minor in TORCHAUDIO_FOR_TORCH:
+        fix = f'pip install "torchaudio=={TORCHAUDIO_FOR_TORCH[minor]}.*"'
+    else:
+        # no torchaudio release for this torch; s3prl.hub imports torchaudio, so torch has to move
+        fix = 'pip install "torch==2.11.*" "torchaudio==2.11.*" (or "torch==2.14.*" "torchaudio==2.11.*")'
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (
+        f"torchaudio {audio_version} cannot be imported with torch {torch_version} ({type(error).__name__}: "
+        f"{reason}). torchaudio's C library is built for one torch release; pairs that work: {pairs}. "
+        f"Fix: {fix}"
+    )
+
+
+def stack_problem() -> str | None:
+    """The error shown before a command's work if the s3prl stack cannot run (no s3prl, broken torchaudio)."""
+    return missing_s3prl_message() or torchaudio_problem()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
