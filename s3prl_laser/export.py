@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
@@ -159,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := stack_problem()) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.console import quiet_transformers, setup_console
     from s3prl_laser.errors import UserInputError
     from s3prl_laser.paths import check_output_folder
     from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
 
+    setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
+    quiet_transformers()
     try:
         check_checkpoint_file(args.ckpt, "--ckpt")
         check_output_folder(args.out_dir, "output directory")
