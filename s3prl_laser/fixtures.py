@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from importlib import resources
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.hubert is None and args.wavlm is None:
         get_args_parser().error("give --hubert and/or --wavlm")
+    from s3prl_laser.console import setup_console
+
+    setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
     if args.hubert is not None:
         print(f"tiny HuBERT: {build_tiny_hubert(args.hubert, seed=args.seed)}")
     if args.wavlm is not None:
