@@ -5,6 +5,11 @@
 #                   memory per preset (benchmarks/gpu_check.py; about 5-8 minutes; report in runs/)
 # The classic lane (PyPI's s3prl 0.4.18, torch 2.8) goes into its own venv:
 #   make LANE=classic test     (venv .venv-classic)
+# The espnet lane is an ESPnet environment that we join without changing it (venv .venv-espnet):
+#   make LANE=espnet test      installs torch + torchaudio of one release, then ESPnet from PyPI as its users
+#                              do, records `pip freeze`, adds espnet-s3prl and this package with that freeze as
+#                              constraints, and fails if any package ESPnet installed was removed or changed
+#                              ($(VENV)/freeze-before.txt, freeze-after.txt; docs/install.md)
 # pip's output goes to $(VENV)/pip.log; its errors (and the log's tail on failure) still reach the screen.
 PYTHON ?= python3
 LANE ?= current
@@ -12,9 +17,29 @@ VENV ?= $(if $(filter current,$(LANE)),.venv,.venv-$(LANE))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3prl-laser-installed
 PYTEST_ARGS ?=
+# ESPnet's own install order: a torch with its torchaudio first, then espnet (a plain `pip install espnet`
+# 202511 picks torch 2.12.1, for which no torchaudio exists, and s3prl.hub imports torchaudio).
+ESPNET_TORCH ?= "torch==2.11.*" "torchaudio==2.11.*"
+ESPNET ?= espnet==202511
 
 .PHONY: demo test lint bench gpu-check clean
 
+ifeq ($(LANE),espnet)
+$(STAMP): setup.cfg setup.py pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(ESPNET_TORCH) then $(ESPNET) into $(VENV) (pip log: $(VENV)/pip.log)"
+	@{ $(PY) -m pip install $(ESPNET_TORCH) && $(PY) -m pip install $(ESPNET); } >$(VENV)/pip.log 2>&1 \
+		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
+	@$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VENV)/freeze-before.txt
+	@echo "adding s3prl-laser[current,test] to ESPnet's environment, its packages as constraints"
+	@$(PY) -m pip install -c $(VENV)/freeze-before.txt -e '.[current,test]' >>$(VENV)/pip.log 2>&1 \
+		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
+	@$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VENV)/freeze-after.txt
+	@changed=$$(grep -cvxFf $(VENV)/freeze-after.txt $(VENV)/freeze-before.txt); \
+		echo "pip freeze: $$(wc -l < $(VENV)/freeze-before.txt) packages before, $$(wc -l < $(VENV)/freeze-after.txt) after, $$changed removed or changed"; \
+		test "$$changed" = 0 || { grep -vxFf $(VENV)/freeze-after.txt $(VENV)/freeze-before.txt; exit 1; }
+	@touch $(STAMP)
+else
 $(STAMP): setup.cfg setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing s3prl-laser[$(LANE),test] into $(VENV) (pip log: $(VENV)/pip.log)"
@@ -22,13 +47,14 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
 	@grep '^ERROR' $(VENV)/pip.log || true  # pip reports dependency conflicts as errors, yet exits 0
 	@touch $(STAMP)
+endif
 
 demo: $(STAMP)
 	$(PY) -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	S3PRL_LASER_LANE=$(LANE) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[$(LANE),bench]'
@@ -42,4 +68,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu_check.json
 
 clean:
-	rm -rf .venv .venv-classic runs build *.egg-info
+	rm -rf .venv .venv-classic .venv-espnet runs build *.egg-info

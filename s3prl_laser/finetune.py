@@ -153,6 +153,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
+            logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
             before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
