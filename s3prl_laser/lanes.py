@@ -19,7 +19,6 @@ Example::
     True
 """
 
-import importlib.metadata
 import importlib.util
 import sys
 from typing import NamedTuple
@@ -116,6 +115,8 @@ def stack_problem() -> str | None:
 
 
 def _version(distribution: str) -> str:
+    import importlib.metadata  # not at the top: about 0.1 s, and --help does not need it
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
