@@ -56,10 +56,14 @@ def missing_s3prl_message() -> str | None:
     )
 
 
-# torch release (major.minor) -> the torchaudio release whose C library loads with it. torchaudio 2.N is built
-# for torch 2.N up to 2.11 (its last release); 2.14 + 2.11.1 was measured to load and resample, 2.12 + 2.11.1
-# to fail (undefined symbol).
-TORCHAUDIO_FOR_TORCH = {f"2.{n}": f"2.{n}" for n in range(6, 12)} | {"2.14": "2.11"}
+# torch release (major.minor) -> the torchaudio whose C library loads with it. torchaudio 2.N is built for
+# torch 2.N up to 2.10; measured here: torchaudio 2.11.0 loads with torch 2.11.0, 2.12.1 and 2.14.1, while
+# 2.11.1 (the last release) loads with torch 2.14.1 only, and 2.10.0 not with torch 2.12.1.
+TORCHAUDIO_FOR_TORCH = {f"2.{n}": f"2.{n}.*" for n in range(6, 11)} | {
+    "2.11": "2.11.0",
+    "2.12": "2.11.0",
+    "2.14": "2.11.0",
+}
 # What the commands import at their top level or first thing (module names).
 RUNTIME_MODULES = ("torch", "yaml", "soundfile", "numpy")
 
@@ -94,19 +98,30 @@ def torchaudio_problem() -> str | None:
 def torchaudio_message(error: BaseException) -> str:
     """The error for a torchaudio that cannot load: what is installed, the pairs that work, the fix."""
     torch_version, audio_version = _version("torch"), _version("torchaudio")
-    minor = ".".join(torch_version.split("+")[0].split(".")[:2])
     pairs = ", ".join(f"torch {t} + torchaudio {a}" for t, a in TORCHAUDIO_FOR_TORCH.items())
-    if minor in TORCHAUDIO_FOR_TORCH:
-        fix = f'pip install "torchaudio=={TORCHAUDIO_FOR_TORCH[minor]}.*"'
-    else:
-        # no torchaudio release for this torch; s3prl.hub imports torchaudio, so torch has to move
-        fix = 'pip install "torch==2.11.*" "torchaudio==2.11.*" (or "torch==2.14.*" "torchaudio==2.11.*")'
+    requirement = torchaudio_requirement(torch_version)
+    if requirement is not None:
+        fix = f'pip install "{requirement}"'
+    else:  # no torchaudio known to load with this torch; s3prl.hub imports torchaudio, so torch has to move
+        fix = f'pip install "torch==2.14.*" "{torchaudio_requirement("2.14")}"'
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return (
         f"torchaudio {audio_version} cannot be imported with torch {torch_version} ({type(error).__name__}: "
         f"{reason}). torchaudio's C library is built for one torch release; pairs that work: {pairs}. "
         f"Fix: {fix}"
     )
+
+
+def torchaudio_requirement(torch_version: str) -> str | None:
+    """The pip requirement of the torchaudio that loads with ``torch_version`` (e.g. "2.12.1+cu130"), or None.
+
+    Example::
+
+        >>> torchaudio_requirement("2.12.1")
+        'torchaudio==2.11.0'
+    """
+    minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    return f"torchaudio=={TORCHAUDIO_FOR_TORCH[minor]}" if minor in TORCHAUDIO_FOR_TORCH else None
 
 
 def stack_problem() -> str | None:
