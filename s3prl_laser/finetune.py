@@ -43,6 +43,7 @@ from s3prl_laser.heldout import validation_split
 from s3prl_laser.lanes import missing_s3prl_message
 from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
 from s3prl_laser.length_index import load_or_build_index
+from s3prl_laser.model_sources import check_source, is_named_source
 from s3prl_laser.paths import check_output_folder
 from s3prl_laser.runtime import (
     DistEnv,
@@ -53,7 +54,6 @@ from s3prl_laser.runtime import (
     setup_logging,
     teardown_distributed,
 )
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
 from s3prl_laser.trainer import TrainState, resume, train
 from s3prl_laser.validation import Validator
 
@@ -70,7 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML of config keys merged over the upstream's preset")
     parser.add_argument("--data", help="LibriSpeech root, folder of .flac/.wav, or manifest file")
-    parser.add_argument("--ckpt", help="base upstream checkpoint (default: s3prl's hubert_base/wavlm_base)")
+    parser.add_argument(
+        "--ckpt",
+        help="base upstream: s3prl/fairseq checkpoint, transformers folder or hub id, or an s3prl name "
+        "such as wavlm_base_plus (default: s3prl's hubert_base/wavlm_base)",
+    )
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
     parser.add_argument(
         "--resume",
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
     extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    if args.ckpt and is_named_source(args.ckpt):  # a hub id or s3prl name, not a local path
+        extra["ckpt"] = args.ckpt
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
         for change in changes:
@@ -124,8 +130,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
-    if cfg.ckpt is not None and "://" not in cfg.ckpt:
-        check_checkpoint_file(cfg.ckpt, "--ckpt")
+    if cfg.ckpt is not None:
+        check_source(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:
