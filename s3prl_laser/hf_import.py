@@ -39,11 +39,10 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
-from s3prl_laser.hf_convert import map_key
+from s3prl_laser.hf_convert import HF_ORIGIN_KEY, map_key
 
 logger = logging.getLogger(__name__)
 
-HF_ORIGIN_KEY = "hf_origin"
 MODEL_TYPES = {"hubert": "hubert", "wavlm": "wavlm"}  # config.json model_type -> our upstream name
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip

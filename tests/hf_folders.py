@@ -48,7 +48,7 @@ def build_hf_folder(folder: Path, family: str, layout: str, cls_name: str | None
     model = getattr(transformers, name)(config).eval()
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(0.2 * torch.randn_like(param))
+            param.add_(0.05 * torch.randn_like(param))
     model.save_pretrained(folder)
     large = layout == "large"
     transformers.Wav2Vec2FeatureExtractor(
