@@ -54,6 +54,7 @@ from s3prl_laser.runtime import (
     setup_logging,
     teardown_distributed,
 )
+from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 from s3prl_laser.trainer import TrainState, resume, train
 from s3prl_laser.validation import Validator
 
@@ -140,6 +141,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     with StopSignals() as stop:
         validator = Validator(cfg, held_out, where, env)
         parts = build_model(cfg, env)
+        if args.demo and env.is_main and not Path(cfg.ckpt).is_file():  # a folder or a name: the report
+            save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))  # loads a file
         state = TrainState()
         if args.resume:
             resume(parts, state, cfg, out, env)
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
-            before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
+            base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
+            before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
@@ -170,6 +174,11 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     if found and found[-1][0] >= cfg.steps and exported:
         return found[-1][0]
     return None
+
+
+def _demo_base(cfg: LaserConfig, out: Path) -> Path:
+    """Where ``--demo`` keeps the untuned base in s3prl's format when ``--ckpt`` is not a checkpoint file."""
+    return out / f"base_{cfg.upstream}.pt"
 
 
 def _absolute(path: str) -> str:
