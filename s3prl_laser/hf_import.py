@@ -104,7 +104,7 @@ def load_hf_model(folder: str | Path):
             f"{type(config).__name__} model class"
         )
     with quiet_transformers():
-        model, info = cls.from_pretrained(folder, output_loading_info=True, torch_dtype=torch.float32)
+        model, info = cls.from_pretrained(folder, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if not k.endswith("masked_spec_embed")]
     if missing or info.get("mismatched_keys"):
         raise UserInputError(
@@ -112,7 +112,7 @@ def load_hf_model(folder: str | Path):
             f"mismatched {info.get('mismatched_keys') or []}; it would run with random weights there"
         )
     prefix = "" if model is model.base_model else f"{model.base_model_prefix}."
-    return model.eval(), prefix
+    return model.float().eval(), prefix  # s3prl's models are float32, whatever the file holds
 
 
 def s3prl_config(config, upstream: str, where: str) -> dict:

@@ -224,3 +224,38 @@ def test_large_layout_freezes_all_but_the_top_two_layers_and_final_norm(folders)
     model = load_base_model("wavlm", folders["wavlm", "large"])
     model.freeze(2)
     assert model.trainable_module_names == ["encoder.layers.2", "encoder.layers.3", "encoder.layer_norm"]
+
+
+def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monkeypatch):
+    """Each s3prl name fetches the address s3prl's own hub entry fetches; a failed download is one line."""
+    import s3prl.hub
+    import s3prl.upstream.hubert.hubconf as hubert_hubconf
+    import s3prl.upstream.wavlm.hubconf as wavlm_hubconf
+    from s3prl.util import download
+
+    from s3prl_laser.model_sources import S3PRL_NAMES, read_source
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fetch(url, refresh=False):
+        asked.append(url)
+        raise Stop
+
+    def offline(url, refresh=False):
+        asked.append(url)
+        raise OSError("Name or service not known")
+
+    for module in (hubert_hubconf, wavlm_hubconf):
+        monkeypatch.setattr(module, "_urls_to_filepaths", fetch)
+    monkeypatch.setattr(download, "_urls_to_filepaths", offline)
+    for name, (family, _, _) in S3PRL_NAMES.items():
+        with pytest.raises(Stop):
+            getattr(s3prl.hub, name)()
+        with pytest.raises(UserInputError, match=f"cannot download s3prl's {name} .*--ckpt FILE"):
+            read_source(family, name)
+        assert asked[-1] == asked[-2]
+    with pytest.raises(UserInputError, match="wavlm_large is a wavlm model; pass --upstream wavlm"):
+        read_source("hubert", "wavlm_large")
