@@ -21,7 +21,9 @@ predicted peak.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -100,6 +102,8 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str, size: st
         torch.cuda.reset_peak_memory_stats(env.device)
         before = torch.cuda.memory_allocated(env.device)
     else:
+        gc.collect()  # hand memory freed while building the model back to the system (glibc keeps it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # otherwise, and the step's peak would hide in it: Large)
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
         before = vm_rss_bytes()
     start = sync(env.device)

@@ -3,8 +3,10 @@
 - :func:`load_base_model` builds a base HuBERT or WavLM with s3prl's own model classes from an s3prl-format
   checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
   (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
-  or from s3prl's default ``hubert_base`` / ``wavlm_base`` download. Reading the files is
-  :mod:`s3prl_laser.s3prl_checkpoint`'s job (and :mod:`s3prl_laser.fairseq_checkpoint`'s for fairseq's).
+  from a Hugging Face transformers folder or hub id, or from s3prl's downloads (``hubert_base``,
+  ``wavlm_base_plus``, ...). What ``--ckpt`` may name is :mod:`s3prl_laser.model_sources`' job; reading the
+  files that of :mod:`s3prl_laser.s3prl_checkpoint`, :mod:`s3prl_laser.fairseq_checkpoint` and
+  :mod:`s3prl_laser.hf_import`.
 - :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
   and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
 
