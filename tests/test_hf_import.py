@@ -175,6 +175,14 @@ def test_family_and_feature_extractor_mistakes_are_refused(tmp_path):
     pre.unlink()
     with pytest.raises(UserInputError, match="no preprocessor_config.json"):
         hf_folder_to_s3prl(folder)
+    from s3prl_laser.model_sources import check_source
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="is a folder without config.json"):
+        check_source(str(tmp_path / "empty"))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserInputError, match="no weights; expected one of model.safetensors"):
+        hf_folder_to_s3prl(folder)
 
 
 def run_finetune(*argv, env=None):
