@@ -208,7 +208,7 @@ def test_command_line_refusal_and_offline_hub_id_are_one_line_errors(tmp_path, d
 
 def test_presets_follow_the_checkpoint_size(tmp_path):
     """Large (24 layers, 1024 dims) takes the family's large preset: the same recipe, its own budget."""
-    from s3prl_laser.config import resolve_config
+    from s3prl_laser.config import read_preset, resolve_config
     from s3prl_laser.model_sources import model_size
 
     large = tmp_path / "large"
@@ -220,7 +220,8 @@ def test_presets_follow_the_checkpoint_size(tmp_path):
     assert model_size("hubert", "hubert_large_ll60k") == "large"
     for family in ("hubert", "wavlm"):
         base, big = resolve_config(family), resolve_config(family, overrides=[f"ckpt={large}"])
-        assert big.max_batch_seconds < base.max_batch_seconds
+        budget = read_preset(f"{family}_large_laser")["max_batch_seconds"]
+        assert big.max_batch_seconds == budget != base.max_batch_seconds
         assert (big.trainable_layers, big.train_final_layer_norm, big.lr) == (2, True, base.lr)
         given = resolve_config(family, overrides=[f"ckpt={large}", "max_batch_seconds=77"])
         assert given.max_batch_seconds == 77
