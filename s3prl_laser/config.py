@@ -221,18 +221,28 @@ def resolve_config(
     demo: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> LaserConfig:
-    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides."""
+    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides.
+
+    The preset is the family's (``<upstream>_laser.yaml``), and for a large checkpoint (more than 12 layers or
+    768 dims, read from ``ckpt`` by :func:`s3prl_laser.model_sources.model_size`) that of its size on top
+    (``<upstream>_large_laser.yaml``).
+    """
+    from s3prl_laser.model_sources import model_size
+
     if upstream not in UPSTREAMS:
         raise UserInputError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
+    given: dict[str, Any] = {}
+    if demo:
+        given = merge(given, read_preset("demo"), "demo.yaml")
+    if config_file is not None:
+        given = merge(given, read_yaml(config_file), str(config_file))
+    given = merge(given, extra or {}, "command-line flags")
+    given = merge(given, parse_overrides(overrides or []), "key=value overrides")
     values: dict[str, Any] = {"upstream": upstream}
     values = merge(values, read_preset(f"{upstream}_laser"), f"{upstream}_laser.yaml")
-    if demo:
-        values = merge(values, read_preset("demo"), "demo.yaml")
-    if config_file is not None:
-        values = merge(values, read_yaml(config_file), str(config_file))
-    values = merge(values, extra or {}, "command-line flags")
-    values = merge(values, parse_overrides(overrides or []), "key=value overrides")
-    return from_dict(values)
+    if model_size(upstream, given.get("ckpt")) == "large":
+        values = merge(values, read_preset(f"{upstream}_large_laser"), f"{upstream}_large_laser.yaml")
+    return from_dict({**values, **given})
 
 
 def resume_config(

@@ -58,7 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML of config keys merged over the upstream's preset")
     parser.add_argument("--data", help="LibriSpeech root, folder of .flac/.wav, or manifest file")
-    parser.add_argument("--ckpt", help="base upstream checkpoint (default: s3prl's hubert_base/wavlm_base)")
+    parser.add_argument(
+        "--ckpt",
+        help="base upstream: s3prl/fairseq checkpoint, transformers folder or hub id, or an s3prl name "
+        "such as wavlm_base_plus (default: s3prl's hubert_base/wavlm_base)",
+    )
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
     parser.add_argument(
         "--resume",
@@ -104,9 +108,10 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.heldout import validation_split
     from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
     from s3prl_laser.length_index import load_or_build_index
+    from s3prl_laser.model_sources import check_source, is_named_source
     from s3prl_laser.paths import check_output_folder
     from s3prl_laser.runtime import StopSignals
-    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
     from s3prl_laser.trainer import TrainState, resume, train
     from s3prl_laser.validation import Validator
 
@@ -115,6 +120,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
     extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    if args.ckpt and is_named_source(args.ckpt):  # a hub id or s3prl name, not a local path
+        extra["ckpt"] = args.ckpt
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
         for change in changes:
@@ -127,8 +134,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
-    if cfg.ckpt is not None and "://" not in cfg.ckpt:
-        check_checkpoint_file(cfg.ckpt, "--ckpt")
+    if cfg.ckpt is not None:
+        check_source(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:
@@ -137,6 +144,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     with StopSignals() as stop:
         validator = Validator(cfg, held_out, where, env)
         parts = build_model(cfg, env)
+        if args.demo and env.is_main and not Path(cfg.ckpt).is_file():  # a folder or a name: the report
+            save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))  # loads a file
         state = TrainState()
         if args.resume:
             resume(parts, state, cfg, out, env)
@@ -155,7 +164,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
             logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
-            before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
+            base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
+            before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
@@ -170,6 +180,11 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     if found and found[-1][0] >= cfg.steps and exported:
         return found[-1][0]
     return None
+
+
+def _demo_base(cfg: LaserConfig, out: Path) -> Path:
+    """Where ``--demo`` keeps the untuned base in s3prl's format when ``--ckpt`` is not a checkpoint file."""
+    return out / f"base_{cfg.upstream}.pt"
 
 
 def _absolute(path: str) -> str:
