@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from s3prl_laser import checkpointing
-from s3prl_laser.config import LaserConfig, to_dict
+from s3prl_laser.config import LaserConfig, from_dict, refused_changes, to_dict
 from s3prl_laser.data import (
     AudioItem,
     BucketBatchSampler,
@@ -44,7 +44,7 @@ from s3prl_laser.data import (
     view_stretch,
 )
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
-from s3prl_laser.laser_model import Parts, trainable_state
+from s3prl_laser.laser_model import Parts, apply_optimizer_config, trainable_state
 from s3prl_laser.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.perturb import LaserPerturbation
 from s3prl_laser.runtime import (
@@ -434,9 +434,39 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
 TRAINING_KEYS = ("model", "head", "optimizer", "scheduler", "step", "config", "rng", "data_position")
 
 
-def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
-    """Restore model, head, optimizer, schedule, RNG, data position and step from the newest checkpoint."""
-    found = read_newest_checkpoint(out, env)
+def check_resumable(path: Path, checkpoint: dict, cfg: LaserConfig, env: DistEnv) -> None:
+    """Raise ``UserInputError`` before any model is loaded if ``checkpoint`` cannot continue as ``cfg``.
+
+    Refused: another number of processes than the checkpoint's (each takes its own share of every epoch's
+    batches, so the data position means other data), and a key :data:`~s3prl_laser.config.RESUME_RULES`
+    refuses whose value differs from the checkpoint's (a hand-edited ``config.yaml``).
+    """
+    saved = checkpoint.get("world_size", len(checkpoint["rng"]))
+    if saved != env.world_size:
+        raise UserInputError(
+            f"--resume: {path} was written by {saved} process(es), this run has {env.world_size}: each "
+            f"process takes its own share of the batches, so the data position would mean other data; "
+            f"resume with {saved} process(es), or start a new run with another --out"
+        )
+    refused = refused_changes(from_dict(checkpoint["config"]), cfg)
+    if refused:
+        raise UserInputError(
+            f"--resume: config.yaml differs from the checkpoint {path} in {'; '.join(refused)}: a resumed "
+            f"run keeps these keys; restore them in config.yaml, or start a new run with another --out"
+        )
+
+
+def resume(
+    parts: Parts,
+    state: TrainState,
+    cfg: LaserConfig,
+    out: Path,
+    env: DistEnv,
+    found: tuple[Path, dict] | None,
+) -> None:
+    """Restore model, head, optimizer, schedule, RNG, data position and step from ``found`` (the newest
+    checkpoint, :func:`read_newest_checkpoint`, passed by :func:`check_resumable`); then the optimizer and
+    schedule take ``cfg``'s lr, weight decay, ``steps`` and warm-up (continuous at the resumed step)."""
     if found is None:
         logger.warning(
             "--resume: no checkpoint in %s; starting from step 0", checkpointing.checkpoint_dir(out)
@@ -456,12 +486,8 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
     parts.head.load_state_dict(checkpoint["head"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
-    rng = checkpoint["rng"]
-    if len(rng) != env.world_size:
-        logger.warning(
-            "--resume: checkpoint from %d processes, now %d: RNG streams differ", len(rng), env.world_size
-        )
-    checkpointing.restore_rng(rng[env.rank % len(rng)], env.device)
+    apply_optimizer_config(parts, cfg)
+    checkpointing.restore_rng(checkpoint["rng"][env.rank], env.device)
     state.step = checkpoint["step"]
     state.position = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batch"])
     state.counters = Counter(checkpoint["counters"])
@@ -469,22 +495,35 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
     validation = checkpoint.get("validation", {})
     state.best_step, state.best_value = validation.get("best_step"), validation.get("best_value")
     state.collapse_warned = bool(validation.get("collapse_warned", False))
-    if forget_later_best(out, state.step, env):
+    if env.is_main and not best_still_holds(out, state.step):
         state.best_step = state.best_value = None
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
+    schedule = parts.scheduler.lr_lambdas[0]
+    if state.step < cfg.steps and schedule.peak(state.step) == 0:
+        logger.warning(
+            "the learning rate is 0 for steps %d to %d (the schedule had decayed to 0, and a longer `steps` "
+            "goes on from there): training changes nothing; to train further, also give warmup_steps beyond "
+            "%d (the lr then warms up again from 0), or start a new run with another --out",
+            state.step + 1, cfg.steps, state.step,
+        )  # fmt: skip
 
 
-def forget_later_best(out: Path, step: int, env: DistEnv) -> bool:
-    """Remove a ``best.pt`` written after ``step`` (rank 0); True if one was removed.
+def best_still_holds(out: Path, step: int) -> bool:
+    """Rank 0: whether the run's ``best.pt`` is a readable best of step ``step`` or before.
 
-    The resumed run validates those steps again; starting its search for the best afresh gives the same
-    best as the interrupted run had once it passes that step (the removed best beat every earlier one).
+    False (the resumed run keeps its best anew) when there is none, when it is damaged (set aside by
+    :func:`~s3prl_laser.checkpointing.read_best`), or when it is from after ``step``: then it is removed,
+    since the resumed run validates those steps again, and starting its search afresh gives the same best as
+    the interrupted run had once it passes that step (the removed best beat every earlier one).
     """
-    path = checkpointing.best_path(out)
-    if not (env.is_main and path.is_file() and checkpointing.load_checkpoint(path)["step"] > step):
+    best = checkpointing.read_best(out)
+    if best is None:
         return False
-    logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
-    path.unlink()
+    if best["step"] > step:
+        path = checkpointing.best_path(out)
+        logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
+        path.unlink()
+        return False
     return True
 
 
