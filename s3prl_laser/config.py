@@ -25,6 +25,7 @@ import yaml
 
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.loss import LOSS_TYPES
+from s3prl_laser.paths import absolute_paths
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
@@ -173,7 +174,8 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a user configuration YAML (a flat mapping of config keys)."""
+    """Read a user configuration YAML (a flat mapping of config keys); relative paths in it (``data``,
+    ``ckpt``) are made absolute against the YAML's folder."""
     path = Path(path)
     if not path.is_file():
         what = "a folder, not a YAML file" if path.is_dir() else "no such file"
@@ -189,18 +191,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
         raise UserInputError(f"--config {path}: cannot be read as YAML ({error})") from None
-    return _as_mapping(data, str(path))
+    return absolute_paths(_as_mapping(data, str(path)), path.absolute().parent)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``."""
+    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``; relative paths (``data``,
+    ``ckpt``) are made absolute against the working directory."""
     parsed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserInputError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
         parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return parsed
+    return absolute_paths(parsed)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:

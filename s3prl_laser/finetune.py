@@ -43,7 +43,7 @@ from s3prl_laser.heldout import validation_split
 from s3prl_laser.lanes import missing_s3prl_message
 from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
 from s3prl_laser.length_index import load_or_build_index
-from s3prl_laser.paths import check_output_folder
+from s3prl_laser.paths import absolute_paths, check_output_folder
 from s3prl_laser.runtime import (
     DistEnv,
     PeerFailure,
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
-    extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
         for change in changes:
@@ -164,11 +164,6 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     if found and found[-1][0] >= cfg.steps and exported:
         return found[-1][0]
     return None
-
-
-def _absolute(path: str) -> str:
-    """A local path made absolute (the run's config must not depend on the working directory); URLs kept."""
-    return path if "://" in path else str(Path(path).expanduser().absolute())
 
 
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:

@@ -105,8 +105,10 @@ class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step (which then saves).
 
     ``signum`` is the signal received by this process (None until one comes); the ranks agree on it in
-    the step's all-reduce (see :func:`stop_flags`). A second signal interrupts at once
-    (``KeyboardInterrupt``). Handlers are restored on exit.
+    the step's all-reduce (see :func:`stop_flags`). Repeated signals (torchrun and SLURM signal every
+    process, often twice; an impatient Ctrl-C) are logged and change nothing: the step's checkpoint is
+    still agreed and written by every rank, then the process exits ``128 + signum`` (a SIGTERM among
+    them wins). SIGKILL (or SIGQUIT) is the way to end a process at once. Handlers are restored on exit.
     """
 
     def __init__(self) -> None:
@@ -114,8 +116,10 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if self.signum is not None:  # never raise here: it would abort the save that the first one asked for
+            self.signum = max(self.signum, signum)
+            logger.warning("received signal %d again: still saving this step's checkpoint, then exit", signum)
+            return
         self.signum = signum
         logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
 
