@@ -92,6 +92,12 @@ class LaserConfig:
     fp32_head: bool = False  # run the projection head in fp32 under bf16 autocast (official: all fp32)
     frame_count: str = "cnn"  # frames per clip: "cnn" (the CNN's formula) or "round" (round(L / 320))
     seed: int = 0  # seeds the head init, the data order and the per-clip perturbations
+    # --- processes (torchrun) ---
+    # Bound of every collective, in seconds: a rank that waits longer for the others (one hung, or died
+    # where it could not tell them) fails instead of waiting (NCCL's async error handling ends it). The
+    # first start's length index is built by rank 0 while the others wait: raise this for huge corpora on
+    # slow storage (docs/cluster.md).
+    dist_timeout_s: float = 1800.0
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
     log_every: int = 10  # TensorBoard scalars every this many steps
@@ -121,7 +127,7 @@ def validate(cfg: LaserConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 1")
-    for key in ("lr", "gamma"):
+    for key in ("lr", "gamma", "dist_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be > 0")
     if cfg.eval_clips < 2:

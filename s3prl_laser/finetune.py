@@ -49,6 +49,7 @@ from s3prl_laser.runtime import (
     PeerFailure,
     StopSignals,
     barrier,
+    join_process_group,
     setup_distributed,
     setup_logging,
     teardown_distributed,
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             return 0
     else:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
-        if args.demo:
-            cfg = prepare_demo(cfg, out, env)
+    join_process_group(env, cfg.dist_timeout_s)
+    if args.demo and not args.resume:
+        cfg = prepare_demo(cfg, out, env)
     if cfg.ckpt is not None and "://" not in cfg.ckpt:
         check_checkpoint_file(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
