@@ -122,8 +122,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
     from s3prl_laser.length_index import load_or_build_index
     from s3prl_laser.model_sources import check_source, is_named_source
-    from s3prl_laser.paths import check_output_folder
-    from s3prl_laser.runtime import StopSignals
+    from s3prl_laser.paths import absolute_paths, check_output_folder, remove_run
+    from s3prl_laser.runtime import StopSignals, barrier, join_process_group
     from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
     from s3prl_laser.trainer import TrainState, check_resumable, read_newest_checkpoint, resume, train
     from s3prl_laser.validation import Validator
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
-    extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
     if args.ckpt and is_named_source(args.ckpt):  # a hub id or s3prl name, not a local path
         extra["ckpt"] = args.ckpt
     found = None
@@ -151,7 +151,13 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             check_resumable(*found, cfg, env)
     else:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
-        claim_output_folder(out, args.overwrite, args.demo, env)
+        replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
+    join_process_group(env, cfg.dist_timeout_s)
+    if not args.resume:
+        if replace is not None and env.is_main:
+            removed = remove_run(out)
+            logger.info("%s: removed the earlier run in %s (%s)", replace, out, ", ".join(removed))
+        barrier(env)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
     for warning in no_op_warnings(cfg):
@@ -193,26 +199,23 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     return 0
 
 
-def claim_output_folder(out: Path, overwrite: bool, demo: bool, env: DistEnv) -> None:
+def check_output_claim(out: Path, overwrite: bool, demo: bool) -> str | None:
     """One run per ``--out``: a new run into a folder that holds one (``config.yaml`` or ``checkpoints/``)
     is refused before anything is written, unless ``overwrite``, or ``demo`` over an earlier demo run (one
-    that trained on the bundled demo corpus): then rank 0 removes that run's files
-    (:data:`~s3prl_laser.paths.RUN_FILES`) and says so. Every rank checks before any rank writes."""
+    that trained on the bundled demo corpus). Returns why that run is to be replaced (``"--overwrite"`` or
+    ``"--demo"``; rank 0 then removes its files, :data:`~s3prl_laser.paths.RUN_FILES`), or None. Every rank
+    checks before any rank writes."""
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.paths import holds_run, remove_run
-    from s3prl_laser.runtime import barrier
+    from s3prl_laser.paths import holds_run
 
-    if holds_run(out):
-        if not (overwrite or (demo and _is_demo_run(out))):
-            raise UserInputError(
-                f"--out {out} holds a run (config.yaml or checkpoints/): continue it with --resume, or "
-                "choose another --out (--overwrite replaces it)"
-            )
-        if env.is_main:
-            removed = remove_run(out)
-            why = "--overwrite" if overwrite else "--demo"
-            logger.info("%s: removed the earlier run in %s (%s)", why, out, ", ".join(removed))
-    barrier(env)
+    if not holds_run(out):
+        return None
+    if not (overwrite or (demo and _is_demo_run(out))):
+        raise UserInputError(
+            f"--out {out} holds a run (config.yaml or checkpoints/): continue it with --resume, or "
+            "choose another --out (--overwrite replaces it)"
+        )
+    return "--overwrite" if overwrite else "--demo"
 
 
 def _is_demo_run(out: Path) -> bool:
@@ -242,11 +245,6 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
 def _demo_base(cfg: LaserConfig, out: Path) -> Path:
     """Where ``--demo`` keeps the untuned base in s3prl's format when ``--ckpt`` is not a checkpoint file."""
     return out / f"base_{cfg.upstream}.pt"
-
-
-def _absolute(path: str) -> str:
-    """A local path made absolute (the run's config must not depend on the working directory); URLs kept."""
-    return path if "://" in path else str(Path(path).expanduser().absolute())
 
 
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
