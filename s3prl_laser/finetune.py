@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.heldout import validation_split
     from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
     from s3prl_laser.length_index import load_or_build_index
-    from s3prl_laser.model_sources import check_source, is_named_source
+    from s3prl_laser.model_sources import check_source
     from s3prl_laser.paths import absolute_paths, check_output_folder, remove_run
     from s3prl_laser.runtime import StopSignals, barrier, join_process_group
     from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
@@ -135,8 +135,6 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
     extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
-    if args.ckpt and is_named_source(args.ckpt):  # a hub id or s3prl name, not a local path
-        extra["ckpt"] = args.ckpt
     found = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
