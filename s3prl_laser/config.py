@@ -26,6 +26,7 @@ import yaml
 
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.loss import LOSS_TYPES
+from s3prl_laser.paths import absolute_paths
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
@@ -92,6 +93,12 @@ class LaserConfig:
     fp32_head: bool = False  # run the projection head in fp32 under bf16 autocast (official: all fp32)
     frame_count: str = "cnn"  # frames per clip: "cnn" (the CNN's formula) or "round" (round(L / 320))
     seed: int = 0  # seeds the head init, the data order and the per-clip perturbations
+    # --- processes (torchrun) ---
+    # Bound of every collective, in seconds: a rank that waits longer for the others (one hung, or died
+    # where it could not tell them) fails instead of waiting (NCCL's async error handling ends it). The
+    # first start's length index is built by rank 0 while the others wait: raise this for huge corpora on
+    # slow storage (docs/cluster.md).
+    dist_timeout_s: float = 1800.0
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
     log_every: int = 10  # TensorBoard scalars every this many steps
@@ -121,7 +128,7 @@ def validate(cfg: LaserConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 1")
-    for key in ("lr", "gamma"):
+    for key in ("lr", "gamma", "dist_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be > 0")
     if cfg.eval_clips < 2:
@@ -265,7 +272,8 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a user configuration YAML (a flat mapping of config keys)."""
+    """Read a user configuration YAML (a flat mapping of config keys); relative paths in it (``data``,
+    ``ckpt``) are made absolute against the YAML's folder."""
     path = Path(path)
     if not path.is_file():
         what = "a folder, not a YAML file" if path.is_dir() else "no such file"
@@ -281,18 +289,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
         raise UserInputError(f"--config {path}: cannot be read as YAML ({error})") from None
-    return _as_mapping(data, str(path))
+    return absolute_paths(_as_mapping(data, str(path)), path.absolute().parent)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``."""
+    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``; relative paths (``data``,
+    ``ckpt``) are made absolute against the working directory."""
     parsed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserInputError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
         parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return parsed
+    return absolute_paths(parsed)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
@@ -313,18 +322,28 @@ def resolve_config(
     demo: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> LaserConfig:
-    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides."""
+    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides.
+
+    The preset is the family's (``<upstream>_laser.yaml``), and for a large checkpoint (more than 12 layers or
+    768 dims, read from ``ckpt`` by :func:`s3prl_laser.model_sources.model_size`) that of its size on top
+    (``<upstream>_large_laser.yaml``).
+    """
+    from s3prl_laser.model_sources import model_size
+
     if upstream not in UPSTREAMS:
         raise UserInputError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
+    given: dict[str, Any] = {}
+    if demo:
+        given = merge(given, read_preset("demo"), "demo.yaml")
+    if config_file is not None:
+        given = merge(given, read_yaml(config_file), str(config_file))
+    given = merge(given, extra or {}, "command-line flags")
+    given = merge(given, parse_overrides(overrides or []), "key=value overrides")
     values: dict[str, Any] = {"upstream": upstream}
     values = merge(values, read_preset(f"{upstream}_laser"), f"{upstream}_laser.yaml")
-    if demo:
-        values = merge(values, read_preset("demo"), "demo.yaml")
-    if config_file is not None:
-        values = merge(values, read_yaml(config_file), str(config_file))
-    values = merge(values, extra or {}, "command-line flags")
-    values = merge(values, parse_overrides(overrides or []), "key=value overrides")
-    return from_dict(values)
+    if model_size(upstream, given.get("ckpt")) == "large":
+        values = merge(values, read_preset(f"{upstream}_large_laser"), f"{upstream}_large_laser.yaml")
+    return from_dict({**values, **given})
 
 
 def resume_config(

@@ -39,36 +39,15 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
+from s3prl_laser.lanes import require_python, stack_problem
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import (
-    UPSTREAMS,
-    LaserConfig,
-    no_op_warnings,
-    resolve_config,
-    resume_config,
-    write_config,
-)
-from s3prl_laser.errors import UserInputError
-from s3prl_laser.heldout import validation_split
-from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
-from s3prl_laser.length_index import load_or_build_index
-from s3prl_laser.paths import check_output_folder, holds_run, remove_run
-from s3prl_laser.runtime import (
-    DistEnv,
-    PeerFailure,
-    StopSignals,
-    barrier,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-)
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
-from s3prl_laser.trainer import TrainState, check_resumable, read_newest_checkpoint, resume, train
-from s3prl_laser.validation import Validator
+if TYPE_CHECKING:  # the rest is imported when needed: --help and the environment checks need no torch
+    from s3prl_laser.config import LaserConfig
+    from s3prl_laser.runtime import DistEnv
+
+UPSTREAMS = ("hubert", "wavlm")  # s3prl_checkpoint.UPSTREAMS (a torch module), repeated for --help
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -83,7 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML of config keys merged over the upstream's preset")
     parser.add_argument("--data", help="LibriSpeech root, folder of .flac/.wav, or manifest file")
-    parser.add_argument("--ckpt", help="base upstream checkpoint (default: s3prl's hubert_base/wavlm_base)")
+    parser.add_argument(
+        "--ckpt",
+        help="base upstream: s3prl/fairseq checkpoint, transformers folder or hub id, or an s3prl name "
+        "such as wavlm_base_plus (default: s3prl's hubert_base/wavlm_base)",
+    )
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
     parser.add_argument(
         "--resume",
@@ -107,10 +90,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.finetune")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.runtime import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+
     env = None
     try:
         env = setup_distributed(args.device)
@@ -129,13 +116,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
+    from s3prl_laser.config import no_op_warnings, resolve_config, resume_config, write_config
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.heldout import validation_split
+    from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
+    from s3prl_laser.length_index import load_or_build_index
+    from s3prl_laser.model_sources import check_source
+    from s3prl_laser.paths import absolute_paths, check_output_folder, remove_run
+    from s3prl_laser.runtime import StopSignals, barrier, join_process_group
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.trainer import TrainState, check_resumable, read_newest_checkpoint, resume, train
+    from s3prl_laser.validation import Validator
+
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
     if args.resume and args.overwrite:
         raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
-    extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
     found = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
@@ -150,13 +149,19 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             check_resumable(*found, cfg, env)
     else:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
-        claim_output_folder(out, args.overwrite, args.demo, env)
+        replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
+    join_process_group(env, cfg.dist_timeout_s)
+    if not args.resume:
+        if replace is not None and env.is_main:
+            removed = remove_run(out)
+            logger.info("%s: removed the earlier run in %s (%s)", replace, out, ", ".join(removed))
+        barrier(env)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
     for warning in no_op_warnings(cfg):
         logger.warning("%s", warning)
-    if cfg.ckpt is not None and "://" not in cfg.ckpt:
-        check_checkpoint_file(cfg.ckpt, "--ckpt")
+    if cfg.ckpt is not None:
+        check_source(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:
@@ -165,6 +170,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     with StopSignals() as stop:
         validator = Validator(cfg, held_out, where, env)
         parts = build_model(cfg, env)
+        if args.demo and env.is_main and not Path(cfg.ckpt).is_file():  # a folder or a name: the report
+            save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))  # loads a file
         state = TrainState()
         if args.resume:
             resume(parts, state, cfg, out, env, found)
@@ -181,33 +188,38 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
+            logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
-            before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
+            base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
+            before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
 
 
-def claim_output_folder(out: Path, overwrite: bool, demo: bool, env: DistEnv) -> None:
+def check_output_claim(out: Path, overwrite: bool, demo: bool) -> str | None:
     """One run per ``--out``: a new run into a folder that holds one (``config.yaml`` or ``checkpoints/``)
     is refused before anything is written, unless ``overwrite``, or ``demo`` over an earlier demo run (one
-    that trained on the bundled demo corpus): then rank 0 removes that run's files
-    (:data:`~s3prl_laser.paths.RUN_FILES`) and says so. Every rank checks before any rank writes."""
-    if holds_run(out):
-        if not (overwrite or (demo and _is_demo_run(out))):
-            raise UserInputError(
-                f"--out {out} holds a run (config.yaml or checkpoints/): continue it with --resume, or "
-                "choose another --out (--overwrite replaces it)"
-            )
-        if env.is_main:
-            removed = remove_run(out)
-            why = "--overwrite" if overwrite else "--demo"
-            logger.info("%s: removed the earlier run in %s (%s)", why, out, ", ".join(removed))
-    barrier(env)
+    that trained on the bundled demo corpus). Returns why that run is to be replaced (``"--overwrite"`` or
+    ``"--demo"``; rank 0 then removes its files, :data:`~s3prl_laser.paths.RUN_FILES`), or None. Every rank
+    checks before any rank writes."""
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.paths import holds_run
+
+    if not holds_run(out):
+        return None
+    if not (overwrite or (demo and _is_demo_run(out))):
+        raise UserInputError(
+            f"--out {out} holds a run (config.yaml or checkpoints/): continue it with --resume, or "
+            "choose another --out (--overwrite replaces it)"
+        )
+    return "--overwrite" if overwrite else "--demo"
 
 
 def _is_demo_run(out: Path) -> bool:
     """Whether the run in ``out`` trained on the bundled demo corpus (replacing it loses nothing of value)."""
+    import yaml
+
     from s3prl_laser.fixtures import demo_corpus_root
 
     try:
@@ -219,6 +231,8 @@ def _is_demo_run(out: Path) -> bool:
 
 def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
+    from s3prl_laser import checkpointing
+
     found = checkpointing.list_checkpoints(out)
     exported = (out / f"{cfg.upstream}_laser.pt").is_file()
     if found and found[-1][0] >= cfg.steps and exported:
@@ -226,14 +240,15 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     return None
 
 
-def _absolute(path: str) -> str:
-    """A local path made absolute (the run's config must not depend on the working directory); URLs kept."""
-    return path if "://" in path else str(Path(path).expanduser().absolute())
+def _demo_base(cfg: LaserConfig, out: Path) -> Path:
+    """Where ``--demo`` keeps the untuned base in s3prl's format when ``--ckpt`` is not a checkpoint file."""
+    return out / f"base_{cfg.upstream}.pt"
 
 
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
     """``--demo``: the bundled corpus, and a tiny random-init upstream built into ``out`` (unless given)."""
     from s3prl_laser import fixtures
+    from s3prl_laser.runtime import barrier
 
     updates = {}
     if cfg.data is None:
