@@ -211,6 +211,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "fp32_head": (APPLIED, "the head's precision under autocast"),
     "frame_count": (APPLIED, "the frames the loss counts"),
     "seed": (REFUSED, "the data order, the perturbations and the head's initialisation"),
+    "dist_timeout_s": (APPLIED, "how long a collective waits for a lost process"),
     "save_every": (APPLIED, "checkpoint cadence"),
     "log_every": (APPLIED, "TensorBoard cadence"),
     "eval_every": (APPLIED, "validation cadence"),

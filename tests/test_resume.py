@@ -17,7 +17,7 @@ import torch
 import yaml
 from test_finetune import FAST, final_weights, tensorboard_scalars
 
-from s3prl_laser import checkpointing, finetune
+from s3prl_laser import checkpointing, laser_model
 from s3prl_laser.config import (
     APPLIED,
     REFUSED,
@@ -252,14 +252,14 @@ def test_a_damaged_best_checkpoint_is_set_aside_and_the_run_goes_on(run_copy, mo
     assert kept["step"] == 5 and "best validation (step 5)" in caplog.text
 
     # damaged again by the time of the final export: the last export is written, the best one skipped
-    real_export = finetune.export_upstream
+    real_export = laser_model.export_upstream
 
     def export_then_damage(parts, cfg, out):
         path = real_export(parts, cfg, out)
         best.write_bytes(b"PK\x03\x04" + bytes(100))
         return path
 
-    monkeypatch.setattr(finetune, "export_upstream", export_then_damage)
+    monkeypatch.setattr(laser_model, "export_upstream", export_then_damage)
     caplog.clear()
     assert main(["--out", str(run_copy), "--resume", "steps=6", "eval_every=0"]) == 0
     one_line(caplog.text, "WARNING", best, "is damaged", "renamed to best.pt.damaged")
