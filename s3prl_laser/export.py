@@ -41,18 +41,18 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from s3prl_laser.lanes import require_python, stack_problem
 
-from s3prl_laser.errors import UserInputError
-from s3prl_laser.hf_convert import UPSTREAMS, feature_extractor, load_s3prl_checkpoint, to_hf_model
-from s3prl_laser.hf_import import quiet_transformers
-from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.paths import check_output_folder
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+if TYPE_CHECKING:  # torch, transformers and s3prl are imported where used: not before --help
+    import torch
+
+UPSTREAMS = ("hubert", "wavlm")  # hf_convert.UPSTREAMS, without importing torch for --help
 
 VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
 VERIFY_TOLERANCE = 1e-5  # largest ||hf - s3prl|| / ||s3prl|| accepted by --verify (<= 4e-7 measured, CPU)
@@ -69,10 +69,13 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = N
     Returns:
         the s3prl keys that were not exported (HuBERT's ``final_proj``/``label_embs_concat``).
     """
+    from s3prl_laser.hf_convert import feature_extractor, load_s3prl_checkpoint, to_hf_model
+    from s3prl_laser.hf_import import quiet_loading
+
     state = load_s3prl_checkpoint(ckpt, upstream)
     model = to_hf_model(state)
     out_dir = Path(out_dir)
-    with quiet_transformers():
+    with quiet_loading():
         model.save_pretrained(out_dir, safe_serialization=True)
         feature_extractor(state, model.config).save_pretrained(out_dir)
     return model.s3prl_dropped_keys
@@ -80,6 +83,8 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = N
 
 def verify_waveforms(seconds=VERIFY_SECONDS, sample_rate: int = 16000, seed: int = 0) -> list[torch.Tensor]:
     """Seeded test waveforms ``[T_i]``: a chirp plus noise, peak about 0.5, one per entry of ``seconds``."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     wavs = []
     for sec in seconds:
@@ -100,7 +105,9 @@ def hf_model(hf_dir: str | Path) -> torch.nn.Module:
     """The exported model, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
     from transformers import AutoModel
 
-    with quiet_transformers():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
+    from s3prl_laser.hf_import import quiet_loading
+
+    with quiet_loading():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
         return AutoModel.from_pretrained(hf_dir).eval()
 
 
@@ -117,7 +124,10 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
     Returns:
         one float per hidden state (L + 1), the maximum over the waveforms.
     """
+    import torch
     import torch.nn.functional as F
+
+    from s3prl_laser.hf_convert import load_s3prl_checkpoint
 
     state = load_s3prl_checkpoint(ckpt, upstream)
     expert, model = s3prl_expert(ckpt, state.upstream), hf_model(hf_dir)  # loaded once, run per waveform
@@ -154,10 +164,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.export")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.console import quiet_transformers, setup_console
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.paths import check_output_folder
+    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+
+    setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
+    quiet_transformers()
     try:
         check_checkpoint_file(args.ckpt, "--ckpt")
         check_output_folder(args.out_dir, "output directory")

@@ -103,7 +103,7 @@ def load_hf_model(folder: str | Path):
             f"{folder / 'config.json'}: architectures={config.architectures!r}: {name} is not a transformers "
             f"{type(config).__name__} model class"
         )
-    with quiet_transformers():
+    with quiet_loading():
         model, info = cls.from_pretrained(folder, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if not k.endswith("masked_spec_embed")]
     if missing or info.get("mismatched_keys"):
@@ -275,7 +275,7 @@ def _fill_weights(weights: dict, encoder: dict, where: str) -> None:
 
 
 @contextlib.contextmanager
-def quiet_transformers():
+def quiet_loading():
     """transformers' own loading messages and warnings stay off our screen (our screen shows ours)."""
     from transformers.utils import logging as hf_logging
 
