@@ -220,6 +220,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "eval_clips": (REFUSED, "which clips are held out: some would become training clips, or the reverse"),
     "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
     "report_clips": (APPLIED, "the demo report"),
+    "probe": (APPLIED, "whether the probe runs at the end"),
 }
 
 
