@@ -23,8 +23,9 @@ def format_table(results: list[dict]) -> str:
     width = max(12, *(len(r["upstream"]) for r in results)) + 2
     header = f"{'upstream':<{width}}" + "".join(f"{k.upper():>9}{'vs first':>11}" for k in kinds)
     lines = [header]
-    for r in results:
-        cells = "".join(f"{100 * r[k]:>7.2f} %{relative(r[k], results[0][k]):>11}" for k in kinds)
+    for i, r in enumerate(results):
+        changes = ["(ref)" if i == 0 else relative(r[k], results[0][k]) for k in kinds]
+        cells = "".join(f"{100 * r[k]:>7.2f} %{change:>11}" for k, change in zip(kinds, changes, strict=True))
         lines.append(f"{r['upstream']:<{width}}{cells}")
     return "\n".join(lines)
 
