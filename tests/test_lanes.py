@@ -31,7 +31,7 @@ S3PRL_DISTRIBUTIONS = {"s3prl", "espnet-s3prl"}
 DISTRIBUTION_OF = {"yaml": "pyyaml"}
 # imported by our code only where present (guarded) or brought by another requirement: never required by us
 NOT_REQUIRED = {"s3prl", "torchaudio", "huggingface_hub", "torchcodec", "triton"}
-ENTRY_POINTS = ["finetune", "export", "manifest", "fixtures"]
+ENTRY_POINTS = ["finetune", "export", "manifest", "fixtures", "probe"]
 
 
 def canonical(name: str) -> str:

@@ -64,15 +64,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from s3prl_laser.lanes import require_python, stack_problem
+
+    require_python("python -m s3prl_laser.probe")  # no torch here: one line, exit 2
     args = get_args_parser().parse_args(argv)
+    if (problem := stack_problem()) is not None:  # no s3prl, or a torchaudio that cannot load
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from s3prl_laser.console import setup_console
-    from s3prl_laser.lanes import missing_s3prl_message
     from s3prl_laser.probe.runner import ProbeSettings, run_probe
 
     setup_console(logging.INFO, fmt="%(message)s")
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
-        return 2
     try:
         for key in ("train_hours", "dev_minutes", "steps", "batch_size", "lr", "eval_every", "patience"):
             if not getattr(args, key) > 0:
