@@ -3,13 +3,15 @@
 Builds a random-init upstream of base size (12 layers, 768 dims, the real CNN; ``--tiny``: the 4-layer test
 model), writes synthetic clips whose durations follow LibriSpeech train-clean-100 (about N(12.7 s, 3.5 s)
 clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact pieces of
-``python -m s3prl_laser.finetune`` (same data loader, model, loss, optimizer), timing each phase:
+``python -m s3prl_laser.finetune`` (same data loader, model, loss, optimizer; each step is one call of
+:func:`s3prl_laser.trainer.train_step` on the step's micro-batches, as the trainer makes it), timing:
 
-* data: time the training process waits for the next batch (reading, cropping and perturbing run in the
-  DataLoader workers, in parallel with the step);
-* forward: upstream + projection head; loss: soft-DTW divergence + regulariser (forward);
-* backward + optimizer: backward of everything, gradient clipping, AdamW;
-* soft-DTW alone (measured apart, on the step's projections): divergence forward + backward;
+* data: time the training process waits for the step's micro-batches (reading, cropping and perturbing run
+  in the DataLoader workers, in parallel with the step);
+* step: ``train_step`` itself: forward, loss and backward of each micro-batch, the ranks' agreement,
+  gradient clipping, AdamW;
+* soft-DTW alone (measured apart, on the projections of the step's last micro-batch): divergence forward
+  + backward;
 * perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair;
 * one validation (measured apart, after the steps): :func:`s3prl_laser.heldout.measure` on ``eval_clips``
   held-out pairs, as the trainer runs it every ``eval_every`` steps, and its share of the training time of
@@ -45,7 +47,7 @@ from s3prl_laser.length_index import scan, scan_jobs
 from s3prl_laser.runtime import DistEnv
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS, save_s3prl_checkpoint
 from s3prl_laser.softdtw import soft_dtw_divergence
-from s3prl_laser.trainer import build_data, forward_pairs, pair_loss
+from s3prl_laser.trainer import _steps, build_data, forward_pairs, train_step
 
 BASE_ARCH = {  # the base models' architecture, restored over the fixtures' tiny one
     "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
@@ -118,40 +120,32 @@ def run_one(upstream: str, args: argparse.Namespace, workdir: Path) -> dict:
     ckpt = build_checkpoint(upstream, workdir / f"{upstream}.pt", args.tiny, args.seed)
     cfg = dataclasses.replace(cfg, data=str(corpus), ckpt=str(ckpt))
     env = DistEnv(device=device)
-    phases: dict[str, list[float]] = {k: [] for k in ("data", "forward", "loss", "backward", "softdtw")}
+    phases: dict[str, list[float]] = {k: [] for k in ("data", "step", "softdtw")}
     pairs = 0
     with PeakMemory(device) as memory:
         parts = build_model(cfg, env)
         items = scan(cfg, scan_jobs())
         loader, _ = build_data(cfg, items, env, (0, 0))
-        batches = iter(loader)
+        perturb, steps = loader.dataset.perturb, _steps(loader, cfg.grad_accum_steps)
         for step in range(args.warmup + args.steps):
             t0 = sync(device)
-            batch = complete_pairs(next(batches), loader.dataset.perturb, device)  # perturb_on: device
+            batches = next(steps)
             t1 = sync(device)
-            z, frames = forward_pairs(parts.module, batch, env, cfg)
+            result = train_step(parts, batches, cfg, env, None, perturb)
             t2 = sync(device)
-            out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
-            t3 = sync(device)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
-            parts.optimizer.step()
-            parts.scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-            t4 = sync(device)
-            softdtw = time_softdtw(z.detach().float(), frames, batch.num_pairs, cfg, device)
+            softdtw = time_softdtw(parts, batches[-1], cfg, env, perturb)
             if step >= args.warmup:
-                for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, softdtw), strict=True):
+                for key, value in zip(phases, (t1 - t0, t2 - t1, softdtw), strict=True):
                     phases[key].append(value)
-                pairs += batch.num_pairs
+                pairs += result["pairs"]
     result = {key: statistics.fmean(values) for key, values in phases.items()}
-    step_time = sum(result[k] for k in ("data", "forward", "loss", "backward"))
+    step_time = result["data"] + result["step"]
     result["pairs_per_s"] = pairs / (step_time * args.steps)
     result["perturb"] = time_perturbation(loader.dataset, min(len(items), 8))
-    result["step"] = step_time
+    result["step_total"] = step_time
     result["peak_mib"] = memory.peak / 2**20
     result["batch_size"] = cfg.batch_size
-    result["pairs_per_step"] = pairs / args.steps  # per pass: below batch_size where the budget cuts a batch
+    result["pairs_per_step"] = pairs / args.steps  # every micro-batch of the step (0 for a skipped step)
     result["precision"] = cfg.precision if device.type == "cuda" else "fp32"
     result["validation"] = time_validation(parts, cfg, items, device)
     result["validation_share"] = result["validation"] / (cfg.eval_every * step_time)
@@ -172,10 +166,15 @@ def projected_hours(pairs_per_s: float) -> float:
     return PAPER_STEPS * PAPER_PAIRS / pairs_per_s / 3600
 
 
-def time_softdtw(z: torch.Tensor, frames: torch.Tensor, b: int, cfg, device: torch.device) -> float:
-    x, y = z[:b].requires_grad_(True), z[b:].requires_grad_(True)
+def time_softdtw(parts, batch, cfg, env: DistEnv, perturb) -> float:
+    """Seconds of the soft-DTW divergence (forward + backward) on the projections of ``batch``."""
+    with torch.no_grad():
+        done = complete_pairs(batch, perturb, env.device)
+        z, frames = forward_pairs(parts.module, done, env, cfg)
+    b = done.num_pairs
+    x, y = z[:b].float().requires_grad_(True), z[b:].float().requires_grad_(True)
     return timed(lambda: soft_dtw_divergence(x, y, cfg.gamma, frames[:b], frames[b:], cfg.bandwidth,
-                                             cfg.softdtw_backend).sum().backward(), device)
+                                             cfg.softdtw_backend).sum().backward(), env.device)
 
 
 def time_perturbation(dataset, count: int) -> float:
@@ -190,27 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     batch = "the preset's" if args.batch_size is None else args.batch_size
     print(f"device: {args.device}; model: {size}; {batch} pairs/step; {args.steps} timed steps")
     header = (
-        f"{'upstream':<8} {'pairs':>5} {'pairs/s':>8} {'step s':>8} {'data':>6} {'fwd':>6} {'loss':>6}"
-        f" {'bwd+opt':>8} {'sdtw s':>8} {'perturb s':>10} {'peak MiB':>9} {'3600x8 h':>9}"
-        f" {'val s':>7} {'val %':>6}"
+        f"{'upstream':<8} {'pairs':>5} {'pairs/s':>8} {'step s':>8} {'data':>6} {'sdtw s':>8}"
+        f" {'perturb s':>10} {'peak MiB':>9} {'3600x8 h':>9} {'val s':>7} {'val %':>6}"
     )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for upstream in args.upstreams:
             r = run_one(upstream, args, Path(tmp))
-            share = {k: 100 * r[k] / r["step"] for k in ("data", "forward", "loss", "backward")}
             projected = projected_hours(r["pairs_per_s"])
             print(
-                f"{upstream:<8} {r['pairs_per_step']:>5.1f} {r['pairs_per_s']:>8.2f} {r['step']:>8.3f} "
-                f"{share['data']:>5.0f}% {share['forward']:>5.0f}% {share['loss']:>5.0f}% "
-                f"{share['backward']:>7.0f}% {r['softdtw']:>8.4f} {r['perturb']:>10.4f} "
+                f"{upstream:<8} {r['pairs_per_step']:>5.1f} {r['pairs_per_s']:>8.2f} {r['step_total']:>8.3f} "
+                f"{100 * r['data'] / r['step_total']:>5.0f}% {r['softdtw']:>8.4f} {r['perturb']:>10.4f} "
                 f"{r['peak_mib']:>9.0f} {projected:>9.2f} {r['validation']:>7.2f} "
                 f"{100 * r['validation_share']:>6.2f}"
             )
     print(
-        "pairs: mean pairs per pass (a micro-batch under the budget); "
-        "data/fwd/loss/bwd+opt: share of the step; "
-        "sdtw s: soft-DTW divergence fwd+bwd alone per step; "
+        "pairs: pairs of a step (all its micro-batches); step s: waiting for data + trainer.train_step; "
+        "data: share of the step spent waiting for the loader; "
+        "sdtw s: soft-DTW divergence fwd+bwd alone on the step's last micro-batch; "
         "perturb s: read+crop+perturb one pair on one core (the workers do this in parallel); "
         "peak MiB: peak memory of the run over what was allocated before it (CUDA: allocator; CPU: RSS); "
         "3600x8 h: projected hours of the paper's recipe on this device, one process; "

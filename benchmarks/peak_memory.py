@@ -21,7 +21,9 @@ predicted peak.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -38,8 +40,17 @@ from s3prl_laser.trainer import train_step
 
 LIBRI_LONGEST, LIBRI_MEAN = 24.5, 12.7  # seconds: train-clean-100's longest and average utterance
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling script, not a package)
+from finetune_throughput import BASE_ARCH, build_checkpoint  # noqa: E402  (a sibling script, not a package)
 from measure import sync  # noqa: E402
+
+from s3prl_laser.config import read_preset  # noqa: E402
+from s3prl_laser.fixtures import build_tiny  # noqa: E402
+
+LARGE_ARCH = {  # HuBERT/WavLM Large: 24 pre-LN layers of 1024 dims, layer-norm CNN with bias
+    **BASE_ARCH, "encoder_layers": 24, "encoder_embed_dim": 1024, "encoder_ffn_embed_dim": 4096,
+    "encoder_attention_heads": 16, "layer_norm_first": True, "extractor_mode": "layer_norm",
+    "conv_bias": True,
+}  # fmt: skip
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--upstream", default="hubert", choices=("hubert", "wavlm"))
+    parser.add_argument("--size", default="base", choices=("base", "large"),
+                        help="model size (large: 24 layers, 1024 dims, pre-LN) and preset")  # fmt: skip
     parser.add_argument("--shapes", nargs="+", default=["1x4", "1x8", "2x4"], help="PAIRSxSECONDS per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fit", action="store_true", help="fit the memory model and predict per preset")
@@ -72,11 +85,14 @@ def vm_rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_one(upstream: str, pairs: int, seconds: float, device: str) -> dict:
-    """One step at base size on a ``[2 * pairs, seconds * 16000]`` batch; peak memory in bytes."""
+def measure_one(upstream: str, pairs: int, seconds: float, device: str, size: str = "base") -> dict:
+    """One step at ``size`` on a ``[2 * pairs, seconds * 16000]`` batch; peak memory in bytes."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(upstream, Path(tmp) / "base.pt", tiny=False, seed=0)
+        if size == "large":
+            ckpt = build_tiny(upstream, Path(tmp) / "large.pt", seed=0, **LARGE_ARCH)
+        else:
+            ckpt = build_checkpoint(upstream, Path(tmp) / "base.pt", tiny=False, seed=0)
         cfg = dataclasses.replace(resolve_config(upstream), ckpt=str(ckpt))
         env = DistEnv(device=torch.device(device))
         parts = build_model(cfg, env)
@@ -86,6 +102,8 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats(env.device)
         before = torch.cuda.memory_allocated(env.device)
     else:
+        gc.collect()  # hand memory freed while building the model back to the system (glibc keeps it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # otherwise, and the step's peak would hide in it: Large)
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
         before = vm_rss_bytes()
     start = sync(env.device)
@@ -137,10 +155,17 @@ def worst_step(upstream: str) -> tuple[int, float] | None:
     return max(1, min(cfg.batch_size, int(cfg.max_batch_seconds // (2 * longest)))), longest
 
 
-def budget_report(upstream: str, coefficients, target_gib: float) -> None:
+def preset_config(upstream: str, size: str = "base"):
+    """The preset of ``upstream`` at ``size`` (large: ``<upstream>_large_laser.yaml`` over the family's)."""
+    cfg = resolve_config(upstream)
+    return cfg if size == "base" else dataclasses.replace(cfg, **read_preset(f"{upstream}_large_laser"))
+
+
+def budget_report(upstream: str, coefficients, target_gib: float, size: str = "base") -> None:
     """Predicted peaks of the preset's budget (worst step, LibriSpeech worst step, average step), and the
     largest budget (multiple of 10 s) whose worst step stays under ``target_gib``."""
-    cfg = resolve_config(upstream)
+    cfg = preset_config(upstream, size)
+    name = f"{upstream}_large_laser" if size == "large" else f"{upstream}_laser"
     stretch = view_stretch(cfg.speed_factors)
     crop = cfg.max_seconds if cfg.max_seconds is not None else 3600.0
     budgets = [cfg.max_batch_seconds] if cfg.max_batch_seconds is not None else []
@@ -152,7 +177,7 @@ def budget_report(upstream: str, coefficients, target_gib: float) -> None:
         typical_pairs = max(1, min(cfg.batch_size, int(budget // (2 * LIBRI_MEAN * stretch))))
         typical = predicted_peak(coefficients, typical_pairs, LIBRI_MEAN * stretch)
         print(
-            f"preset {upstream}_laser, max_batch_seconds={budget:g}: worst step {pairs} x {view:.1f} s views "
+            f"preset {name}, max_batch_seconds={budget:g}: worst step {pairs} x {view:.1f} s views "
             f"{peak / 2**30:.1f} GiB; on train-clean-100 (clips <= {LIBRI_LONGEST} s) {libri_pairs} x "
             f"{libri_view:.1f} s {libri / 2**30:.1f} GiB; average clip ({LIBRI_MEAN} s) {typical_pairs} "
             f"pairs {typical / 2**30:.1f} GiB"
@@ -170,17 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.one:
         pairs, seconds = args.one.split("x")
-        print(json.dumps(measure_one(args.upstream, int(pairs), float(seconds), args.device)))
+        print(json.dumps(measure_one(args.upstream, int(pairs), float(seconds), args.device, args.size)))
         return 0
     if args.coefficients:
         a_gib, b_mib, c_mib = args.coefficients
-        budget_report(args.upstream, (a_gib * 2**30, b_mib * 2**20, c_mib * 2**20), args.target_gib)
+        coefficients = (a_gib * 2**30, b_mib * 2**20, c_mib * 2**20)
+        budget_report(args.upstream, coefficients, args.target_gib, args.size)
         return 0
-    print(f"{args.upstream}, base size, random init, device {args.device}: one training step per process")
+    print(f"{args.upstream}, {args.size} size, random init, device {args.device}: one step per process")
     print(f"{'pairs':>5} {'s/view':>7} {'rows x s':>9} {'peak GiB':>9} {'step GiB':>9} {'step s':>7}")
     points = []
     for shape in args.shapes:
-        cmd = [sys.executable, __file__, "--upstream", args.upstream, "--device", args.device, "--one", shape]
+        cmd = [sys.executable, __file__, "--upstream", args.upstream, "--device", args.device, "--one", shape,
+               "--size", args.size]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{shape}: failed (exit {done.returncode})\n{done.stderr[-2000:]}")
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fit: peak = {a / 2**30:.2f} GiB + {b / 2**20:.1f} MiB x rows*s + {c / 2**20:.2f} MiB x rows*s^2"
         )
-        budget_report(args.upstream, (a, b, c), args.target_gib)
+        budget_report(args.upstream, (a, b, c), args.target_gib, args.size)
     return 0
 
 

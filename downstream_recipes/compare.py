@@ -23,6 +23,8 @@ import math
 import sys
 from pathlib import Path
 
+from recipe_env import require_modules  # this script's folder
+
 # The paper's SUPERB results (Meghanani & Hain, Interspeech 2024; percent, lower is better).
 PAPER = {
     ("HuBERT", "PR"): {"base": 5.41, "LASER": 4.97},
@@ -154,6 +156,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_modules("downstream_recipes/compare.py", ("matplotlib",))
     args = get_args_parser().parse_args(argv)
     try:
         rows = collect(read_results(args.results))

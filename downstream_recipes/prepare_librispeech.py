@@ -26,7 +26,11 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile
+from recipe_env import require_modules  # this script's folder
+
+require_modules("downstream_recipes/prepare_librispeech.py", ("soundfile",))
+
+import soundfile  # noqa: E402
 
 SAMPLE_RATE = 16000
 

@@ -28,6 +28,7 @@ Example::
 
 import argparse
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -38,8 +39,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from prepare_librispeech import check_characters, write_bucket_csvs, write_word_csv  # this script's folder
+from recipe_env import require_modules  # this script's folder
+
+require_modules("downstream_recipes/superb.py", ("yaml", "soundfile", "s3prl"))
+
+import yaml  # noqa: E402
+from prepare_librispeech import check_characters, write_bucket_csvs, write_word_csv  # noqa: E402
+
+from s3prl_laser.console import debug_requested, mark_chatter  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent
 PR_LR = 5.0e-4  # LASER's authors' PR learning rate (libriphone.yaml's 1e-2 is too high)
@@ -60,11 +67,29 @@ SMOKE = {
     ],
     "pr": ["downstream_expert.corpus.num_workers=0"],
 }
-S3PRL_SOURCE_HOWTO = (
-    "Get an s3prl source checkout of the installed version and pass its root with --s3prl-src, e.g.\n"
-    "  git clone https://github.com/s3prl/s3prl.git s3prl-src && git -C s3prl-src checkout v0.4.18\n"
-    "  downstream_recipes/superb_pr.sh ... --s3prl-src s3prl-src"
-)
+
+
+def s3prl_source_howto() -> str:
+    """How to get the source tree of the installed s3prl: ESPnet's fork (current lane) or PyPI's s3prl."""
+    try:
+        fork = importlib.metadata.version("espnet-s3prl")
+    except importlib.metadata.PackageNotFoundError:
+        fork = None
+    if fork is not None:
+        clone = (
+            f"  git clone https://github.com/espnet/s3prl.git s3prl-src   "
+            f"(ESPnet's fork: the installed s3prl is espnet-s3prl {fork})\n"
+        )
+    else:
+        version = importlib.metadata.version("s3prl")
+        clone = (
+            "  git clone https://github.com/s3prl/s3prl.git s3prl-src && "
+            f"git -C s3prl-src checkout v{version}\n"
+        )
+    return (
+        "Get a source checkout of the installed s3prl and pass its root with --s3prl-src, e.g.\n"
+        f"{clone}  downstream_recipes/superb_pr.sh ... --s3prl-src s3prl-src"
+    )
 
 
 @dataclass(frozen=True)
@@ -190,7 +215,7 @@ def pr_config(args, out: Path, tree: Path) -> Path:
         )
         raise ValueError(
             f"SUPERB PR needs s3prl's recipe files, missing from {origin}:\n{listed}{more}\n"
-            f"{S3PRL_SOURCE_HOWTO}"
+            f"{s3prl_source_howto()}"
         )
 
     expert = config["downstream_expert"]
@@ -242,7 +267,11 @@ def write_yaml(config: dict, path: Path) -> Path:
 
 
 def run_logged(command: list[str], cwd: Path, env: dict, log: Path) -> str:
-    """Run ``command``, echoing its output to the console and ``log``; return the output."""
+    """Run ``command``; its output goes to ``log`` and to the console less other libraries' chatter.
+
+    Python warnings and s3prl's optional-upstream notices stay in ``log`` (on screen too with
+    ``S3PRL_LASER_LOG=debug``); see :func:`s3prl_laser.console.mark_chatter`. Returns the whole output.
+    """
     print(f"+ (cd {cwd} && {' '.join(command)})", flush=True)
     lines = []
     with (
@@ -251,8 +280,10 @@ def run_logged(command: list[str], cwd: Path, env: dict, log: Path) -> str:
             command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as process,
     ):
-        for line in process.stdout:
-            sys.stdout.write(line)
+        show_all = debug_requested()
+        for line, chatter in mark_chatter(process.stdout):
+            if show_all or not chatter:
+                sys.stdout.write(line)
             log_file.write(line)
             lines.append(line)
     if process.returncode != 0:

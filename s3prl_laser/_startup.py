@@ -13,11 +13,18 @@ only ``sys`` and imports nothing heavy. ``install()`` puts a meta-path finder fi
 normal finders return, and once such a module has run, calls our function on it (which may import
 torch, as the library just did). The finder removes itself when every watched module has been seen.
 
+``s3prl.hub`` itself is imported quietly (``quiet_import``): it imports every upstream s3prl has, and those
+print notices about optional packages that are absent ("ESPnet is not installed, cannot use espnet_hubert
+upstream") and torch's FutureWarnings, in any program, before it has configured logging. While it runs,
+warnings are logged at DEBUG and the ``s3prl`` loggers get a ``NullHandler`` (so such records reach the
+program's own handlers, if it has any, instead of Python's last-resort printing to stderr).
+
 Example (what the ``.pth`` line does)::
 
     import s3prl_laser._startup; s3prl_laser._startup.install()
 """
 
+import contextlib
 import sys
 
 # module -> (our module, function called with the freshly imported module)
@@ -26,6 +33,28 @@ AFTER_IMPORT = {
     "huggingface_hub": ("s3prl_laser.compat", "patch_huggingface_hub"),  # HfFolder, Repository (hub >= 1)
     "torchaudio": ("s3prl_laser.compat", "patch_torchaudio"),  # load without torchcodec (torchaudio >= 2.9)
 }
+
+
+QUIET_IMPORTS = ("s3prl.hub",)  # modules whose import-time chatter is logged (see the module docstring)
+
+
+@contextlib.contextmanager
+def quiet_import(name):
+    """While ``name`` (one of ``QUIET_IMPORTS``) is executed: warnings at DEBUG, no last-resort printing."""
+    if name not in QUIET_IMPORTS:
+        yield
+        return
+    import logging
+
+    from s3prl_laser.console import foreign_warnings_at_debug
+
+    logger, handler = logging.getLogger(name.split(".")[0]), logging.NullHandler()
+    logger.addHandler(handler)
+    try:
+        with foreign_warnings_at_debug():
+            yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def after_import(module) -> None:
@@ -52,7 +81,8 @@ class _AfterImportLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
+        with quiet_import(module.__name__):
+            self._loader.exec_module(module)
         self._watcher.seen(module.__name__)
         module.__loader__ = module.__spec__.loader = self._loader  # leave no trace of the wrapper
         after_import(module)

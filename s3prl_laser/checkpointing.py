@@ -8,7 +8,8 @@ A checkpoint (nanoGPT style) holds::
 
 Files are ``OUT/checkpoints/step_0000500.pt``; the newest ``keep`` files are kept. Beside them,
 ``OUT/checkpoints/best.pt`` holds the trainable weights and head at the best validation so far
-(``{"model", "head", "step", "metrics", "config"}``).
+(``{"model", "head", "step", "metrics", "config"}``). A damaged ``best.pt`` never stops a run: it is set
+aside as ``best.pt.damaged`` (:func:`read_best`) and the run keeps a new best from its next validation.
 
 Example::
 
@@ -18,13 +19,17 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from s3prl_laser.errors import DamagedCheckpointError, UserInputError
 from s3prl_laser.s3prl_checkpoint import read_checkpoint, save_s3prl_checkpoint
+
+logger = logging.getLogger("s3prl_laser.finetune")
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -66,6 +71,33 @@ def best_path(out: str | os.PathLike) -> Path:
 def save_best(state: dict, out: str | os.PathLike) -> Path:
     """Write ``state`` atomically as the run's best checkpoint (replacing the previous best)."""
     return save_s3prl_checkpoint(state, best_path(out))
+
+
+BEST_KEYS = ("model", "head", "step")
+
+
+def read_best(out: str | os.PathLike) -> dict | None:
+    """The run's best checkpoint; None if there is none, or if it is damaged (rank 0 only: it renames).
+
+    A damaged ``best.pt`` (truncated, corrupted, not a best checkpoint) is reported in one warning and
+    renamed to ``best.pt.damaged``, as a damaged training checkpoint is, so that nothing reads it again.
+    """
+    path = best_path(out)
+    if not path.is_file():
+        return None
+    try:
+        best = load_checkpoint(path)
+        if missing := [key for key in BEST_KEYS if key not in best]:
+            raise DamagedCheckpointError(path, f"lacks {missing}: not a best checkpoint")
+    except UserInputError as error:
+        reason = error.reason if isinstance(error, DamagedCheckpointError) else str(error)
+        path.replace(path.with_name(path.name + ".damaged"))
+        logger.warning(
+            "%s is damaged (%s): renamed to %s.damaged; the best checkpoint is kept anew from the next "
+            "validation", path, reason, path.name,
+        )  # fmt: skip
+        return None
+    return best
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -3,7 +3,8 @@
 Resolution order (dinov2 style): dataclass defaults < the upstream's preset
 (``upstream_configs/<upstream>_laser.yaml``) < ``--demo`` preset (``demo.yaml``) < a user YAML
 (``--config``) < ``key=value`` overrides. A resumed run (:func:`resume_config`) starts from the run's own
-``config.yaml`` instead, and only what the command line gives changes it. Each override value is parsed
+``config.yaml`` instead, and only what the command line gives changes it, within :data:`RESUME_RULES`
+(what a changed key does on ``--resume``: applied, or refused). Each override value is parsed
 with ``yaml.safe_load`` (so ``lr=1e-4`` is a float and ``speed_factors=[0.9,1.1]`` a list), never ``eval``.
 
 Example::
@@ -25,6 +26,7 @@ import yaml
 
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.loss import LOSS_TYPES
+from s3prl_laser.paths import absolute_paths
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
@@ -91,6 +93,12 @@ class LaserConfig:
     fp32_head: bool = False  # run the projection head in fp32 under bf16 autocast (official: all fp32)
     frame_count: str = "cnn"  # frames per clip: "cnn" (the CNN's formula) or "round" (round(L / 320))
     seed: int = 0  # seeds the head init, the data order and the per-clip perturbations
+    # --- processes (torchrun) ---
+    # Bound of every collective, in seconds: a rank that waits longer for the others (one hung, or died
+    # where it could not tell them) fails instead of waiting (NCCL's async error handling ends it). The
+    # first start's length index is built by rank 0 while the others wait: raise this for huge corpora on
+    # slow storage (docs/cluster.md).
+    dist_timeout_s: float = 1800.0
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
     log_every: int = 10  # TensorBoard scalars every this many steps
@@ -120,13 +128,13 @@ def validate(cfg: LaserConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 1")
-    for key in ("lr", "gamma"):
+    for key in ("lr", "gamma", "dist_timeout_s"):
         if not getattr(cfg, key) > 0:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be > 0")
     if cfg.eval_clips < 2:
         raise UserInputError(f"eval_clips={cfg.eval_clips!r} must be >= 2 (the metrics compare clips)")
     for key in ("trainable_layers", "warmup_steps", "num_workers", "alpha", "sigma", "min_samples",
-                "eval_every", "collapse_threshold"):  # fmt: skip
+                "eval_every", "collapse_threshold", "grad_clip"):  # fmt: skip
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 0")
     if not 0.0 <= cfg.swap_prob <= 1.0:
@@ -157,6 +165,98 @@ def validate(cfg: LaserConfig) -> None:
         raise UserInputError(f"max_seconds={cfg.max_seconds!r} is shorter than min_samples={cfg.min_samples}")
 
 
+# What a key given on ``--resume`` does, one class per key (docs/training.md renders this table):
+#   "applied": the resumed run uses the new value from its next step on (the optimizer's lr and weight decay
+#              and the schedule too: see s3prl_laser.laser_model.apply_schedule);
+#   "refused": exit 2 naming the key: it changes the model's shape or weights, or which data a step sees,
+#              and the checkpoint's data position and weights only mean something with the old value.
+APPLIED, REFUSED = "applied", "refused"
+RESUME_RULES: dict[str, tuple[str, str]] = {
+    "upstream": (REFUSED, "the base model family"),
+    "ckpt": (REFUSED, "the base weights under the trained layers"),
+    "trainable_layers": (REFUSED, "which parameters the checkpoint holds (the model's shape)"),
+    "train_final_layer_norm": (REFUSED, "which parameters the checkpoint holds (the model's shape)"),
+    "proj_dim": (REFUSED, "the projection head's shape"),
+    "loss_type": (APPLIED, "the loss of the next steps"),
+    "gamma": (APPLIED, "the loss of the next steps (and the validation's divergence)"),
+    "alpha": (APPLIED, "the loss of the next steps"),
+    "sigma": (APPLIED, "the loss of the next steps"),
+    "margin": (APPLIED, "the loss of the next steps"),
+    "bandwidth": (APPLIED, "the loss of the next steps"),
+    "softdtw_backend": (APPLIED, "which engine computes the same soft-DTW"),
+    "speed_factors": (REFUSED, "the second view of every pair"),
+    "pitch_semitones": (REFUSED, "the second view of every pair"),
+    "swap_prob": (REFUSED, "the order of every pair"),
+    "data": (REFUSED, "which clips the data position counts"),
+    "data_subsets": (REFUSED, "which clips the data position counts"),
+    "allow_held_out_splits": (REFUSED, "which clips the data position counts"),
+    "sample_rate": (REFUSED, "which clips are read, and how"),
+    "max_seconds": (REFUSED, "the crops, hence the length buckets and batches"),
+    "min_samples": (REFUSED, "which clips are skipped"),
+    "bucket_batches": (REFUSED, "the batches of every epoch"),
+    "max_batch_seconds": (APPLIED, "memory only: the same batches in other micro-batches (a clip longer "
+                          "than one pair's share of the new budget is cropped to it)"),
+    "num_workers": (APPLIED, "DataLoader workers; the same batches"),
+    "prefetch_batches": (APPLIED, "DataLoader read-ahead; the same batches"),
+    "perturb_on": (APPLIED, "where the same seeded perturbations run"),
+    "steps": (APPLIED, "the schedule decays from the current lr to 0 at the new last step, without a jump"),
+    "batch_size": (REFUSED, "the batches of every epoch"),
+    "grad_accum_steps": (REFUSED, "which batches make a step"),
+    "lr": (APPLIED, "the peak lr: optimizer and schedule scale to it from the next step"),
+    "weight_decay": (APPLIED, "AdamW's weight decay from the next step"),
+    "warmup_steps": (APPLIED, "the schedule moves from the current lr to the new warm-up's, without a jump"),
+    "warmup_from_zero": (APPLIED, "the warm-up's first steps, if warm-up is not over"),
+    "grad_clip": (APPLIED, "clipping of the next steps"),
+    "precision": (APPLIED, "autocast of the next steps"),
+    "fp32_head": (APPLIED, "the head's precision under autocast"),
+    "frame_count": (APPLIED, "the frames the loss counts"),
+    "seed": (REFUSED, "the data order, the perturbations and the head's initialisation"),
+    "dist_timeout_s": (APPLIED, "how long a collective waits for a lost process"),
+    "save_every": (APPLIED, "checkpoint cadence"),
+    "log_every": (APPLIED, "TensorBoard cadence"),
+    "eval_every": (APPLIED, "validation cadence"),
+    "eval_clips": (REFUSED, "which clips are held out: some would become training clips, or the reverse"),
+    "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
+    "report_clips": (APPLIED, "the demo report"),
+}
+
+
+def no_op_warnings(cfg: LaserConfig) -> list[str]:
+    """One line per setting that makes (part of) training a no-op; the command logs them as warnings."""
+    warnings = []
+    if cfg.steps <= cfg.warmup_steps:
+        reached = (cfg.steps - cfg.warmup_from_zero) / cfg.warmup_steps
+        warnings.append(
+            f"steps={cfg.steps} <= warmup_steps={cfg.warmup_steps}: the learning rate never leaves its "
+            f"warm-up (at most {reached:.0%} of lr={cfg.lr:g}, at the last step); lower warmup_steps"
+        )
+    if cfg.trainable_layers == 0 and not cfg.train_final_layer_norm:
+        warnings.append(
+            "trainable_layers=0 and train_final_layer_norm=false: only the projection head trains, and it is "
+            "not part of the exported upstream (which will equal the base model); set trainable_layers >= 1"
+        )
+    if cfg.grad_clip == 0:
+        warnings.append("grad_clip=0: clipping to norm 0 sets every gradient to 0; use a positive norm")
+    return warnings
+
+
+def refused_changes(old: LaserConfig, new: LaserConfig) -> list[str]:
+    """``"key old -> new"`` for each key that differs and that :data:`RESUME_RULES` refuses on resume."""
+    before, after = to_dict(old), to_dict(new)
+    return [
+        f"{key} {_show(before[key])} -> {_show(after[key])}"
+        for key, (rule, _) in RESUME_RULES.items()
+        if rule == REFUSED and before[key] != after[key]
+    ]
+
+
+def resume_table() -> str:
+    """:data:`RESUME_RULES` as a markdown table (docs/training.md holds this text; a test compares them)."""
+    rows = ["| key | on `--resume` | why |", "| --- | --- | --- |"]
+    rows += [f"| `{key}` | {rule} | {why} |" for key, (rule, why) in RESUME_RULES.items()]
+    return "\n".join(rows) + "\n"
+
+
 def config_keys() -> list[str]:
     """Names of all configuration keys, in declaration order."""
     return [f.name for f in dataclasses.fields(LaserConfig)]
@@ -173,7 +273,8 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a user configuration YAML (a flat mapping of config keys)."""
+    """Read a user configuration YAML (a flat mapping of config keys); relative paths in it (``data``,
+    ``ckpt``) are made absolute against the YAML's folder."""
     path = Path(path)
     if not path.is_file():
         what = "a folder, not a YAML file" if path.is_dir() else "no such file"
@@ -189,18 +290,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
         raise UserInputError(f"--config {path}: cannot be read as YAML ({error})") from None
-    return _as_mapping(data, str(path))
+    return absolute_paths(_as_mapping(data, str(path)), path.absolute().parent)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``."""
+    """Parse ``key=value`` strings; each value goes through ``yaml.safe_load``; relative paths (``data``,
+    ``ckpt``) are made absolute against the working directory."""
     parsed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserInputError(f"override {item!r} is not of the form key=value (e.g. steps=100)")
         parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return parsed
+    return absolute_paths(parsed)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
@@ -221,18 +323,28 @@ def resolve_config(
     demo: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> LaserConfig:
-    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides."""
+    """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides.
+
+    The preset is the family's (``<upstream>_laser.yaml``), and for a large checkpoint (more than 12 layers or
+    768 dims, read from ``ckpt`` by :func:`s3prl_laser.model_sources.model_size`) that of its size on top
+    (``<upstream>_large_laser.yaml``).
+    """
+    from s3prl_laser.model_sources import model_size
+
     if upstream not in UPSTREAMS:
         raise UserInputError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")
+    given: dict[str, Any] = {}
+    if demo:
+        given = merge(given, read_preset("demo"), "demo.yaml")
+    if config_file is not None:
+        given = merge(given, read_yaml(config_file), str(config_file))
+    given = merge(given, extra or {}, "command-line flags")
+    given = merge(given, parse_overrides(overrides or []), "key=value overrides")
     values: dict[str, Any] = {"upstream": upstream}
     values = merge(values, read_preset(f"{upstream}_laser"), f"{upstream}_laser.yaml")
-    if demo:
-        values = merge(values, read_preset("demo"), "demo.yaml")
-    if config_file is not None:
-        values = merge(values, read_yaml(config_file), str(config_file))
-    values = merge(values, extra or {}, "command-line flags")
-    values = merge(values, parse_overrides(overrides or []), "key=value overrides")
-    return from_dict(values)
+    if model_size(upstream, given.get("ckpt")) == "large":
+        values = merge(values, read_preset(f"{upstream}_large_laser"), f"{upstream}_large_laser.yaml")
+    return from_dict({**values, **given})
 
 
 def resume_config(
@@ -247,8 +359,8 @@ def resume_config(
     ``saved`` is the run's resolved config (``OUT/config.yaml``); a ``config_file``, ``extra`` (command-line
     flags) and ``overrides`` are applied on top of it in that order, and presets are not read again, so a
     key the command line does not name keeps the run's value. Returns the config and one ``"key: old ->
-    new"`` line per key whose value changed. ``ValueError`` if ``saved`` is missing or unreadable, or if
-    ``upstream`` is given and is not the run's.
+    new"`` line per key whose value changed. ``ValueError`` if ``saved`` is missing or unreadable, if
+    ``upstream`` is given and is not the run's, or if a key that :data:`RESUME_RULES` refuses changes.
 
     Example::
 
@@ -272,6 +384,12 @@ def resume_config(
     updates = merge(updates, extra or {}, "command-line flags")
     updates = merge(updates, parse_overrides(overrides or []), "key=value overrides")
     after = from_dict({**values, **updates})
+    refused = refused_changes(before, after)
+    if refused:
+        raise UserInputError(
+            f"--resume: {'; '.join(refused)}: a resumed run keeps these keys (they change the model's shape "
+            f"or which data a step sees; see docs/training.md); start a new run with another --out"
+        )
     old, new = to_dict(before), to_dict(after)
     changes = [f"{key}: {_show(old[key])} -> {_show(new[key])}" for key in new if old[key] != new[key]]
     return after, changes

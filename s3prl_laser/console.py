@@ -6,26 +6,37 @@ for APIs that s3prl's model code uses. None of that is something a user of this 
 
 - records of other libraries' loggers below WARNING are re-labelled DEBUG, and so are warnings that a
   module logs while it is being imported (``funcName == "<module>"``: notices about optional extras);
-- Python warnings go through logging (logger ``py.warnings``): developer-facing categories
-  (``DEVELOPER_WARNINGS``) raised outside this package at DEBUG, every other warning at WARNING.
+- Python warnings go through logging (logger ``py.warnings``): those raised by other libraries' code
+  (torch's "Support for mismatched key_padding_mask and attn_mask is deprecated" under s3prl's WavLM,
+  FutureWarnings, ...) at DEBUG, ours at WARNING;
+- transformers' progress bars ("Loading weights", "Writing model shards") are off and its records go
+  through the same handler (``quiet_transformers``);
+- a child process's output (s3prl's runner, in the SUPERB recipes) is shown without the lines
+  ``mark_chatter`` recognises: Python warnings and their source lines, optional-extra notices.
 
 Nothing is dropped: ``S3PRL_LASER_LOG=debug`` shows all of it. Our own records (loggers ``s3prl_laser.*``)
-and every other library's WARNING/ERROR raised while the command runs stay on screen.
+and every other library's WARNING/ERROR logged while the command runs stay on screen.
 
 Example::
 
     >>> setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")
 """
 
+import contextlib
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 OUR_LOGGER = "s3prl_laser"
 LEVEL_ENV = "S3PRL_LASER_LOG"  # e.g. S3PRL_LASER_LOG=debug: show other libraries' chatter too
-DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# Lines of another program's output that are chatter: a Python warning ("file.py:12: UserWarning: ...", then
+# the source line Python prints under it, indented), s3prl's notices about optional upstreams it cannot use.
+_WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+_NOTICE_LINE = re.compile(r"is not installed, cannot use \w+ upstream")
 
 
 def _is_ours(logger_name: str) -> bool:
@@ -62,11 +73,16 @@ class ProgressAwareHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def debug_requested() -> bool:
+    """True when ``$S3PRL_LASER_LOG`` asks for DEBUG: show other libraries' chatter too."""
+    return os.environ.get(LEVEL_ENV, "").strip().upper() == "DEBUG"
+
+
 def show_warning_through_logging(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` replacement: developer-facing warnings from other code at DEBUG."""
-    developer_facing = issubclass(category, DEVELOPER_WARNINGS) and not filename.startswith(_PACKAGE_DIR)
+    """``warnings.showwarning`` replacement: other libraries' warnings at DEBUG, ours at WARNING."""
+    foreign = not filename.startswith(_PACKAGE_DIR)
     logging.getLogger("py.warnings").log(
-        logging.DEBUG if developer_facing else logging.WARNING,
+        logging.DEBUG if foreign else logging.WARNING,
         "%s:%d: %s: %s",
         filename,
         lineno,
@@ -94,3 +110,35 @@ def setup_console(level: int, fmt: str) -> None:
             "%s=%r is not a logging level (debug, info, warning); using %s",
             LEVEL_ENV, requested, logging.getLevelName(level),
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def foreign_warnings_at_debug() -> Iterator[None]:
+    """Inside the block, warnings go through ``show_warning_through_logging`` (other code's at DEBUG).
+
+    For code that runs in a user's program (the hub entries), where ``setup_console`` is not called; the
+    previous warning filters and display are restored on exit.
+    """
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning_through_logging
+        yield
+
+
+def quiet_transformers() -> None:
+    """transformers' progress bars off, its records through the root logger's handler (unless DEBUG)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    if not debug_requested():
+        hf_logging.disable_progress_bar()
+
+
+def mark_chatter(lines: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """``(line, is_chatter)`` for each line of a child process's output (see the module docstring)."""
+    after_warning = False
+    for line in lines:
+        chatter = bool(_WARNING_LINE.search(line) or _NOTICE_LINE.search(line))
+        chatter = chatter or (after_warning and line.startswith("  "))
+        after_warning = bool(_WARNING_LINE.search(line))
+        yield line, chatter

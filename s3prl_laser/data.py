@@ -12,7 +12,8 @@ Every random choice about a clip (crop offset, speed factor, pitch sign, swap) c
 seeded by ``(seed, epoch, index)``, so a batch is the same whichever worker builds it and after a resume.
 A clip that cannot be read, or is shorter than ``min_samples`` (before or after perturbation), is skipped
 with a warning and counted in ``PairBatch.skipped``; it never stops the run. Training refuses clips under
-LibriSpeech ``dev-*``/``test-*`` split folders, whichever way they were found (:func:`refuse_held_out`).
+LibriSpeech ``dev-*``/``test-*`` split folders, whichever way they were found: through links to folders or
+files, and spelled in any case or with ``_`` (:func:`refuse_held_out`).
 
 Example::
 
@@ -26,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -38,10 +40,9 @@ from pathlib import Path
 
 import soundfile
 import torch
-import torchaudio
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.perturb import LaserPerturbation, PerturbParams
+from s3prl_laser.perturb import LaserPerturbation, PerturbParams, SincResampler
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def find_audio(source: str | os.PathLike, subsets: Sequence[str] = ("train-clean
     code) is read as that LibriSpeech root, so only ``subsets`` are listed. Raises ``ValueError`` naming the
     path when it does not exist or holds no audio.
     """
-    root = Path(source).expanduser()
+    root = Path(os.path.abspath(os.path.expanduser(source)))  # listed paths are absolute
     if not root.exists():
         raise UserInputError(f"--data {root}: no such file or directory")
     if root.is_file():
@@ -144,24 +145,48 @@ def librispeech_root(folder: Path) -> Path | None:
 
 
 def split_of(path: str) -> str | None:
-    """The LibriSpeech-style split folder (``train-clean-100``, ``dev-other``...) holding a path, or None."""
+    """The LibriSpeech-style split folder (``train-clean-100``, ``dev-other``...) holding a path, or None.
+
+    Folder names are matched regardless of case and of ``-``/``_`` (``Test-Clean``, ``dev_other``) and
+    returned in LibriSpeech's spelling (``test-clean``, ``dev-other``).
+    """
     for part in reversed(path.split(os.sep)[:-1]):  # string work: this runs once per clip of a corpus
-        if _SPLIT_NAME.match(part):
-            return part
+        name = part.lower().replace("_", "-")
+        if _SPLIT_NAME.match(name):
+            return name
     return None
 
 
+def is_held_out(path: str, real_folder: Callable[[str], str] = os.path.realpath) -> bool:
+    """True if ``path``, as given or with its links resolved (folders and file), lies under a LibriSpeech
+    ``dev-*``/``test-*`` split folder: a link named ``mine`` to ``test-clean`` is still ``test-clean``.
+
+    ``real_folder`` resolves a folder (pass a cached one for many paths: one ``lstat`` per file then).
+    """
+    if os.path.islink(path):
+        real = os.path.realpath(path)
+    else:
+        folder, name = os.path.split(path)
+        real = os.path.join(real_folder(folder), name)
+    return any((split_of(candidate) or "").startswith(HELD_OUT_PREFIXES) for candidate in (path, real))
+
+
 def refuse_held_out(items: Sequence[AudioItem], source: str | os.PathLike) -> None:
-    """Raise ``UserInputError`` if any clip lies under a ``dev-*``/``test-*`` split folder.
+    """Raise ``UserInputError`` if any clip lies under a ``dev-*``/``test-*`` split folder
+    (:func:`is_held_out`: by the folders it really is in, links resolved, whatever their spelling).
 
     Training on the audio that SUPERB scores on would inflate every downstream result. The message names
     the first such file and the config key that allows it on purpose (``allow_held_out_splits``).
     """
-    held_out = [item.path for item in items if (split_of(item.path) or "").startswith(HELD_OUT_PREFIXES)]
+    real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)  # a corpus has few folders
+    held_out = [item.path for item in items if is_held_out(item.path, real_folder)]
     if held_out:
+        first = held_out[0]
+        real = os.path.realpath(first)
+        shown = first if real == first else f"{first}, which is {real}"
         raise UserInputError(
             f"--data {source}: {len(held_out)} of {len(items)} clips lie under LibriSpeech dev/test split "
-            f"folders (first: {held_out[0]}); SUPERB scores on these splits, so training on them "
+            f"folders (first: {shown}); SUPERB scores on these splits, so training on them "
             "contaminates the evaluation. Point --data at the training audio only, or set "
             "allow_held_out_splits=true if you mean it"
         )
@@ -225,7 +250,8 @@ def read_audio(path: str, sample_rate: int = 16000) -> torch.Tensor:
     data, rate = soundfile.read(path, dtype="float32", always_2d=True)
     wav = torch.from_numpy(data).mean(dim=1)
     if rate != sample_rate:
-        wav = torchaudio.functional.resample(wav, rate, sample_rate)
+        # torchaudio's resampling maths (see SincResampler), without depending on torchaudio
+        wav = SincResampler(rate, sample_rate, wav.device, wav.dtype)(wav[None], [len(wav)])[0]
     return wav
 
 
@@ -562,7 +588,8 @@ def _audio_files(folder: Path) -> list[Path]:
 
 
 def read_manifest(manifest: Path) -> list[AudioItem]:
-    """Parse ``path [num_samples]`` lines (relative paths: relative to the manifest's folder); blank lines
+    """Parse ``path [num_samples]`` lines into items with absolute paths (relative paths: relative to the
+    manifest's folder, wherever the manifest was named from); blank lines
     and ``#`` comments are ignored. ``UserInputError`` names the file and line of a path that is not audio,
     or the file when it is an audio file itself or not text."""
     if manifest.suffix.lower() in AUDIO_SUFFIXES:
@@ -574,7 +601,7 @@ def read_manifest(manifest: Path) -> list[AudioItem]:
         text = manifest.read_text()
     except UnicodeDecodeError:
         raise UserInputError(f"--data {manifest}: not a text manifest (one audio path per line)") from None
-    items = []
+    folder, items = os.path.dirname(os.path.abspath(manifest)), []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -586,6 +613,7 @@ def read_manifest(manifest: Path) -> list[AudioItem]:
         if not line.lower().endswith(AUDIO_SUFFIXES):
             raise UserInputError(f"manifest {manifest}, line {number}: {line!r} is not a .flac/.wav path")
         path = os.path.expanduser(line) if line.startswith("~") else line
-        path = path if os.path.isabs(path) else str(manifest.parent / path)  # absolute: no Path (1M lines)
+        if not os.path.isabs(path):  # string work, no Path: a manifest may have a million lines
+            path = os.path.normpath(os.path.join(folder, path))
         items.append(AudioItem(path, length))
     return items

@@ -19,7 +19,9 @@ encoder layer norm when ``layer_norm_first=False``), index i the output of layer
 index the encoder output (after the final encoder layer norm when ``layer_norm_first=True``). The config
 sets ``tie_last_hidden_states: true`` for that last index: without it, transformers >= 5 returns the last
 layer's output before the final layer norm there (transformers 4 ignores the key and always returns the
-encoder output).
+encoder output). A model imported from a transformers folder is written back with that folder's own config,
+which may lack the key: its ``last_hidden_state`` is then the encoder output, and ``--verify`` compares the
+last index with it.
 
 Checked numerically (``tests/test_export.py``, float32, CPU): on the same waveforms every hidden state
 equals the expert's within 1e-5 (``torch.testing.assert_close`` rtol = atol = 1e-5; measured: at most 3e-6),
@@ -39,17 +41,18 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from s3prl_laser.lanes import require_python, stack_problem
 
-from s3prl_laser.errors import UserInputError
-from s3prl_laser.hf_convert import UPSTREAMS, feature_extractor, load_s3prl_checkpoint, to_hf_model
-from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.paths import check_output_folder
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+if TYPE_CHECKING:  # torch, transformers and s3prl are imported where used: not before --help
+    import torch
+
+UPSTREAMS = ("hubert", "wavlm")  # hf_convert.UPSTREAMS, without importing torch for --help
 
 VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
 VERIFY_TOLERANCE = 1e-5  # largest ||hf - s3prl|| / ||s3prl|| accepted by --verify (<= 4e-7 measured, CPU)
@@ -66,16 +69,22 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = N
     Returns:
         the s3prl keys that were not exported (HuBERT's ``final_proj``/``label_embs_concat``).
     """
+    from s3prl_laser.hf_convert import feature_extractor, load_s3prl_checkpoint, to_hf_model
+    from s3prl_laser.hf_import import quiet_loading
+
     state = load_s3prl_checkpoint(ckpt, upstream)
     model = to_hf_model(state)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    feature_extractor(state, model.config).save_pretrained(out_dir)
+    with quiet_loading():
+        model.save_pretrained(out_dir, safe_serialization=True)
+        feature_extractor(state, model.config).save_pretrained(out_dir)
     return model.s3prl_dropped_keys
 
 
 def verify_waveforms(seconds=VERIFY_SECONDS, sample_rate: int = 16000, seed: int = 0) -> list[torch.Tensor]:
     """Seeded test waveforms ``[T_i]``: a chirp plus noise, peak about 0.5, one per entry of ``seconds``."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     wavs = []
     for sec in seconds:
@@ -96,7 +105,10 @@ def hf_model(hf_dir: str | Path) -> torch.nn.Module:
     """The exported model, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(hf_dir).eval()
+    from s3prl_laser.hf_import import quiet_loading
+
+    with quiet_loading():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
+        return AutoModel.from_pretrained(hf_dir).eval()
 
 
 def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = None) -> list[float]:
@@ -106,12 +118,16 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
     ``s3prl.hub.<upstream>_local(ckpt=...)`` and through ``AutoModel.from_pretrained(hf_dir)``, both in
     eval mode. The exported model gets the waveform as s3prl's model sees it: layer-normalised
     (``F.layer_norm``, eps 1e-5) when the checkpoint's ``normalize`` flag is set. (The saved feature
-    extractor's ``do_normalize`` uses eps 1e-7: a relative difference of about 5e-6 / variance.)
+    extractor's ``do_normalize`` uses eps 1e-7: a relative difference of about 5e-6 / variance.) The last
+    index is compared with ``last_hidden_state``, the encoder output whatever ``tie_last_hidden_states`` says.
 
     Returns:
         one float per hidden state (L + 1), the maximum over the waveforms.
     """
+    import torch
     import torch.nn.functional as F
+
+    from s3prl_laser.hf_convert import load_s3prl_checkpoint
 
     state = load_s3prl_checkpoint(ckpt, upstream)
     expert, model = s3prl_expert(ckpt, state.upstream), hf_model(hf_dir)  # loaded once, run per waveform
@@ -120,7 +136,8 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
         with torch.no_grad():
             ref = list(expert([wav])["hidden_states"])  # [1, T, D] each, L + 1 of them
             input_values = F.layer_norm(wav, wav.shape) if state.normalize else wav
-            out = list(model(input_values[None], output_hidden_states=True).hidden_states)
+            result = model(input_values[None], output_hidden_states=True)
+            out = [*result.hidden_states[:-1], result.last_hidden_state]
         if len(ref) != len(out):
             raise ValueError(f"{hf_dir}: {len(out)} hidden states, s3prl's expert gives {len(ref)}")
         errors = [((o - r).norm() / r.norm()).item() for r, o in zip(ref, out, strict=True)]
@@ -147,10 +164,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.export")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.console import quiet_transformers, setup_console
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.paths import check_output_folder
+    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+
+    setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
+    quiet_transformers()
     try:
         check_checkpoint_file(args.ckpt, "--ckpt")
         check_output_folder(args.out_dir, "output directory")

@@ -18,9 +18,13 @@ Outputs in ``--out``: ``config.yaml`` (resolved), ``checkpoints/step_*.pt`` (tra
 upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) and
 ``<upstream>_laser_best.pt`` (best validation step; see :mod:`s3prl_laser.validation`).
 
-``--resume`` continues the run in ``--out`` from its own ``config.yaml``: ``--upstream``, ``--data`` and
-``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value`` changes a key only when given
-(each change is logged as ``key: old -> new``). Resuming a finished run says so and exits 0.
+One run per ``--out``: a new run into a folder that holds one is refused (continue it with ``--resume``,
+or choose another ``--out``); ``--overwrite`` removes that run's files first, and ``--demo`` replaces an
+earlier demo run by itself. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
+``--upstream``, ``--data`` and ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value``
+changes a key only when given (each change is logged as ``key: old -> new``); a key that would change the
+model's shape or which data a step sees is refused (:data:`s3prl_laser.config.RESUME_RULES`), and so is
+another number of processes. Resuming a finished run says so and exits 0.
 
 Exit status: 0 when done; 2 with a one-line message naming the file or key for a mistake in the config,
 data, checkpoint or paths (found before training); 128 + N after signal N (SIGINT, SIGTERM) reached any
@@ -35,27 +39,15 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import UPSTREAMS, LaserConfig, resolve_config, resume_config, write_config
-from s3prl_laser.errors import UserInputError
-from s3prl_laser.heldout import validation_split
-from s3prl_laser.lanes import missing_s3prl_message
-from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
-from s3prl_laser.length_index import load_or_build_index
-from s3prl_laser.paths import check_output_folder
-from s3prl_laser.runtime import (
-    DistEnv,
-    PeerFailure,
-    StopSignals,
-    barrier,
-    setup_distributed,
-    setup_logging,
-    teardown_distributed,
-)
-from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
-from s3prl_laser.trainer import TrainState, resume, train
-from s3prl_laser.validation import Validator
+from s3prl_laser.lanes import require_python, stack_problem
+
+if TYPE_CHECKING:  # the rest is imported when needed: --help and the environment checks need no torch
+    from s3prl_laser.config import LaserConfig
+    from s3prl_laser.runtime import DistEnv
+
+UPSTREAMS = ("hubert", "wavlm")  # s3prl_checkpoint.UPSTREAMS (a torch module), repeated for --help
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -70,7 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML of config keys merged over the upstream's preset")
     parser.add_argument("--data", help="LibriSpeech root, folder of .flac/.wav, or manifest file")
-    parser.add_argument("--ckpt", help="base upstream checkpoint (default: s3prl's hubert_base/wavlm_base)")
+    parser.add_argument(
+        "--ckpt",
+        help="base upstream: s3prl/fairseq checkpoint, transformers folder or hub id, or an s3prl name "
+        "such as wavlm_base_plus (default: s3prl's hubert_base/wavlm_base)",
+    )
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
     parser.add_argument(
         "--resume",
@@ -78,17 +74,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its config.yaml and newest checkpoint; "
         "flags and key=value change it only when given",
     )
-    parser.add_argument("--demo", action="store_true", help="tiny bundled model and corpus, then a report")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one, removing that run's files first",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="tiny bundled model and corpus, then a report (replaces an earlier demo run in --out)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.finetune")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.runtime import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+
     env = None
     try:
         env = setup_distributed(args.device)
@@ -107,11 +116,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
+    from s3prl_laser.config import no_op_warnings, resolve_config, resume_config, write_config
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.heldout import validation_split
+    from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
+    from s3prl_laser.length_index import load_or_build_index
+    from s3prl_laser.model_sources import check_source
+    from s3prl_laser.paths import absolute_paths, check_output_folder, remove_run
+    from s3prl_laser.runtime import StopSignals, barrier, join_process_group
+    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.trainer import TrainState, check_resumable, read_newest_checkpoint, resume, train
+    from s3prl_laser.validation import Validator
+
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
+    if args.resume and args.overwrite:
+        raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
-    extra = {key: _absolute(value) for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value}
+    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
+    found = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
         for change in changes:
@@ -120,12 +144,24 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if done is not None:
             logger.info("the run in %s already finished (step %d of %d): nothing to do", out, done, cfg.steps)
             return 0
+        found = read_newest_checkpoint(out, env)
+        if found is not None:
+            check_resumable(*found, cfg, env)
     else:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
+        replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
+    join_process_group(env, cfg.dist_timeout_s)
+    if not args.resume:
+        if replace is not None and env.is_main:
+            removed = remove_run(out)
+            logger.info("%s: removed the earlier run in %s (%s)", replace, out, ", ".join(removed))
+        barrier(env)
         if args.demo:
             cfg = prepare_demo(cfg, out, env)
-    if cfg.ckpt is not None and "://" not in cfg.ckpt:
-        check_checkpoint_file(cfg.ckpt, "--ckpt")
+    for warning in no_op_warnings(cfg):
+        logger.warning("%s", warning)
+    if cfg.ckpt is not None:
+        check_source(cfg.ckpt, "--ckpt")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:
@@ -134,9 +170,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     with StopSignals() as stop:
         validator = Validator(cfg, held_out, where, env)
         parts = build_model(cfg, env)
+        if args.demo and env.is_main and not Path(cfg.ckpt).is_file():  # a folder or a name: the report
+            save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))  # loads a file
         state = TrainState()
         if args.resume:
-            resume(parts, state, cfg, out, env)
+            resume(parts, state, cfg, out, env, found)
         train(cfg, parts, items, state, out, env, stop, validator)
     if state.stop_signal is not None:  # agreed by all ranks: every one saved, none exports
         logger.info("stopped by signal %d at step %d; resume with --resume", state.stop_signal, state.step)
@@ -150,15 +188,51 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
+            logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
-            before = (S3prlLastLayer(f"{cfg.upstream}_local", cfg.ckpt).to(env.device), head.to(env.device))
+            base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
+            before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
             demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
     return 0
 
 
+def check_output_claim(out: Path, overwrite: bool, demo: bool) -> str | None:
+    """One run per ``--out``: a new run into a folder that holds one (``config.yaml`` or ``checkpoints/``)
+    is refused before anything is written, unless ``overwrite``, or ``demo`` over an earlier demo run (one
+    that trained on the bundled demo corpus). Returns why that run is to be replaced (``"--overwrite"`` or
+    ``"--demo"``; rank 0 then removes its files, :data:`~s3prl_laser.paths.RUN_FILES`), or None. Every rank
+    checks before any rank writes."""
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.paths import holds_run
+
+    if not holds_run(out):
+        return None
+    if not (overwrite or (demo and _is_demo_run(out))):
+        raise UserInputError(
+            f"--out {out} holds a run (config.yaml or checkpoints/): continue it with --resume, or "
+            "choose another --out (--overwrite replaces it)"
+        )
+    return "--overwrite" if overwrite else "--demo"
+
+
+def _is_demo_run(out: Path) -> bool:
+    """Whether the run in ``out`` trained on the bundled demo corpus (replacing it loses nothing of value)."""
+    import yaml
+
+    from s3prl_laser.fixtures import demo_corpus_root
+
+    try:
+        data = yaml.safe_load((out / "config.yaml").read_text()).get("data")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return data is not None and Path(data).resolve() == demo_corpus_root().resolve()
+
+
 def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
+    from s3prl_laser import checkpointing
+
     found = checkpointing.list_checkpoints(out)
     exported = (out / f"{cfg.upstream}_laser.pt").is_file()
     if found and found[-1][0] >= cfg.steps and exported:
@@ -166,14 +240,15 @@ def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     return None
 
 
-def _absolute(path: str) -> str:
-    """A local path made absolute (the run's config must not depend on the working directory); URLs kept."""
-    return path if "://" in path else str(Path(path).expanduser().absolute())
+def _demo_base(cfg: LaserConfig, out: Path) -> Path:
+    """Where ``--demo`` keeps the untuned base in s3prl's format when ``--ckpt`` is not a checkpoint file."""
+    return out / f"base_{cfg.upstream}.pt"
 
 
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
     """``--demo``: the bundled corpus, and a tiny random-init upstream built into ``out`` (unless given)."""
     from s3prl_laser import fixtures
+    from s3prl_laser.runtime import barrier
 
     updates = {}
     if cfg.data is None:

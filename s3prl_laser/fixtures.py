@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from importlib import resources
 from pathlib import Path
 
-from s3prl_laser.lanes import missing_s3prl_message
+from s3prl_laser.lanes import require_python, stack_problem
 
 # The tiny architecture, shared by both models. The CNN keeps base's (kernel, stride) list with fewer
 # channels, so the frame rate (stride 320) and the receptive field (400 samples) are those of base.
@@ -196,12 +197,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.fixtures")
     args = get_args_parser().parse_args(argv)
-    if (missing := missing_s3prl_message()) is not None:
-        print(f"error: {missing}", file=sys.stderr)
+    if (problem := stack_problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.hubert is None and args.wavlm is None:
         get_args_parser().error("give --hubert and/or --wavlm")
+    from s3prl_laser.console import setup_console
+
+    setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
     if args.hubert is not None:
         print(f"tiny HuBERT: {build_tiny_hubert(args.hubert, seed=args.seed)}")
     if args.wavlm is not None:

@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import ast
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ import torch
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, UPSTREAMS, read_checkpoint
 
+HF_ORIGIN_KEY = "hf_origin"  # in a checkpoint imported from transformers: see s3prl_laser.hf_import
 HUBERT_KEYS = CKPT_KEYS["hubert"]
 WAVLM_KEYS = CKPT_KEYS["wavlm"]
 
@@ -103,6 +105,8 @@ class S3prlCheckpoint:
         normalize: whether s3prl's expert layer-normalises each waveform before the model.
         sample_rate: expected input sample rate in Hz.
         path: the file it came from (for messages).
+        hf_origin: for a model imported from a transformers folder (:mod:`s3prl_laser.hf_import`): its class,
+            ``config.json``, ``preprocessor_config.json`` and head weights; ``None`` otherwise.
     """
 
     upstream: str
@@ -111,6 +115,7 @@ class S3prlCheckpoint:
     normalize: bool
     sample_rate: int
     path: str
+    hf_origin: dict | None = None
 
 
 def detect_upstream(state: dict, path: str | Path = "<checkpoint>") -> str:
@@ -158,6 +163,7 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
             bool(task_cfg["normalize"]),
             int(task_cfg["sample_rate"]),
             str(path),
+            state.get(HF_ORIGIN_KEY),
         )
     from s3prl.upstream.wavlm.WavLM import WavLMConfig
 
@@ -165,7 +171,8 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
         raise UserInputError(f"{path}: 'cfg' must be a dict, got {type(state['cfg']).__name__}")
     model_cfg = {**WavLMConfig().__dict__, **state["cfg"]}
     return S3prlCheckpoint(
-        "wavlm", model_cfg, dict(state["model"]), bool(model_cfg["normalize"]), 16000, str(path)
+        "wavlm", model_cfg, dict(state["model"]), bool(model_cfg["normalize"]), 16000, str(path),
+        state.get(HF_ORIGIN_KEY),
     )
 
 
@@ -353,14 +360,42 @@ def to_hf_model(ckpt: S3prlCheckpoint):
     """Build the transformers model for ``ckpt`` and load every encoder weight into it (strictly).
 
     Returns a ``HubertModel``/``WavLMModel`` in eval mode; ``model.s3prl_dropped_keys`` lists the
-    s3prl keys that were left out (HuBERT's pre-training heads).
+    s3prl keys that were left out (HuBERT's pre-training heads). A model imported from a transformers folder
+    (``ckpt.hf_origin``) becomes that folder's class with its config and head weights again.
     """
     from transformers import HubertModel, WavLMModel
 
+    if ckpt.hf_origin is not None:
+        return _origin_model(ckpt)
     config = hf_config(ckpt)
     model = (HubertModel if ckpt.upstream == "hubert" else WavLMModel)(config)
+    model.s3prl_dropped_keys = _load_encoder(ckpt, model)
+    return model.eval()
+
+
+def _origin_model(ckpt: S3prlCheckpoint):
+    """The model class and config ``ckpt`` was imported from, with its encoder and the stored head weights."""
+    import transformers
+
+    origin = ckpt.hf_origin
+    cls = getattr(transformers, origin["class"])
+    model = cls(cls.config_class.from_dict(json.loads(origin["config_json"])))
+    dropped = _load_encoder(ckpt, model.base_model)
+    unknown = sorted(set(origin["head"]) - set(model.state_dict()))
+    if unknown:
+        raise UserInputError(f"{ckpt.path}: hf_origin head weights {unknown} have no place in {cls.__name__}")
+    model.load_state_dict(origin["head"], strict=False)  # the encoder's weights are loaded already
+    model.s3prl_dropped_keys = dropped
+    return model.eval()
+
+
+def _load_encoder(ckpt: S3prlCheckpoint, model) -> list[str]:
+    """Load ``ckpt``'s weights into a bare ``HubertModel``/``WavLMModel`` strictly; return keys dropped."""
     target = model.state_dict()
     state, dropped = convert_state_dict(ckpt, target)
+    if "masked_spec_embed" not in target and "masked_spec_embed" in state:  # transformers builds it only
+        state.pop("masked_spec_embed")  # when the config masks (mask_time_prob or mask_feature_prob > 0)
+        dropped.append("mask_emb")
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
@@ -375,8 +410,7 @@ def to_hf_model(ckpt: S3prlCheckpoint):
                 f"{tuple(target[name].shape)}"
             )
     model.load_state_dict(state, strict=True)
-    model.s3prl_dropped_keys = dropped
-    return model.eval()
+    return dropped
 
 
 def feature_extractor(ckpt: S3prlCheckpoint, config):
@@ -384,9 +418,13 @@ def feature_extractor(ckpt: S3prlCheckpoint, config):
 
     ``do_normalize`` follows the checkpoint's ``normalize`` flag; ``return_attention_mask`` follows
     transformers' rule for these models: only models with ``feat_extract_norm == "layer"`` were trained
-    with padding masks, group-norm models expect zero-padded input without a mask.
+    with padding masks, group-norm models expect zero-padded input without a mask. A model imported from a
+    transformers folder gets that folder's feature extractor back.
     """
     from transformers import Wav2Vec2FeatureExtractor
+
+    if ckpt.hf_origin is not None:
+        return Wav2Vec2FeatureExtractor.from_dict(json.loads(ckpt.hf_origin["preprocessor_json"]))
 
     return Wav2Vec2FeatureExtractor(
         feature_size=1,

@@ -14,6 +14,11 @@ The file is first read by :func:`s3prl_laser.s3prl_checkpoint.read_checkpoint` w
 refused before s3prl's expert (which calls ``torch.load`` without ``weights_only``) reads it, even under
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``; a damaged file is reported as damaged, naming it.
 
+These entries run inside other programs (ESPnet, s3prl's runner, a user's script), which own the screen: the
+warnings that torch raises under s3prl's model code while the expert is built and run (``weight_norm`` is
+deprecated, "Support for mismatched key_padding_mask and attn_mask is deprecated") are logged at DEBUG
+(logger ``py.warnings``) instead of printed; see :func:`s3prl_laser.console.foreign_warnings_at_debug`.
+
 Example::
 
     >>> import torch
@@ -28,6 +33,7 @@ from pathlib import Path
 from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
 from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
+from s3prl_laser.console import foreign_warnings_at_debug
 from s3prl_laser.errors import MissingFileError, UserInputError
 from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, read_checkpoint
 
@@ -76,15 +82,35 @@ def checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
     return str(path)
 
 
-def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _HubertExpert:
+class _QuietExpert:
+    """Mixin for s3prl's experts: other libraries' warnings while building and running are logged at DEBUG."""
+
+    def __init__(self, ckpt: str, **kwds):
+        with foreign_warnings_at_debug():
+            super().__init__(ckpt, **kwds)
+
+    def forward(self, wavs):
+        with foreign_warnings_at_debug():
+            return super().forward(wavs)
+
+
+class HubertLaserExpert(_QuietExpert, _HubertExpert):
+    """s3prl's HuBERT expert (``hidden_states``: L + 1 tensors ``[B, T, D]``), quiet as above."""
+
+
+class WavLMLaserExpert(_QuietExpert, _WavLMExpert):
+    """s3prl's WavLM expert (``hidden_states``: L + 1 tensors ``[B, T, D]``), quiet as above."""
+
+
+def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> HubertLaserExpert:
     """LASER-tuned HuBERT as an s3prl upstream: s3prl's HuBERT expert on ``ckpt`` (see module doc).
 
     ``kwds`` go to the expert like in ``hubert_local`` (s3prl's runner passes ``model_config`` and
     ``refresh``, which it ignores).
     """
-    return _HubertExpert(checked_ckpt("hubert_laser", ckpt), **kwds)
+    return HubertLaserExpert(checked_ckpt("hubert_laser", ckpt), **kwds)
 
 
-def wavlm_laser(ckpt: str | os.PathLike | None = None, **kwds) -> _WavLMExpert:
+def wavlm_laser(ckpt: str | os.PathLike | None = None, **kwds) -> WavLMLaserExpert:
     """LASER-tuned WavLM as an s3prl upstream: s3prl's WavLM expert on ``ckpt`` (see module doc)."""
-    return _WavLMExpert(checked_ckpt("wavlm_laser", ckpt), **kwds)
+    return WavLMLaserExpert(checked_ckpt("wavlm_laser", ckpt), **kwds)

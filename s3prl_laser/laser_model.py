@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +111,8 @@ def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_warmup_decay(step, cfg.warmup_steps, cfg.steps, cfg.warmup_from_zero)
-    )
+    schedule = WarmupDecay(cfg.warmup_steps, cfg.steps, cfg.warmup_from_zero)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Parts(base, head, model, module, loss_fn, optimizer, scheduler)
 
 
@@ -125,6 +125,74 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, from_zer
     if step < warmup_steps:
         return (step + (0 if from_zero else 1)) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@dataclass
+class WarmupDecay:
+    """The LR multiplier of optimizer step ``step`` (0-based): :func:`linear_warmup_decay`, until
+    :meth:`retarget` changes the targets during a run; from then on a line from the multiplier the old
+    targets gave at that step (``start_factor`` at ``start_step``) to the new targets: up to 1 at the end
+    of the warm-up if it is not over, else down to 0 at ``total_steps``. So a resumed run that changes
+    ``steps`` or ``warmup_steps`` goes on from its current lr, without a jump.
+
+    Its fields are plain numbers: ``LambdaLR.state_dict()`` saves them and ``load_state_dict`` restores them.
+
+    Example::
+
+        >>> schedule = WarmupDecay(warmup_steps=2, total_steps=4)
+        >>> [schedule(step) for step in range(4)]
+        [0.5, 1.0, 1.0, 0.5]
+        >>> schedule.retarget(4, warmup_steps=2, total_steps=8)  # a finished run extended: lr stays 0
+        >>> schedule(4), schedule(6)
+        (0.0, 0.0)
+    """
+
+    warmup_steps: int
+    total_steps: int
+    from_zero: bool = False
+    start_step: int = 0
+    start_factor: float | None = None  # None: the plain schedule from step 0
+
+    def __call__(self, step: int) -> float:
+        warmup, total, start, factor = self.warmup_steps, self.total_steps, self.start_step, self.start_factor
+        if factor is None or (start < warmup <= step):  # plain, or the decay after a re-targeted warm-up
+            return linear_warmup_decay(step, warmup, total, self.from_zero)
+        if step < warmup:  # warming up from `factor` at `start` to 1 at `warmup`
+            return factor + (1.0 - factor) * (step - start) / (warmup - start)
+        return max(0.0, factor * (total - step) / max(1, total - start))
+
+    def retarget(self, step: int, warmup_steps: int, total_steps: int, from_zero: bool = False) -> None:
+        """New targets from optimizer step ``step`` on, continuous there (nothing changes if they are the
+        same). The plain schedule of the new targets is kept when it gives the current multiplier at
+        ``step`` (e.g. ``steps`` extended during the warm-up); otherwise a line starts there."""
+        if (warmup_steps, total_steps, from_zero) == (self.warmup_steps, self.total_steps, self.from_zero):
+            return
+        current = self(step)
+        plain = linear_warmup_decay(step, warmup_steps, total_steps, from_zero)
+        self.warmup_steps, self.total_steps, self.from_zero = warmup_steps, total_steps, from_zero
+        if self.start_factor is None and math.isclose(plain, current, rel_tol=1e-12, abs_tol=1e-15):
+            return
+        self.start_step, self.start_factor = step, current
+
+    def peak(self, step: int) -> float:
+        """The largest multiplier from step ``step`` on (the schedule is linear between its corners)."""
+        return max(self(step), self(max(step, self.warmup_steps)))
+
+
+def apply_optimizer_config(parts: Parts, cfg: LaserConfig) -> None:
+    """Make the optimizer and schedule follow ``cfg`` from the next step on, after their state was loaded
+    from a checkpoint (which brings the old ``lr``, ``weight_decay`` and schedule back).
+
+    Sets each param group's ``initial_lr``, ``weight_decay`` and ``lr``, the scheduler's ``base_lrs``, and
+    re-targets the :class:`WarmupDecay` schedule (continuous at the next step). With an unchanged ``cfg``
+    it changes nothing, so a plain resume stays bit-identical.
+    """
+    schedule, step = parts.scheduler.lr_lambdas[0], parts.scheduler.last_epoch
+    schedule.retarget(step, cfg.warmup_steps, cfg.steps, cfg.warmup_from_zero)
+    parts.scheduler.base_lrs = [cfg.lr for _ in parts.optimizer.param_groups]
+    for group in parts.optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        group["lr"] = cfg.lr * schedule(step)
 
 
 def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
@@ -143,14 +211,14 @@ def export_best(parts: Parts, cfg: LaserConfig, out: Path) -> tuple[Path, int] |
     """Write the upstream of the best validation (``checkpoints/best.pt``) as ``<upstream>_laser_best.pt``.
 
     The frozen weights are the model's own (they never change); the trainable ones come from ``best.pt``.
-    Returns the path and the best step, or None when the run kept no best checkpoint.
+    Returns the path and the best step, or None when the run kept no best checkpoint, or a damaged one
+    (warned and set aside by :func:`~s3prl_laser.checkpointing.read_best`).
     """
     from s3prl_laser import checkpointing
     from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
 
-    path = checkpointing.best_path(out)
-    if not path.is_file():
+    best = checkpointing.read_best(out)
+    if best is None:
         return None
-    best = checkpointing.load_checkpoint(path)
     state = parts.base.state_for_s3prl(replace=best["model"])
     return save_s3prl_checkpoint(state, out / f"{cfg.upstream}_laser_best.pt"), int(best["step"])

@@ -30,7 +30,7 @@ from s3prl_laser.data import (
     refuse_held_out,
 )
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.runtime import DistEnv, broadcast_object
+from s3prl_laser.runtime import DistEnv, PeerFailure, broadcast_object
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -98,7 +98,7 @@ def load_or_build_index(
     same list; a data error is raised on every rank, before any model is loaded and before ``out`` is
     created."""
     path, key = out / INDEX_NAME, index_key(cfg) if cfg.data is not None else None
-    error = None
+    error, failed = None, None
     if env.is_main:
         try:
             items = read_index(path, key) if key is not None else None
@@ -111,9 +111,17 @@ def load_or_build_index(
                 logger.info("data: lengths read from %s (delete it to rescan)", path)
                 if not cfg.allow_held_out_splits:
                     refuse_held_out(items, path)
-        except UserInputError as raised:  # the same one-line error on every rank; a bug keeps its traceback
+        except UserInputError as raised:  # the same one-line error on every rank
             error = str(raised)
-    error = broadcast_object(env, error)
+        except Exception as raised:  # a bug or a storage fault: its traceback here, a one-liner elsewhere
+            if not env.distributed:
+                raise
+            failed = raised
+    error, crashed = broadcast_object(env, (error, failed is not None))
+    if failed is not None:
+        raise failed
+    if crashed:
+        raise PeerFailure(f"rank 0 failed while building the length index {path}; see its traceback")
     if error is not None:
         raise UserInputError(error)
     if not env.is_main:

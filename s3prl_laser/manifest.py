@@ -20,9 +20,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from s3prl_laser.data import AudioItem, describe_splits, find_audio, measure_lengths
-from s3prl_laser.length_index import scan_jobs
+from s3prl_laser.lanes import require_python
+
+if TYPE_CHECKING:  # s3prl_laser.data imports torch: not before --help
+    from s3prl_laser.data import AudioItem
 
 logger = logging.getLogger("s3prl_laser.manifest")
 
@@ -36,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", required=True, help="manifest file to write")
     parser.add_argument("--subsets", nargs="+", default=["train-clean-100"], help="LibriSpeech splits")
     parser.add_argument("--sample-rate", type=int, default=16000, help="lengths are counted at this rate")
-    parser.add_argument("--jobs", type=int, default=scan_jobs(), help="header reads in flight at once")
+    parser.add_argument(
+        "--jobs", type=int, help="header reads in flight at once (default: 4 per CPU, at most 32)"
+    )
     return parser
 
 
@@ -51,8 +56,13 @@ def manifest_lines(items: list[AudioItem], folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_python("python -m s3prl_laser.manifest")
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from s3prl_laser.data import describe_splits, find_audio, measure_lengths
+    from s3prl_laser.length_index import scan_jobs
+
+    args.jobs = scan_jobs() if args.jobs is None else args.jobs
     out = Path(args.out).expanduser()
     try:
         if args.jobs < 1:

@@ -10,7 +10,9 @@ It also draws the expected alignment matrix ``E = d sdtw / d C`` between the two
 through s3prl's public ``S3PRLUpstream``: "before" is the base checkpoint through s3prl's stock
 ``<upstream>_local``, "after" the written ``<upstream>_laser.pt`` through this package's ``<upstream>_laser``
 entry. The report also records how far the latter's last layer is from the model training left in memory.
-Outputs: a table on stdout, ``OUT/demo_report.json`` and ``OUT/demo_alignment.png``.
+Outputs: a table on stdout, ``OUT/demo_report.json`` and ``OUT/demo_alignment.png``. Each phase (views of
+the held-out clips, the check of the written upstream, each measurement, the picture) is logged as it starts,
+with the seconds the previous one took, so that the screen never sits silent for long.
 
 Example::
 
@@ -21,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +36,20 @@ from s3prl_laser.heldout import METRICS, Pair, embed, eval_mode, make_pairs, mea
 from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_from_cost
 
 HELD_OUT_SPLITS = ("dev-clean", "test-clean")
+logger = logging.getLogger("s3prl_laser.report")
+
+
+class PhaseLog:
+    """``next(what)``: logs ``report: WHAT`` and the seconds the previous phase took."""
+
+    def __init__(self) -> None:
+        self.started = None
+
+    def next(self, what: str) -> None:
+        now = time.perf_counter()
+        took = "" if self.started is None else f" (previous step: {now - self.started:.1f} s)"
+        logger.info("report: %s%s", what, took)
+        self.started = now
 
 
 def held_out_pairs(cfg: LaserConfig) -> list[Pair]:
@@ -129,14 +147,18 @@ def demo_report(
 
     ``tuned_in_memory`` is the upstream as training left it; ``after``'s upstream must reproduce it.
     """
+    phases = PhaseLog()
+    phases.next(f"clean and perturbed views of {cfg.report_clips} held-out clips")
     pairs = held_out_pairs(cfg)
     if not pairs:
         raise ValueError(f"no usable held-out clip in {cfg.data} ({', '.join(HELD_OUT_SPLITS)})")
     loaded = after[0]
+    phases.next(f"the written {loaded.name} through s3prl vs the model in memory")
     with eval_mode(tuned_in_memory, loaded):
         gap = last_layer_gap(tuned_in_memory, loaded, pairs)
     results, alignments = {}, {}
     for name, (base, head) in (("before", before), ("after", after)):
+        phases.next(f"measuring the model {name} tuning ({base.name})")
         with eval_mode(base, head):
             results[name] = measure(base, head, pairs, cfg.gamma)
             alignments[name] = first_pair_alignment(base, head, pairs, cfg.gamma)
@@ -161,8 +183,10 @@ def demo_report(
         },
     }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    phases.next(f"drawing {out / 'demo_alignment.png'}")
     title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
     plot_alignments(alignments["before"], alignments["after"], out / "demo_alignment.png", title)
+    phases.next("done")
     print(format_table(report))
     print(
         f"upstreams loaded through s3prl: before = S3PRLUpstream({before[0].name!r}, {before[0].ckpt}), "

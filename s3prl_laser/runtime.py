@@ -1,9 +1,12 @@
 """The process a fine-tuning run lives in: its rank and device under torchrun, logging, stop signals.
 
-``setup_distributed`` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins the process group
-(NCCL on GPU, gloo on CPU); a plain ``python -m`` run is rank 0 of 1 and every collective here is then a
-no-op. ``StopSignals`` turns SIGINT/SIGTERM into "stop after this step" so that the step's checkpoint is
-written before exiting.
+``setup_distributed`` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; ``join_process_group`` joins
+the process group (NCCL on GPU, gloo on CPU) with the config's ``dist_timeout_s``; a plain ``python -m``
+run is rank 0 of 1 and every collective here is then a no-op. Work that one rank does while the others
+wait (writing a checkpoint, validating, building the length index) runs through :func:`run_together`, so
+that its failure reaches every rank at once instead of leaving them in the next collective.
+``StopSignals`` turns SIGINT/SIGTERM into "stop after this step" so that the step's checkpoint is written
+before exiting.
 
 Example::
 
@@ -17,7 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +31,7 @@ from s3prl_laser.console import setup_console
 from s3prl_laser.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,16 +57,30 @@ class PeerFailure(RuntimeError):
 
 
 def setup_distributed(device: str | None = None) -> DistEnv:
-    """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; join the process group (NCCL or gloo)."""
+    """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and pick the device; the process group is
+    joined once the config is known (:func:`join_process_group`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     env = DistEnv(rank, world_size, local_rank, resolve_device(device, local_rank))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    if env.distributed:
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
     return env
+
+
+def join_process_group(env: DistEnv, timeout_s: float) -> None:
+    """Join the run's process group (NCCL on GPU, gloo on CPU; nothing on one process).
+
+    ``timeout_s`` (config ``dist_timeout_s``) bounds every collective: a rank that waits longer for the
+    others (one hangs, or died where it could not tell them) fails instead of waiting for ever. NCCL's
+    asynchronous error handling is switched on (``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` unless set), so
+    that a timed-out or failed NCCL collective ends the process rather than leaving it in the watchdog.
+    """
+    if not env.distributed or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
@@ -105,8 +126,10 @@ class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step (which then saves).
 
     ``signum`` is the signal received by this process (None until one comes); the ranks agree on it in
-    the step's all-reduce (see :func:`stop_flags`). A second signal interrupts at once
-    (``KeyboardInterrupt``). Handlers are restored on exit.
+    the step's all-reduce (see :func:`stop_flags`). Repeated signals (torchrun and SLURM signal every
+    process, often twice; an impatient Ctrl-C) are logged and change nothing: the step's checkpoint is
+    still agreed and written by every rank, then the process exits ``128 + signum`` (a SIGTERM among
+    them wins). SIGKILL (or SIGQUIT) is the way to end a process at once. Handlers are restored on exit.
     """
 
     def __init__(self) -> None:
@@ -114,8 +137,10 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if self.signum is not None:  # never raise here: it would abort the save that the first one asked for
+            self.signum = max(self.signum, signum)
+            logger.warning("received signal %d again: still saving this step's checkpoint, then exit", signum)
+            return
         self.signum = signum
         logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
 
@@ -158,6 +183,28 @@ def agree(env: DistEnv, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def run_together(env: DistEnv, what: str, work: Callable[[], T]) -> T:
+    """Run ``work()`` on this rank (it may do nothing on some ranks), then agree with every rank whether it
+    failed anywhere, so that no rank is left waiting in a later collective for one that failed.
+
+    The rank whose ``work`` raised re-raises its exception (traceback kept); the others raise
+    :class:`PeerFailure` naming ``what``. On one process this is ``work()``.
+    """
+    if not env.distributed:
+        return work()
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as exc:  # reported to the others before it is raised here
+        error = exc
+    (failed,) = agree(env, [float(error is not None)])
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailure(f"{int(failed)} other process(es) failed while {what}; see their message")
+    return result
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         try:
@@ -178,18 +225,22 @@ def broadcast_object(env: DistEnv, value):
     return box[0]
 
 
-def average_gradients(env: DistEnv, params: list[torch.nn.Parameter]) -> None:
-    """Replace each gradient by its mean over all ranks, in one all-reduce (no-op on one process)."""
-    if not env.distributed:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+def flat_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Every gradient (zeros where there is none) in one flat tensor, for :func:`average_gradients`."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def average_gradients(
+    env: DistEnv, params: list[torch.nn.Parameter], flat: torch.Tensor, total: float
+) -> None:
+    """Sum ``flat`` (from :func:`flat_gradients`) over all ranks in one all-reduce and divide it by ``total``
+    (the step's pairs on all ranks: gradients hold per-rank loss SUMS); each gradient becomes a view of it."""
     try:
         torch.distributed.all_reduce(flat)
     except RuntimeError as error:
         raise _lost_peer(error) from None
-    flat /= env.world_size
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+    flat /= total
+    for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
         p.grad = chunk.view_as(p)
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import Adam, AdamW
 
 from s3prl_laser import checkpointing
-from s3prl_laser.config import LaserConfig, to_dict
+from s3prl_laser.config import LaserConfig, from_dict, refused_changes, to_dict
 from s3prl_laser.data import (
     AudioItem,
     BucketBatchSampler,
@@ -44,7 +45,7 @@ from s3prl_laser.data import (
     view_stretch,
 )
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
-from s3prl_laser.laser_model import Parts, trainable_state
+from s3prl_laser.laser_model import Parts, apply_optimizer_config, trainable_state
 from s3prl_laser.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.perturb import LaserPerturbation
 from s3prl_laser.runtime import (
@@ -54,8 +55,9 @@ from s3prl_laser.runtime import (
     agree,
     agreed_stop,
     average_gradients,
-    barrier,
+    flat_gradients,
     ignore_signals_in_worker,
+    run_together,
     stop_flags,
 )
 from s3prl_laser.validation import Validator
@@ -156,21 +158,31 @@ def pair_loss(loss_fn: LaserLoss, z: torch.Tensor, frames: torch.Tensor, num_pai
 
 def local_step(
     parts: Parts, batch: PairBatch, cfg: LaserConfig, env: DistEnv, perturb: LaserPerturbation | None
-) -> LaserLossOutput:
+) -> list[float] | None:
     """This rank's share of a step: (on-device perturbation,) forward, loss and, if finite, backward.
 
     The backward pass is of the batch's loss SUM over its pairs (``loss * B``), added to the gradients
     already there (gradient accumulation); :func:`train_step` divides by the step's pair count. Gradients
     stay local (DDP's ``no_sync``): ranks average them only once all agree that the step counts.
+
+    Returns the micro-batch's sums ``[pairs, loss * pairs, alignment, regularizer]`` on the host, read in
+    ONE device sync (the sums and the finite flag stacked, one ``.tolist()``); None when the loss is not
+    finite: then no backward runs and the graph (every activation) is released on return.
     """
     batch = complete_pairs(batch, perturb, env.device)
     sync_off = parts.module.no_sync() if env.distributed else contextlib.nullcontext()
     with sync_off:
         z, frames = forward_pairs(parts.module, batch, env, cfg)
         out = pair_loss(parts.loss_fn, z, frames, batch.num_pairs)
-        if torch.isfinite(out.loss):
-            (out.loss * batch.num_pairs).backward()
-    return out
+        total = out.loss * batch.num_pairs
+        finite = torch.isfinite(total).float()
+        sums = torch.stack([total.detach().float(), out.alignment.detach().float().sum(),
+                            out.regularizer.detach().float().sum(), finite])  # fmt: skip
+        loss_sum, alignment, regularizer, finite = sums.tolist()
+        if not finite:
+            return None
+        total.backward()
+    return [float(batch.num_pairs), loss_sum, alignment, regularizer]
 
 
 def scale_gradients(params: list[nn.Parameter], factor: float) -> None:
@@ -188,6 +200,34 @@ def release_memory(parts: Parts, env: DistEnv) -> None:
         torch.cuda.empty_cache()
 
 
+def prepare_update(parts: Parts, env: DistEnv) -> torch.Tensor | None:
+    """Allocate, before the ranks agree that the step counts, what the update needs beyond the gradients:
+    AdamW's state on the first step (:func:`init_optimizer_state`) and, under DDP, the flat copy of the
+    gradients that one all-reduce averages (returned; None on one process). An out-of-memory error here is
+    thus the step's agreed skip on every rank, never one rank failing after the others went on."""
+    init_optimizer_state(parts.optimizer)
+    return flat_gradients(parts.trainable()) if env.distributed else None
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam(W)'s per-parameter state (step 0, zero moments) where it does not exist yet, exactly as
+    its first ``step`` would (which then finds it and allocates nothing); other optimizers are left as is."""
+    if not isinstance(optimizer, Adam | AdamW):
+        return
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        if group.get("fused") or group.get("capturable"):
+            return  # their step tensors live on the device: leave those to torch
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if p.requires_grad and not state:
+                state["step"] = torch.tensor(0.0, dtype=step_dtype)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def train_step(
     parts: Parts,
     batches: list[PairBatch],
@@ -201,23 +241,28 @@ def train_step(
     the budget cuts their batches differently); then, when every rank's step is usable, the gradient of the
     mean loss over all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
 
-    A rank that runs out of memory frees what the step allocated and reports it: every rank then skips the
+    A rank that runs out of memory (in a forward, a backward, or allocating the update's buffers: see
+    :func:`prepare_update`) frees what the step allocated and reports it: every rank then skips the
     step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
+    A micro-batch whose loss is not finite ends the rank's step at once (its graph released, the step's
+    remaining micro-batches not run) and every rank skips the step.
     A rank whose local steps fail otherwise (a bug, a device fault) reports it in the same all-reduce and
     then re-raises its exception with its traceback, while the others raise
     :class:`~s3prl_laser.runtime.PeerFailure`: the local steps run no collective, so every rank gets there.
     ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
     ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
+    The host waits for the device once per micro-batch (its sums) and once for the agreement.
 
     Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
     rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
     """
-    outs, oom, error = [], None, None
+    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer over the micro-batches run
+    oom, error, nonfinite, ran, flat = None, None, False, 0, None
     for batch in batches:
         if batch.num_pairs == 0:
             continue
         try:
-            outs.append((batch.num_pairs, local_step(parts, batch, cfg, env, perturb)))
+            stats = local_step(parts, batch, cfg, env, perturb)
         except torch.OutOfMemoryError:
             oom = batch
             break
@@ -226,20 +271,26 @@ def train_step(
                 raise
             error = exc
             break
+        if stats is None:  # the step is skipped: its remaining micro-batches would be wasted work
+            nonfinite = True
+            break
+        sums, ran = [a + v for a, v in zip(sums, stats, strict=True)], ran + 1
+    if ran and oom is None and error is None and not nonfinite:
+        try:
+            flat = prepare_update(parts, env)
+        except torch.OutOfMemoryError:
+            oom = batches[-1]
     if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
+        flat = None
         release_memory(parts, env)
         logger.warning(
             "out of memory in the step on batch %s (micro-batch %d of %d: %d pairs, %d samples per row): "
             "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
             oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
-    empty = not outs and oom is None and error is None
-    nonfinite = any(not bool(torch.isfinite(out.loss)) for _, out in outs)
-    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer: only from a usable step
-    if outs and not nonfinite and oom is None:
-        for b, out in outs:
-            sums = [a + v for a, v in zip(sums, [b, out.loss.item() * b, out.alignment.sum().item(),
-                                                 out.regularizer.sum().item()], strict=True)]  # fmt: skip
+    empty = not ran and oom is None and error is None and not nonfinite
+    if nonfinite or oom is not None:
+        sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
     flags = [float(error is not None), float(empty), float(nonfinite), float(oom is not None)]
     flags += stop_flags(stop_signal)
     agreed = agree(env, flags + sums)
@@ -255,8 +306,10 @@ def train_step(
         result["pairs"] = 0  # a skipped step trains on nothing
         parts.optimizer.zero_grad(set_to_none=True)
         return result
-    scale_gradients(parts.trainable(), env.world_size / pairs)  # sum over the step's pairs -> their mean
-    average_gradients(env, parts.trainable())
+    if flat is None:
+        scale_gradients(parts.trainable(), 1.0 / pairs)  # sum over the step's pairs -> their mean
+    else:
+        average_gradients(env, parts.trainable(), flat, pairs)
     norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
     if not torch.isfinite(norm):
         parts.optimizer.zero_grad(set_to_none=True)
@@ -398,7 +451,8 @@ def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cf
 
 
 def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
-    """Rank 0 writes the training checkpoint (all ranks' RNG states gathered into it)."""
+    """Rank 0 writes the training checkpoint (all ranks' RNG states gathered into it); a failure to write it
+    (a full disk) reaches every rank at once (:func:`~s3prl_laser.runtime.run_together`)."""
     check_ranks_in_sync(parts, env)
     rng = checkpointing.capture_rng(env.device)
     if env.distributed:
@@ -407,7 +461,10 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
         rng_all = gathered
     else:
         rng_all = [rng]
-    if env.is_main:
+
+    def write() -> None:
+        if not env.is_main:
+            return
         checkpoint = {
             "model": trainable_state(parts),
             "head": {k: v.cpu() for k, v in parts.head.state_dict().items()},
@@ -428,15 +485,46 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
         }
         path = checkpointing.save_checkpoint(checkpoint, out, state.step)
         logger.info("checkpoint: %s", path)
-    barrier(env)
+
+    run_together(env, f"writing the checkpoint of step {state.step}", write)
 
 
 TRAINING_KEYS = ("model", "head", "optimizer", "scheduler", "step", "config", "rng", "data_position")
 
 
-def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
-    """Restore model, head, optimizer, schedule, RNG, data position and step from the newest checkpoint."""
-    found = read_newest_checkpoint(out, env)
+def check_resumable(path: Path, checkpoint: dict, cfg: LaserConfig, env: DistEnv) -> None:
+    """Raise ``UserInputError`` before any model is loaded if ``checkpoint`` cannot continue as ``cfg``.
+
+    Refused: another number of processes than the checkpoint's (each takes its own share of every epoch's
+    batches, so the data position means other data), and a key :data:`~s3prl_laser.config.RESUME_RULES`
+    refuses whose value differs from the checkpoint's (a hand-edited ``config.yaml``).
+    """
+    saved = checkpoint.get("world_size", len(checkpoint["rng"]))
+    if saved != env.world_size:
+        raise UserInputError(
+            f"--resume: {path} was written by {saved} process(es), this run has {env.world_size}: each "
+            f"process takes its own share of the batches, so the data position would mean other data; "
+            f"resume with {saved} process(es), or start a new run with another --out"
+        )
+    refused = refused_changes(from_dict(checkpoint["config"]), cfg)
+    if refused:
+        raise UserInputError(
+            f"--resume: config.yaml differs from the checkpoint {path} in {'; '.join(refused)}: a resumed "
+            f"run keeps these keys; restore them in config.yaml, or start a new run with another --out"
+        )
+
+
+def resume(
+    parts: Parts,
+    state: TrainState,
+    cfg: LaserConfig,
+    out: Path,
+    env: DistEnv,
+    found: tuple[Path, dict] | None,
+) -> None:
+    """Restore model, head, optimizer, schedule, RNG, data position and step from ``found`` (the newest
+    checkpoint, :func:`read_newest_checkpoint`, passed by :func:`check_resumable`); then the optimizer and
+    schedule take ``cfg``'s lr, weight decay, ``steps`` and warm-up (continuous at the resumed step)."""
     if found is None:
         logger.warning(
             "--resume: no checkpoint in %s; starting from step 0", checkpointing.checkpoint_dir(out)
@@ -456,12 +544,8 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
     parts.head.load_state_dict(checkpoint["head"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
-    rng = checkpoint["rng"]
-    if len(rng) != env.world_size:
-        logger.warning(
-            "--resume: checkpoint from %d processes, now %d: RNG streams differ", len(rng), env.world_size
-        )
-    checkpointing.restore_rng(rng[env.rank % len(rng)], env.device)
+    apply_optimizer_config(parts, cfg)
+    checkpointing.restore_rng(checkpoint["rng"][env.rank], env.device)
     state.step = checkpoint["step"]
     state.position = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batch"])
     state.counters = Counter(checkpoint["counters"])
@@ -469,22 +553,35 @@ def resume(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Di
     validation = checkpoint.get("validation", {})
     state.best_step, state.best_value = validation.get("best_step"), validation.get("best_value")
     state.collapse_warned = bool(validation.get("collapse_warned", False))
-    if forget_later_best(out, state.step, env):
+    if env.is_main and not best_still_holds(out, state.step):
         state.best_step = state.best_value = None
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
+    schedule = parts.scheduler.lr_lambdas[0]
+    if state.step < cfg.steps and schedule.peak(state.step) == 0:
+        logger.warning(
+            "the learning rate is 0 for steps %d to %d (the schedule had decayed to 0, and a longer `steps` "
+            "goes on from there): training changes nothing; to train further, also give warmup_steps beyond "
+            "%d (the lr then warms up again from 0), or start a new run with another --out",
+            state.step + 1, cfg.steps, state.step,
+        )  # fmt: skip
 
 
-def forget_later_best(out: Path, step: int, env: DistEnv) -> bool:
-    """Remove a ``best.pt`` written after ``step`` (rank 0); True if one was removed.
+def best_still_holds(out: Path, step: int) -> bool:
+    """Rank 0: whether the run's ``best.pt`` is a readable best of step ``step`` or before.
 
-    The resumed run validates those steps again; starting its search for the best afresh gives the same
-    best as the interrupted run had once it passes that step (the removed best beat every earlier one).
+    False (the resumed run keeps its best anew) when there is none, when it is damaged (set aside by
+    :func:`~s3prl_laser.checkpointing.read_best`), or when it is from after ``step``: then it is removed,
+    since the resumed run validates those steps again, and starting its search afresh gives the same best as
+    the interrupted run had once it passes that step (the removed best beat every earlier one).
     """
-    path = checkpointing.best_path(out)
-    if not (env.is_main and path.is_file() and checkpointing.load_checkpoint(path)["step"] > step):
+    best = checkpointing.read_best(out)
+    if best is None:
         return False
-    logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
-    path.unlink()
+    if best["step"] > step:
+        path = checkpointing.best_path(out)
+        logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
+        path.unlink()
+        return False
     return True
 
 

@@ -3,8 +3,10 @@
 - :func:`load_base_model` builds a base HuBERT or WavLM with s3prl's own model classes from an s3prl-format
   checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
   (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
-  or from s3prl's default ``hubert_base`` / ``wavlm_base`` download. Reading the files is
-  :mod:`s3prl_laser.s3prl_checkpoint`'s job (and :mod:`s3prl_laser.fairseq_checkpoint`'s for fairseq's).
+  from a Hugging Face transformers folder or hub id, or from s3prl's downloads (``hubert_base``,
+  ``wavlm_base_plus``, ...). What ``--ckpt`` may name is :mod:`s3prl_laser.model_sources`' job; reading the
+  files that of :mod:`s3prl_laser.s3prl_checkpoint`, :mod:`s3prl_laser.fairseq_checkpoint` and
+  :mod:`s3prl_laser.hf_import`.
 - :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
   and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
 
@@ -27,7 +29,9 @@ from torch import Tensor, nn
 
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.fairseq_checkpoint import convert_fairseq_hubert, is_fairseq_checkpoint
-from s3prl_laser.s3prl_checkpoint import DEFAULT_CKPT_URLS, UPSTREAMS, check_keys, read_checkpoint
+from s3prl_laser.hf_import import HF_ORIGIN_KEY
+from s3prl_laser.model_sources import read_source
+from s3prl_laser.s3prl_checkpoint import UPSTREAMS, check_keys
 
 
 def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> BaseModel:
@@ -35,8 +39,11 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
 
     ``ckpt``: an s3prl-format checkpoint (HuBERT converted: ``task_cfg``, ``model_cfg``, ``model_weight``,
     ``dictionaries_symbols``; WavLM: ``cfg``, ``model``), an original fairseq HuBERT checkpoint (read
-    without fairseq, converted in memory), or ``None`` for s3prl's default ``hubert_base`` / ``wavlm_base``
-    (downloaded by s3prl's own helper into its cache).
+    without fairseq, converted in memory), a transformers model folder or hub id (converted in memory by
+    :mod:`s3prl_laser.hf_import`; its ``hf_origin`` is kept in :attr:`BaseModel.config`, so the tuned
+    checkpoint can be exported as the same transformers class), one of s3prl's names
+    (``wavlm_base_plus``, ...), or ``None`` for s3prl's default ``hubert_base`` / ``wavlm_base`` (downloaded
+    by s3prl's own helper into its cache); see :mod:`s3prl_laser.model_sources`.
 
     Raises :class:`~s3prl_laser.errors.UserInputError` subclasses naming the file: ``MissingFileError``,
     ``DamagedCheckpointError`` (truncated or corrupted), ``UnsafeCheckpointError`` (a pickle naming a
@@ -48,19 +55,8 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     """
     if upstream not in UPSTREAMS:
         raise UserInputError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
-    if ckpt is None:
-        from s3prl.util import download
-
-        url = DEFAULT_CKPT_URLS[upstream]
-        try:
-            ckpt = download._urls_to_filepaths(url)
-        except OSError as error:  # no network, proxy, HTTP error (requests' errors are OSErrors)
-            raise UserInputError(
-                f"cannot download s3prl's default {upstream} checkpoint from {url} ({error}); download it "
-                "yourself and pass it with --ckpt FILE"
-            ) from None
     where = str(ckpt)
-    state = read_checkpoint(ckpt)
+    state = read_source(upstream, ckpt)
     if is_fairseq_checkpoint(state):
         if upstream != "hubert":
             raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
@@ -75,14 +71,15 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
             merge_with_parent(HubertConfig, state["model_cfg"]), task_cfg, state["dictionaries_symbols"]
         )
         model.load_state_dict(state["model_weight"])
-        config = {k: state[k] for k in ("task_cfg", "model_cfg", "dictionaries_symbols")}
+        keys = ("task_cfg", "model_cfg", "dictionaries_symbols", HF_ORIGIN_KEY)
+        config = {k: state[k] for k in keys if k in state}
         normalize = bool(task_cfg.normalize)
     else:
         from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
 
         model = WavLM(WavLMConfig(state["cfg"]))
         model.load_state_dict(state["model"])
-        config = {"cfg": state["cfg"]}
+        config = {k: state[k] for k in ("cfg", HF_ORIGIN_KEY) if k in state}
         normalize = bool(model.cfg.normalize)
     return BaseModel(upstream, model, copy.deepcopy(config), normalize=normalize)
 

@@ -37,7 +37,7 @@ from s3prl_laser.heldout import (
     measure,
 )
 from s3prl_laser.laser_model import Parts, trainable_state
-from s3prl_laser.runtime import DistEnv, barrier
+from s3prl_laser.runtime import DistEnv, run_together
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -45,7 +45,7 @@ logger = logging.getLogger("s3prl_laser.finetune")
 class Validator:
     """The held-out pairs (built on rank 0) and what one validation does with them.
 
-    ``held_out`` must be the same list on every rank (it decides when all ranks meet at the barrier).
+    ``held_out`` must be the same list on every rank (it decides when all ranks meet after a validation).
     """
 
     def __init__(self, cfg: LaserConfig, held_out: list[AudioItem], where: str, env: DistEnv) -> None:
@@ -67,13 +67,16 @@ class Validator:
         return self.enabled and self.cfg.eval_every > 0 and (step % self.cfg.eval_every == 0 or done)
 
     def run(self, parts: Parts, state, out: Path, writer) -> dict[str, float] | None:
-        """Measure on rank 0, log, keep the best checkpoint; every rank returns after the barrier.
+        """Measure on rank 0, log, keep the best checkpoint; every rank returns once rank 0 is done (a failure
+        on rank 0 reaches them at once: :func:`~s3prl_laser.runtime.run_together`).
 
         ``state`` is the trainer's ``TrainState`` (``step``, ``best_step``, ``best_value``,
         ``collapse_warned`` are read and updated). Returns the metrics on rank 0, else None.
         """
-        metrics = None
-        if self.env.is_main and len(self.pairs) >= MIN_CLIPS:
+
+        def validate() -> dict[str, float] | None:
+            if not (self.env.is_main and len(self.pairs) >= MIN_CLIPS):
+                return None
             trained = time.perf_counter() - self.mark
             started = time.perf_counter()
             with eval_mode(parts.base, parts.head):
@@ -81,7 +84,9 @@ class Validator:
             seconds = time.perf_counter() - started
             self._report(metrics, state, writer, seconds, trained)
             self._keep_best(metrics, parts, state, out)
-        barrier(self.env)
+            return metrics
+
+        metrics = run_together(self.env, f"validating step {state.step}", validate)
         self.mark = time.perf_counter()
         return metrics
 

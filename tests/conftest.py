@@ -12,6 +12,7 @@ Nothing heavy happens at import time: torch and s3prl are imported inside the fi
   ``train-clean-100``, ``dev-clean``, ``test-clean`` and ``phonemes/<split>.txt``.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,14 +20,17 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect ``triton_interpreter`` tests unless ``TRITON_INTERPRET=1``.
+    """Deselect ``triton_interpreter`` tests unless ``TRITON_INTERPRET=1``, ``espnet`` tests without ESPnet.
 
     Triton reads that variable once, at import, so those tests run in the child pytest that
-    ``tests/test_softdtw_triton.py::test_triton_interpreter_suite`` starts with it set.
+    ``tests/test_softdtw_triton.py::test_triton_interpreter_suite`` starts with it set. ``espnet`` tests
+    run on the ESPnet lane (``make LANE=espnet test`` sets ``S3PRL_LASER_LANE=espnet``; there they always
+    run).
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    selected = [item for item in items if item.get_closest_marker("triton_interpreter") is None]
+    unwanted = set() if os.environ.get("TRITON_INTERPRET") == "1" else {"triton_interpreter"}
+    if importlib.util.find_spec("espnet2") is None and os.environ.get("S3PRL_LASER_LANE") != "espnet":
+        unwanted.add("espnet")
+    selected = [item for item in items if not any(item.get_closest_marker(name) for name in unwanted)]
     if len(selected) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in selected])
         items[:] = selected

@@ -50,7 +50,7 @@ def test_foreign_info_and_import_time_warnings_become_debug():
     [
         (FutureWarning, "/site-packages/torch/nn/utils/weight_norm.py", logging.DEBUG),
         (DeprecationWarning, "/site-packages/s3prl/upstream/expert.py", logging.DEBUG),
-        (UserWarning, "/site-packages/torch/nn/modules/module.py", logging.WARNING),
+        (UserWarning, "/site-packages/torch/nn/functional.py", logging.DEBUG),  # key_padding_mask, WavLM
         (FutureWarning, str(Path(console.__file__).parent / "trainer.py"), logging.WARNING),
     ],
 )
@@ -76,3 +76,26 @@ def test_setup_console_routes_warnings_and_keeps_existing_handlers(monkeypatch):
         assert root.level == ours.level == logging.DEBUG
         console.setup_console(logging.INFO, fmt="%(message)s")  # a second call adds no second handler
         assert root.handlers == [handler]
+
+
+def test_foreign_warnings_at_debug_inside_the_block_only(caplog):
+    with caplog.at_level(logging.DEBUG, logger="py.warnings"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        with console.foreign_warnings_at_debug():
+            warnings.warn_explicit("old API", FutureWarning, "/site-packages/torch/x.py", 3)
+        assert warnings.showwarning is before
+    (record,) = caplog.records
+    assert record.levelno == logging.DEBUG and "FutureWarning: old API" in record.getMessage()
+
+
+def test_chatter_lines_of_a_child_process_are_marked():
+    output = [
+        "ESPnet is not installed, cannot use espnet_hubert upstream",
+        "/site/torch/nn/utils/weight_norm.py:145: FutureWarning: `torch.nn.utils.weight_norm` is deprecated",
+        "  WeightNorm.apply(module, name, dim)",
+        "[Runner] - Start a new experiment",
+        "  indented line of the runner, not under a warning",
+        "test-clean wer: 0.5",
+    ]
+    assert [chatter for _, chatter in console.mark_chatter(output)] == [True, True, True, False, False, False]

@@ -20,6 +20,7 @@ from s3prl_laser.data import (
     find_audio,
     measure_lengths,
     random_crop,
+    read_audio,
     refuse_held_out,
     split_of,
 )
@@ -350,3 +351,13 @@ def test_perturbing_on_the_device_gives_the_workers_pairs(tmp_path):
         assert done.perturb_params is None and done.lengths.tolist() == expected.lengths.tolist()
         relative = (done.wavs - expected.wavs).norm(dim=1) / expected.wavs.norm(dim=1)
         assert relative.max() < 5e-4  # float32 rounding (batched vs per clip; equal to 1e-16 in float64)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100])
+def test_read_audio_resamples_like_torchaudio(tmp_path, rate):
+    torchaudio = pytest.importorskip("torchaudio")  # the reference; our package does not need it
+    wav = torch.randn(rate // 3, generator=torch.Generator().manual_seed(rate)).clamp(-1, 1) * 0.5
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, wav.numpy(), rate, subtype="FLOAT")
+    expected = torchaudio.functional.resample(wav, rate, 16000)
+    torch.testing.assert_close(read_audio(str(path)), expected, rtol=1e-4, atol=5e-5)  # float32 sums

@@ -1,14 +1,24 @@
 """``hubert_laser`` / ``wavlm_laser`` inside ESPnet's s3prl frontend (``espnet2/asr/frontend/s3prl.py``).
 
 ESPnet builds its frontend in its own interpreter, never calling ``s3prl_laser.register()``: the names must
-come from the installed start-up hook. The child process below repeats the frontend's construction and
-forward step by step (ESPnet itself is not installed here) and compares with s3prl's stock ``hubert_local``
-/ ``wavlm_local`` on the same file, which ESPnet users load the same way.
+come from the installed start-up hook. Two tests, each in a child process:
+
+- on every lane, the frontend's construction and forward repeated step by step, compared with s3prl's stock
+  ``hubert_local`` / ``wavlm_local`` on the same file, which ESPnet users load the same way;
+- on the ESPnet lane (``make LANE=espnet test``; marker ``espnet``, deselected where ESPnet is not
+  installed), ESPnet's real ``S3prlFrontend``, chosen by ``frontend: s3prl`` through ``ASRTask``'s frontend
+  choices and built from the YAML of docs/recipes.md ("In ESPnet"), forward and backward on a batch.
 """
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 FRONTEND = r"""
 import json, sys
@@ -87,3 +97,66 @@ def test_laser_entries_work_as_espnet_builds_and_calls_them(tiny_hubert_ckpt, ti
         assert result["mixed_vs_mean_of_stock_layers"] < 1e-5, name  # zero-init weights: a uniform mean
         assert result["lens"] == [expected_frames] * 3, name
         assert result["cnn_grad_norm"] is not None and 0 < result["cnn_grad_norm"] < float("inf"), name
+
+
+REAL_FRONTEND = r"""
+import copy, json, sys
+import torch, yaml
+from espnet2.tasks.asr import frontend_choices
+
+config, ckpt = yaml.safe_load(sys.argv[1]), sys.argv[2]
+
+
+def build(upstream):
+    # what ASRTask.build_model does with the config's frontend and frontend_conf
+    conf = copy.deepcopy(config["frontend_conf"])
+    conf["frontend_conf"].update(upstream=upstream, path_or_url=ckpt)
+    return frontend_choices.get_class(config["frontend"])(**conf)
+
+
+torch.manual_seed(0)
+wavs, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
+report = {}
+for upstream in ("hubert_laser", "hubert_local"):
+    frontend = build(upstream)
+    feats, feats_lens = frontend(wavs, lens)
+    feats.square().mean().backward()
+    report[upstream] = {
+        "class": type(frontend).__module__ + "." + type(frontend).__name__,
+        "feats": feats.detach().tolist(),
+        "lens": feats_lens.tolist(),
+        "output_size": frontend.output_size(),
+        "grads": {n: p.grad.tolist() for n, p in frontend.named_parameters() if p.grad is not None},
+    }
+print(json.dumps(report))
+"""
+
+
+def espnet_yaml() -> str:
+    """The first ``yaml`` block of docs/recipes.md's "In ESPnet" section."""
+    section = (REPO / "docs" / "recipes.md").read_text().split("## In ESPnet", 1)[1]
+    return re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+
+
+@pytest.mark.espnet
+def test_espnets_own_s3prl_frontend_runs_hubert_laser_like_hubert_local(tiny_hubert_ckpt, tmp_path):
+    import torch
+
+    config = espnet_yaml()
+    assert "upstream: hubert_laser" in config and "frontend: s3prl" in config
+    done = subprocess.run(
+        [sys.executable, "-c", REAL_FRONTEND, config, str(tiny_hubert_ckpt)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    laser, local = report["hubert_laser"], report["hubert_local"]
+    assert laser["class"] == "espnet2.asr.frontend.s3prl.S3prlFrontend"
+    assert laser["lens"] == local["lens"] == [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
+    assert laser["output_size"] == local["output_size"] == 64
+    torch.testing.assert_close(torch.tensor(laser["feats"]), torch.tensor(local["feats"]), rtol=0, atol=0)
+    assert laser["grads"].keys() == local["grads"].keys()
+    cnn = [name for name in laser["grads"] if "feature_extractor.conv_layers.0" in name]
+    assert cnn, "no gradient reached the CNN (ESPnet sets feature_grad_mult = 1)"
+    for name, grad in laser["grads"].items():
+        torch.testing.assert_close(torch.tensor(grad), torch.tensor(local["grads"][name]), rtol=1e-6, atol=0)

@@ -79,6 +79,26 @@ def test_interpreted_triton_matches_reference_float32():
 
 
 @pytest.mark.triton_interpreter
+def test_interpreted_triton_passes_its_self_check_and_a_broken_one_does_not(monkeypatch, caplog):
+    from s3prl_laser.softdtw import reference, selfcheck, triton_backend
+
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    cpu = torch.device("cpu")
+    assert selfcheck.checked(triton_backend, cpu, torch.float32) is triton_backend
+    assert not caplog.records
+    real_backward = triton_backend.backward
+
+    def halved(*args):  # a plausible bug: the gradient of the second pair halved
+        grads = real_backward(*args)
+        grads[0][1] *= 0.5
+        return grads
+
+    monkeypatch.setattr(triton_backend, "backward", halved)
+    assert selfcheck.checked(triton_backend, cpu, torch.float64) is reference
+    assert "disagrees with the reference on gradients" in caplog.text
+
+
+@pytest.mark.triton_interpreter
 def test_interpreted_triton_matches_reference_float64():
     check_backend_matches_reference("triton", "cpu", torch.float64, MIXED,
                                     (soft_dtw_divergence, soft_dtw_from_cost))

@@ -47,8 +47,8 @@ def soft_dtw_from_cost(cost: torch.Tensor, gamma: float = 0.1, x_lengths: Length
     B, N, M = cost.shape
     n = lengths_list(x_lengths, B, N, "x_lengths")
     m = lengths_list(y_lengths, B, M, "y_lengths")
-    impl = resolve_backend(check_backend(backend), cost.device)
     cost = cost.to(state_dtype(cost.dtype))
+    impl = resolve_backend(check_backend(backend), cost.device, cost.dtype)
     return SoftDTWFunction.apply(impl, gamma, n, m, band_widths(n, m, bandwidth), cost)
 
 
@@ -58,8 +58,8 @@ def _prepare(x, y, gamma, x_lengths, y_lengths, bandwidth, backend):
     B = x.shape[0]
     n = lengths_list(x_lengths, B, x.shape[1], "x_lengths")
     m = lengths_list(y_lengths, B, y.shape[1], "y_lengths")
-    impl = resolve_backend(check_backend(backend), x.device)
     dtype = state_dtype(torch.promote_types(x.dtype, y.dtype))
+    impl = resolve_backend(check_backend(backend), x.device, dtype)
     x, y = zero_padding(x.to(dtype), n), zero_padding(y.to(dtype), m)
     return x, y, gamma, n, m, bandwidth, impl
 

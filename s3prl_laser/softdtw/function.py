@@ -46,11 +46,14 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> ModuleType:
-    """Module implementing ``backend`` for tensors on ``device``; ``ValueError`` if it cannot run there.
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ModuleType:
+    """Module implementing ``backend`` for ``dtype`` tensors on ``device``; ``ValueError`` if it cannot run
+    there.
 
-    ``"auto"``: the Triton kernels for CUDA tensors, the compiled CPU kernel otherwise; when the CPU
-    kernel cannot be built (no C compiler), ``"auto"`` logs one warning and uses the reference.
+    ``"auto"``: the Triton kernels for CUDA tensors, once they matched the reference on a small random case
+    in this process (:mod:`.selfcheck`; else one warning and the reference), the compiled CPU kernel
+    otherwise; when the CPU kernel cannot be built (no C compiler), ``"auto"`` logs one warning and uses
+    the reference.
     """
     global _warned_cpu_fallback
     if backend == "reference":
@@ -61,6 +64,10 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
                              "runs only under TRITON_INTERPRET=1 (tests). Use backend='cpu' or 'auto'.")
         from . import triton_backend
 
+        if backend == "auto":
+            from .selfcheck import checked
+
+            return checked(triton_backend, device, dtype)
         return triton_backend
     if device.type != "cpu":
         raise ValueError(f"soft-DTW: backend={backend!r} has no kernel for {device} tensors; "

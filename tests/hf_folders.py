@@ -1,0 +1,58 @@
+"""Tiny transformers HuBERT/WavLM folders, built with transformers' own classes, for the import tests.
+
+Layouts: ``base`` (post-LN, group-norm CNN, no conv bias: HuBERT/WavLM Base) and ``large`` (pre-LN
+``do_stable_layer_norm``, layer-norm CNN with conv bias: the Large models), shrunk to 4 layers of 64 dims with
+base's CNN kernels and strides (400-sample receptive field, 320-sample stride). Every weight is randomised
+(layer norms included), so a weight copied to the wrong place shows in the outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+    conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+)  # fmt: skip
+LAYOUTS = {
+    "base": dict(feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False),
+    "large": dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
+}
+
+
+def tiny_config(family: str, layout: str, **overrides):
+    """A tiny ``HubertConfig``/``WavLMConfig`` of ``layout`` ("base" or "large")."""
+    from transformers import HubertConfig, WavLMConfig
+
+    cls = HubertConfig if family == "hubert" else WavLMConfig
+    extra = {"num_buckets": 32, "max_bucket_distance": 100} if family == "wavlm" else {}
+    return cls(**TINY, **LAYOUTS[layout], **extra, **overrides)
+
+
+def build_hf_folder(folder: Path, family: str, layout: str, cls_name: str | None = None, seed: int = 0,
+                    do_normalize: bool | None = None, **overrides) -> Path:  # fmt: skip
+    """Write a tiny randomised ``cls_name`` (default: the bare model) and its feature extractor to ``folder``.
+
+    The feature extractor follows transformers' rule for these models: ``return_attention_mask`` for the
+    layer-norm CNN (large), not for the group-norm one (base); ``do_normalize`` as the Large models (True)
+    and HuBERT Base (False) have it, unless given.
+    """
+    import transformers
+
+    config = tiny_config(family, layout, **overrides)
+    name = cls_name or ("HubertModel" if family == "hubert" else "WavLMModel")
+    torch.manual_seed(seed)
+    model = getattr(transformers, name)(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    large = layout == "large"
+    transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0,
+        do_normalize=large if do_normalize is None else do_normalize, return_attention_mask=large,
+    ).save_pretrained(folder)  # fmt: skip
+    return Path(folder)

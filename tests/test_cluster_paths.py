@@ -1,0 +1,147 @@
+"""Paths a run stores are absolute (any working directory, any rank), and held-out audio is refused by
+what it is, not by how it is spelled or linked."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s3prl_laser import checkpointing
+from s3prl_laser.config import resolve_config
+from s3prl_laser.finetune import main
+from s3prl_laser.length_index import INDEX_NAME
+
+FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3", "eval_every=0"]
+
+
+def index_paths(out: Path) -> list[str]:
+    lines = (out / INDEX_NAME).read_text().splitlines()[1:]
+    return [line.split("\t")[0] for line in lines]
+
+
+def test_relative_data_is_stored_absolute_and_resumes_from_another_folder(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch
+):
+    """``data=corpus`` (relative) from one folder; ``--resume`` from another with a relative ``--out``."""
+    (tmp_path / "corpus").symlink_to(demo_corpus, target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--out", "run", *FAST]
+    assert main([*argv, "data=corpus", "steps=1"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"] == str(tmp_path / "corpus")  # absolute, the link kept as the user named it
+    paths = index_paths(tmp_path / "run")
+    assert paths and all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["--out", "../run", "--resume", "steps=2"]) == 0
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 2 and state["pairs"] == 2 * 2 and not state["counters"].get("unreadable")
+
+
+def test_paths_in_a_config_yaml_are_read_against_its_folder_and_urls_are_kept(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text("data: ../corpus/train.tsv\nckpt: https://x.org/m.pt\n")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = resolve_config("hubert", "../configs/run.yaml")
+    assert cfg.data == str(tmp_path / "corpus" / "train.tsv") and cfg.ckpt == "https://x.org/m.pt"
+    cfg = resolve_config("hubert", "../configs/run.yaml", ["data=clips.tsv", "ckpt=~/base.pt"])
+    assert cfg.data == str(tmp_path / "cwd" / "clips.tsv")  # key=value: against the working directory
+    assert cfg.ckpt == os.path.join(os.path.expanduser("~"), "base.pt")
+
+
+def test_a_relative_manifest_from_another_folder_lists_absolute_clips(tmp_path, demo_corpus, monkeypatch):
+    from s3prl_laser.data import find_audio
+
+    clips = sorted((demo_corpus / "train-clean-100").rglob("*.flac"))[:3]
+    (tmp_path / "lists").mkdir()
+    for clip in clips:
+        shutil.copy(clip, tmp_path / "lists" / clip.name)
+    (tmp_path / "lists" / "train.tsv").write_text("\n".join(clip.name for clip in clips) + "\n")
+    monkeypatch.chdir(tmp_path)
+    items = find_audio("lists/train.tsv")
+    assert [item.path for item in items] == sorted(str(tmp_path / "lists" / clip.name) for clip in clips)
+
+
+@pytest.mark.slow
+def test_torchrun_rank_1_reads_the_index_of_relative_data(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    """Two gloo ranks started in one folder with ``data`` and ``--out`` relative: rank 1 reads rank 0's
+    index and finds every clip (it used to read them against ``--out`` and find none)."""
+    (tmp_path / "corpus").symlink_to(demo_corpus, target_is_directory=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "s3prl_laser.finetune", "--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt)]
+    cmd += ["--out", "run", "--device", "cpu", "data=corpus", *FAST, "steps=2", "save_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "unreadable" not in log and "skipped" not in log
+    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 2 and state["pairs"] == 2 * 2 * 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# held-out audio, whichever road it takes
+
+
+def copy_split(demo_corpus: Path, split: str, target: Path, clips: int = 2) -> list[Path]:
+    """Copy ``clips`` files of the demo corpus' ``split`` into ``target`` (speaker/chapter folders kept)."""
+    copied = []
+    for clip in sorted((demo_corpus / split).rglob("*.flac"))[:clips]:
+        dest = target / clip.relative_to(demo_corpus / split)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy(clip, dest)))
+    return copied
+
+
+def refused(tmp_path: Path, ckpt: Path, data: Path, caplog) -> str:
+    """Run the command on ``data``; assert the one-line refusal before any model; return stderr."""
+    out = tmp_path / "run"
+    argv = ["--upstream", "hubert", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), *FAST]
+    assert main(argv) == 2
+    err = caplog.text
+    assert "dev/test split folders" in err and "allow_held_out_splits" in err and "Traceback" not in err
+    assert not out.exists()
+    return err
+
+
+def test_a_folder_linked_to_test_clean_is_refused(tmp_path, tiny_hubert_ckpt, demo_corpus, caplog):
+    (tmp_path / "mine").symlink_to(demo_corpus / "test-clean", target_is_directory=True)
+    err = refused(tmp_path, tiny_hubert_ckpt, tmp_path / "mine", caplog)
+    assert str(demo_corpus / "test-clean") in err  # the message says what the link really is
+
+
+def test_a_manifest_of_links_to_dev_clean_files_is_refused(tmp_path, tiny_hubert_ckpt, demo_corpus, caplog):
+    train = sorted((demo_corpus / "train-clean-100").rglob("*.flac"))[:4]
+    dev = sorted((demo_corpus / "dev-clean").rglob("*.flac"))[:1]
+    (tmp_path / "links").mkdir()
+    for i, clip in enumerate([*train, *dev]):
+        (tmp_path / "links" / f"clip{i}.flac").symlink_to(clip)
+    (tmp_path / "clips.txt").write_text("\n".join(f"links/clip{i}.flac" for i in range(5)) + "\n")
+    err = refused(tmp_path, tiny_hubert_ckpt, tmp_path / "clips.txt", caplog)
+    assert "1 of 5 clips" in err and "clip4.flac" in err
+
+
+@pytest.mark.parametrize("spelling", ["Test-Clean", "test_clean", "dev_other", "DEV-CLEAN"])
+def test_split_folders_spelled_otherwise_are_refused(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, caplog, spelling
+):
+    copy_split(demo_corpus, "train-clean-100", tmp_path / "corpus" / "train", clips=4)
+    copy_split(demo_corpus, "test-clean", tmp_path / "corpus" / spelling)
+    err = refused(tmp_path, tiny_hubert_ckpt, tmp_path / "corpus", caplog)
+    assert f"/{spelling}/" in err and "2 of 6 clips" in err
+
+
+def test_train_folders_with_odd_spellings_still_train(tmp_path, demo_corpus):
+    from s3prl_laser.data import find_audio, refuse_held_out
+
+    copy_split(demo_corpus, "train-clean-100", tmp_path / "corpus" / "Train_Clean_100", clips=3)
+    (tmp_path / "corpus" / "latest").symlink_to(tmp_path / "corpus" / "Train_Clean_100")
+    items = find_audio(tmp_path / "corpus")
+    assert len(items) == 3
+    refuse_held_out(items, tmp_path / "corpus")  # no error: nothing held out

@@ -1,0 +1,106 @@
+"""Every entry point's screen shows our progress and results, not other libraries' warnings or bars.
+
+Each command runs as a user runs it (a subprocess of this environment's Python) on the tiny bundled demo;
+its whole output (stdout and stderr) must hold no line that ``foreign_lines.FOREIGN`` matches, and
+``S3PRL_LASER_LOG=debug`` must bring that chatter back (it is logged at DEBUG, not dropped). The SUPERB
+ASR recipe's screen is checked by ``test_recipes.py::test_asr_recipe_end_to_end``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from foreign_lines import FOREIGN, foreign_lines
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_SNIPPET = """
+import sys, torch, s3prl.hub
+from s3prl.nn import S3PRLUpstream
+expert = s3prl.hub.wavlm_laser(ckpt=sys.argv[1]).eval()
+print(len(expert([torch.randn(16000)])["hidden_states"]), "hidden states")
+upstream = S3PRLUpstream("wavlm_laser", path_or_url=sys.argv[1])
+hidden, lengths = upstream(torch.randn(2, 16000), torch.tensor([16000, 12000]))
+print(len(hidden), "layers")
+"""
+
+
+def run(*args: str, debug: bool = False) -> str:
+    """Run ``python ARGS`` in the repository; assert exit 0; return stdout + stderr."""
+    env = {key: value for key, value in os.environ.items() if key != "S3PRL_LASER_LOG"}
+    if debug:
+        env["S3PRL_LASER_LOG"] = "debug"
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """A WavLM demo (3 steps): WavLM's attention raises torch's key_padding_mask warning at every step."""
+    out = tmp_path_factory.mktemp("quiet") / "demo"
+    screen = run("-m", "s3prl_laser.finetune", "--upstream", "wavlm", "--demo", "--out", str(out),
+                 "steps=3", "report_clips=2")  # fmt: skip
+    return out, screen
+
+
+@pytest.mark.slow
+def test_finetune_demo_shows_only_ours(demo_run):
+    out, screen = demo_run
+    assert foreign_lines(screen) == []
+    assert "LASER demo:" in screen and "tuned upstream written to" in screen
+
+
+@pytest.mark.slow  # shares the demo run
+def test_export_shows_only_ours(demo_run, tmp_path):
+    out, _ = demo_run
+    screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",
+                 str(tmp_path / "hf"), "--verify")  # fmt: skip
+    assert foreign_lines(screen) == []
+    assert "verified: all 5 hidden states" in screen
+
+
+@pytest.mark.slow  # shares the demo run
+def test_hub_entries_in_a_users_program_show_only_its_output(demo_run):
+    out, _ = demo_run
+    screen = run("-c", HUB_SNIPPET, str(out / "wavlm_laser.pt"))
+    assert screen.splitlines() == ["5 hidden states", "5 layers"]
+
+
+@pytest.mark.slow  # shares the demo run
+def test_debug_brings_other_libraries_chatter_back(demo_run, tmp_path):
+    out, _ = demo_run
+    screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",
+                 str(tmp_path / "hf"), "--verify", debug=True)  # fmt: skip
+    assert "Support for mismatched key_padding_mask" in screen  # WavLM's forward, logged at DEBUG
+
+
+def test_fixtures_manifest_and_compare_show_only_ours(demo_corpus, tmp_path):
+    screens = [
+        run("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h.pt"), "--wavlm", str(tmp_path / "w")),
+        run("-m", "s3prl_laser.manifest", str(demo_corpus), "-o", str(tmp_path / "m.tsv")),
+    ]
+    result = {"task": "ASR", "upstream": "hubert_laser", "metric": "WER", "value": 6.0}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "result.json").write_text(json.dumps(result))
+    screens.append(run("downstream_recipes/compare.py", str(tmp_path / "runs"), "--out", str(tmp_path / "c")))
+    for screen in screens:
+        assert foreign_lines(screen) == [], screen
+
+
+def test_a_childs_chatter_goes_to_the_recipe_log_only(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "downstream_recipes"))
+    monkeypatch.delenv("S3PRL_LASER_LOG", raising=False)
+    try:
+        import superb
+    finally:
+        sys.path.remove(str(REPO / "downstream_recipes"))
+    child = "import warnings; warnings.warn('old API', FutureWarning); print('step 1: loss 2.0')"
+    output = superb.run_logged([sys.executable, "-c", child], tmp_path, dict(os.environ), tmp_path / "log")
+    shown = capsys.readouterr().out
+    assert "step 1: loss 2.0" in shown and foreign_lines(shown) == []
+    assert FOREIGN.search(output) and (tmp_path / "log").read_text() == output

@@ -1,0 +1,330 @@
+"""What ``--resume`` does with a changed key, one run per ``--out``, warnings for runs that train nothing.
+
+The table of :data:`s3prl_laser.config.RESUME_RULES` classifies every key (applied, or refused); the tests
+check that an applied key really reaches the optimizer and the schedule (whose state a checkpoint brings
+back), that a longer ``steps`` continues the schedule without a jump, that refused keys and another number
+of processes stop the command before any model is loaded, that a damaged ``best.pt`` never stops a run, and
+that a new run never writes over an earlier one. Most tests copy one finished tiny run (4 steps, module
+fixture) and resume it for a few steps.
+"""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_finetune import FAST, final_weights, tensorboard_scalars
+
+from s3prl_laser import checkpointing, laser_model
+from s3prl_laser.config import (
+    APPLIED,
+    REFUSED,
+    RESUME_RULES,
+    config_keys,
+    no_op_warnings,
+    resolve_config,
+    resume_table,
+)
+from s3prl_laser.finetune import main
+from s3prl_laser.laser_model import WarmupDecay, linear_warmup_decay
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ("steps=4", "save_every=2", "eval_every=2", "eval_clips=3")  # FAST sets lr=1e-3, warmup_steps=1
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_hubert_ckpt, demo_corpus) -> Path:
+    """A finished 4-step tiny run (checkpoints of steps 2 and 4, a best.pt, both exports); tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
+    assert main([*argv, "--out", str(out), *FAST, *RUN]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def interrupted_at(run: Path, step: int) -> Path:
+    """``run`` as if it had been killed right after its checkpoint of ``step``."""
+    for later, path in checkpointing.list_checkpoints(run):
+        if later > step:
+            path.unlink()
+    for name in ("hubert_laser.pt", "hubert_laser_best.pt"):
+        (run / name).unlink()
+    return run
+
+
+def logged_lr(run: Path) -> dict[int, float]:
+    """``{step: lr}`` from TensorBoard: at step k, the lr that the scheduler set for step k + 1."""
+    return tensorboard_scalars(run / "tb")["train/lr"]
+
+
+def one_line(text: str, *names) -> str:
+    lines = [line for line in text.splitlines() if all(str(name) in line for name in names)]
+    assert len(lines) == 1, f"expected one line naming {names}:\n{text}"
+    return lines[0]
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the command refused its input")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the table
+
+
+def test_every_config_key_has_one_resume_class_and_a_reason():
+    assert list(RESUME_RULES) == config_keys()  # every key, in the dataclass' order, none extra
+    assert all(rule in (APPLIED, REFUSED) and len(why) > 10 for rule, why in RESUME_RULES.values())
+    refused = {key for key, (rule, _) in RESUME_RULES.items() if rule == REFUSED}
+    shape = {"trainable_layers", "train_final_layer_norm", "proj_dim", "upstream", "ckpt"}
+    data = {"batch_size", "seed", "bucket_batches", "max_seconds", "grad_accum_steps", "eval_clips", "data"}
+    assert shape | data <= refused
+    applied = {"steps", "lr", "weight_decay", "warmup_steps", "log_every", "save_every", "eval_every",
+               "num_workers"}  # fmt: skip
+    assert applied <= set(RESUME_RULES) - refused
+
+
+def test_docs_table_is_the_code_table():
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text.split("## Resume: what a changed key does", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
+    assert table == resume_table(), "docs/training.md: paste s3prl_laser.config.resume_table() there"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the schedule
+
+
+def test_schedule_keeps_its_plain_form_until_retargeted_and_survives_a_checkpoint(tmp_path):
+    schedule = WarmupDecay(warmup_steps=3, total_steps=10, from_zero=True)
+    assert [schedule(s) for s in range(10)] == [linear_warmup_decay(s, 3, 10, True) for s in range(10)]
+    schedule.retarget(5, 3, 10, True)  # the same targets: nothing changes
+    assert schedule.start_factor is None
+    schedule.retarget(5, 3, 20, True)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule).state_dict()
+    torch.save(saved, tmp_path / "s.pt")
+    fresh = WarmupDecay(warmup_steps=1, total_steps=2)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, fresh).load_state_dict(
+        torch.load(tmp_path / "s.pt", weights_only=True)
+    )
+    assert fresh == schedule and [fresh(s) for s in range(5, 20)] == [schedule(s) for s in range(5, 20)]
+
+
+@pytest.mark.parametrize(
+    ("step", "warmup", "total", "new_warmup", "new_total"),
+    [(6, 2, 10, 2, 30), (1, 4, 10, 4, 30), (10, 2, 10, 2, 15), (10, 2, 10, 14, 20), (2, 4, 10, 8, 10),
+     (6, 2, 10, 2, 7)],  # fmt: skip
+)
+def test_a_retargeted_schedule_goes_on_from_the_current_lr_to_its_new_targets(
+    step, warmup, total, new_warmup, new_total
+):
+    schedule = WarmupDecay(warmup, total)
+    before = schedule(step)
+    schedule.retarget(step, new_warmup, new_total)
+    factors = [schedule(s) for s in range(step, new_total + 1)]
+    assert factors[0] == pytest.approx(before, abs=1e-12)  # no jump where the change happens
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12) and min(factors) >= 0  # decayed to 0 at the end
+    if step < new_warmup:  # up to the peak at the end of the new warm-up, then down
+        peak = new_warmup - step
+        assert factors[peak] == pytest.approx(1.0) and factors[: peak + 1] == sorted(factors[: peak + 1])
+        assert factors[peak:] == sorted(factors[peak:], reverse=True)
+    else:  # straight down, by equal steps (linear)
+        gaps = [a - b for a, b in zip(factors, factors[1:], strict=False)]
+        assert gaps == pytest.approx([gaps[0]] * len(gaps), abs=1e-12) and gaps[0] >= 0
+    if step < warmup == new_warmup:  # only `steps` changed during the warm-up: the same warm-up
+        plain = [linear_warmup_decay(s, warmup, total) for s in range(step, warmup)]
+        assert factors[: warmup - step] == plain
+
+
+def test_a_finished_schedule_extended_stays_at_zero_unless_a_new_warm_up_is_given():
+    ended = WarmupDecay(2, 10)
+    ended.retarget(10, 2, 20)
+    assert [ended(s) for s in range(10, 20)] == [0.0] * 10 and ended.peak(10) == 0.0
+    rewarmed = WarmupDecay(2, 10)
+    rewarmed.retarget(10, 14, 20)
+    assert [rewarmed(s) for s in (10, 12, 14, 17, 20)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# applied keys reach the optimizer and the schedule
+
+
+def test_resume_applies_lr_weight_decay_and_a_longer_schedule_for_real(run_copy, caplog):
+    run = interrupted_at(run_copy, 2)  # 4-step run, warm-up 1, lr 1e-3: the lr for step 3 is 1e-3 * 2/3
+    assert logged_lr(run)[2] == pytest.approx(1e-3 * 2 / 3)
+    changed = ["steps=6", "lr=5e-4", "weight_decay=0.1", "save_every=1", "eval_every=0"]
+    assert main(["--out", str(run), "--resume", *changed]) == 0
+    assert "--resume: lr: 0.001 -> 0.0005" in caplog.messages
+    # from step 3 on: 2/3 of the new lr, then linearly down to 0 at the new last step (6), without a jump
+    lr = logged_lr(run)
+    for step in (3, 4, 5, 6):
+        assert lr[step] == pytest.approx(5e-4 * (2 / 3) * (6 - step) / 4), step
+    for step in (5, 6):  # the two kept checkpoints
+        state = checkpointing.load_checkpoint(checkpointing.checkpoint_path(run, step))
+        (group,) = state["optimizer"]["param_groups"]
+        assert group["initial_lr"] == 5e-4 and group["weight_decay"] == 0.1
+        assert state["scheduler"]["base_lrs"] == [5e-4]
+        assert group["lr"] == pytest.approx(5e-4 * (2 / 3) * (6 - step) / 4)
+        assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 6
+
+
+def test_more_steps_on_a_finished_run_keep_the_lr_at_zero_and_say_so(finished_run, run_copy, caplog):
+    assert logged_lr(run_copy)[4] == 0.0  # the finished 4-step run ended at lr 0
+    assert main(["--out", str(run_copy), "--resume", "steps=5", "eval_every=0"]) == 0
+    assert logged_lr(run_copy)[5] == 0.0  # not 1e-3 * 1/4, as the schedule of a 5-step run would say
+    finished, extended = final_weights(finished_run), final_weights(run_copy)
+    assert all(torch.equal(finished[name], extended[name]) for name in finished)  # lr 0: nothing moved
+    warning = one_line(caplog.text, "WARNING", "learning rate is 0 for steps 5 to 5")
+    assert "warmup_steps beyond 4" in warning
+    caplog.clear()  # the way the warning names: a new warm-up from 0 up to lr, then down to 0 at 8
+    assert main(["--out", str(run_copy), "--resume", "steps=8", "warmup_steps=7"]) == 0
+    lr = logged_lr(run_copy)
+    assert [lr[s] for s in (6, 7, 8)] == pytest.approx([0.5e-3, 1e-3, 0.0])
+    assert "learning rate is 0" not in caplog.text
+    trained = final_weights(run_copy)
+    assert not all(torch.equal(finished[name], trained[name]) for name in finished)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# refused keys, another world size
+
+
+def test_resume_refuses_keys_that_change_the_model_or_the_data_before_any_model_loads(
+    run_copy, monkeypatch, caplog, capsys, tmp_path
+):
+    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    saved = (run_copy / "config.yaml").read_text()
+    other_data = tmp_path / "other"
+    other_data.mkdir()
+    changes = ["trainable_layers=1", "train_final_layer_norm=false", "proj_dim=128", "batch_size=4", "seed=1",
+               "bucket_batches=10", "max_seconds=2.0", "grad_accum_steps=2", "eval_clips=4",
+               "speed_factors=[1.0]"]  # fmt: skip
+    for change in changes:
+        key = change.split("=")[0]
+        caplog.clear()
+        assert main(["--out", str(run_copy), "--resume", "steps=6", change]) == 2, change
+        line = one_line(caplog.text, "error: --resume:", f"{key} ")
+        assert "start a new run with another --out" in line
+    caplog.clear()
+    assert main(["--out", str(run_copy), "--resume", "--data", str(other_data)]) == 2
+    one_line(caplog.text, "error: --resume:", "data ", "another --out")
+    assert (run_copy / "config.yaml").read_text() == saved  # nothing written
+    assert "Traceback" not in caplog.text + capsys.readouterr().err
+
+
+def test_resume_refuses_a_config_yaml_edited_away_from_its_checkpoint(run_copy, monkeypatch, caplog):
+    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "proj_dim": 128}))
+    assert main(["--out", str(run_copy), "--resume", "steps=6"]) == 2
+    line = one_line(caplog.text, "error: --resume:", "step_0000004.pt", "proj_dim 256 -> 128")
+    assert "another --out" in line and "Traceback" not in caplog.text
+
+
+def test_resume_refuses_another_number_of_processes(run_copy, monkeypatch, caplog):
+    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    newest = checkpointing.latest_checkpoint(run_copy)
+    state = checkpointing.load_checkpoint(newest)
+    torch.save({**state, "world_size": 2, "rng": state["rng"] * 2}, newest)  # as 2 processes wrote it
+    assert main(["--out", str(run_copy), "--resume", "steps=6"]) == 2
+    line = one_line(caplog.text, "error: --resume:", newest, "2 process(es)", "this run has 1")
+    assert "another --out" in line and "Traceback" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a damaged best.pt
+
+
+def test_a_damaged_best_checkpoint_is_set_aside_and_the_run_goes_on(run_copy, monkeypatch, caplog):
+    best = checkpointing.best_path(run_copy)
+    data = best.read_bytes()
+    best.write_bytes(data[: len(data) // 2])  # cut short by a disk fault
+    assert main(["--out", str(run_copy), "--resume", "steps=5", "eval_every=1"]) == 0
+    one_line(caplog.text, "WARNING", best, "is damaged", "renamed to best.pt.damaged")
+    assert best.with_name("best.pt.damaged").read_bytes() == data[: len(data) // 2]
+    kept = checkpointing.load_checkpoint(best)  # best tracking started afresh: step 5 is the best so far
+    assert kept["step"] == 5 and "best validation (step 5)" in caplog.text
+
+    # damaged again by the time of the final export: the last export is written, the best one skipped
+    real_export = laser_model.export_upstream
+
+    def export_then_damage(parts, cfg, out):
+        path = real_export(parts, cfg, out)
+        best.write_bytes(b"PK\x03\x04" + bytes(100))
+        return path
+
+    monkeypatch.setattr(laser_model, "export_upstream", export_then_damage)
+    caplog.clear()
+    assert main(["--out", str(run_copy), "--resume", "steps=6", "eval_every=0"]) == 0
+    one_line(caplog.text, "WARNING", best, "is damaged", "renamed to best.pt.damaged")
+    assert "best validation" not in caplog.text and "tuned upstream written" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per --out
+
+
+def test_a_new_run_never_writes_over_an_earlier_one(run_copy, monkeypatch, caplog, tiny_hubert_ckpt,
+                                                      demo_corpus):  # fmt: skip
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
+    argv += ["--out", str(run_copy), *FAST]
+    (run_copy / "notes.txt").write_text("mine\n")
+    before = {path: path.stat().st_mtime_ns for path in run_copy.rglob("*")}
+    with monkeypatch.context() as patched:
+        patched.setattr("s3prl_laser.upstream.load_base_model", no_model)
+        assert main([*argv, "steps=2"]) == 2
+        line = one_line(caplog.text, "error: --out", run_copy, "holds a run")
+        assert "--resume" in line and "another --out" in line and "--overwrite" in line
+        caplog.clear()
+        assert main(["--resume", "--overwrite", *argv]) == 2
+        one_line(caplog.text, "error: --overwrite starts a new run and --resume continues one")
+    assert {path: path.stat().st_mtime_ns for path in run_copy.rglob("*")} == before  # nothing written
+
+    caplog.clear()  # --overwrite: the earlier run's files go, the user's own stay; the new run starts at 0
+    assert main(["--overwrite", *argv, "steps=2", "save_every=1", "warmup_steps=3", "eval_every=0"]) == 0
+    one_line(caplog.text, "--overwrite: removed the earlier run in", run_copy, "checkpoints")
+    assert [step for step, _ in checkpointing.list_checkpoints(run_copy)] == [1, 2]
+    assert not checkpointing.best_path(run_copy).exists() and not (run_copy / "hubert_laser_best.pt").exists()
+    assert (run_copy / "notes.txt").read_text() == "mine\n"
+    assert re.search(r"steps: 2\n", (run_copy / "config.yaml").read_text())
+    # the config of this run cannot leave its warm-up: one warning at the start, from our logger
+    warning = one_line(caplog.text, "WARNING", "steps=2 <= warmup_steps=3")
+    assert "s3prl_laser" in warning and "never leaves its warm-up" in warning
+
+
+@pytest.mark.slow
+def test_the_demo_replaces_its_own_earlier_run_only(run_copy, tmp_path, caplog):
+    # run_copy trained on the bundled demo corpus: a demo run, which --demo replaces (make demo, twice)
+    assert main(["--upstream", "hubert", "--demo", "--out", str(run_copy), "steps=2", "report_clips=2",
+                 "eval_every=0"]) == 0  # fmt: skip
+    one_line(caplog.text, "--demo: removed the earlier run in", run_copy)
+    assert [step for step, _ in checkpointing.list_checkpoints(run_copy)] == [2]
+    assert (run_copy / "demo_report.json").is_file()
+    other = tmp_path / "mine"  # a run on other data is not the demo's to replace
+    other.mkdir()
+    (other / "config.yaml").write_text(f"upstream: hubert\ndata: {tmp_path}\n")
+    caplog.clear()
+    assert main(["--upstream", "hubert", "--demo", "--out", str(other)]) == 2
+    one_line(caplog.text, "error: --out", other, "holds a run")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs that train nothing
+
+
+def test_configs_that_train_nothing_are_warned_about():
+    assert no_op_warnings(resolve_config("hubert")) == []  # the paper's recipe
+    (short,) = no_op_warnings(resolve_config("hubert", overrides=["steps=10"]))
+    assert "steps=10 <= warmup_steps=1000" in short and "at most 1% of lr=2e-05" in short
+    (frozen,) = no_op_warnings(resolve_config("hubert", overrides=["trainable_layers=0",
+                                                                    "train_final_layer_norm=false"]))
+    assert "only the projection head trains" in frozen
+    (clip,) = no_op_warnings(resolve_config("hubert", overrides=["grad_clip=0"]))
+    assert "every gradient to 0" in clip
