@@ -14,10 +14,12 @@ normal finders return, and once such a module has run, calls our function on it 
 torch, as the library just did). The finder removes itself when every watched module has been seen.
 
 ``s3prl.hub`` itself is imported quietly (``quiet_import``): it imports every upstream s3prl has, and those
-print notices about optional packages that are absent ("ESPnet is not installed, cannot use espnet_hubert
-upstream") and torch's FutureWarnings, in any program, before it has configured logging. While it runs,
-warnings are logged at DEBUG and the ``s3prl`` loggers get a ``NullHandler`` (so such records reach the
-program's own handlers, if it has any, instead of Python's last-resort printing to stderr).
+print notices about optional packages ("ESPnet is not installed, cannot use espnet_hubert upstream"; with
+ESPnet installed, ESPnet's "Failed to import Flash Attention" and nltk's failed downloads) and torch's
+FutureWarnings, in any program, before it has configured logging. While it runs, warnings are logged at
+DEBUG, the ``s3prl`` loggers get a ``NullHandler`` (so such records reach the program's own handlers, if
+it has any, instead of Python's last-resort printing to stderr), and what it prints is logged at DEBUG
+(logger ``s3prl_laser._startup``); if the import fails, what it printed goes to stderr after all.
 
 Example (what the ``.pth`` line does)::
 
@@ -44,15 +46,27 @@ def quiet_import(name):
     if name not in QUIET_IMPORTS:
         yield
         return
+    import io
     import logging
 
     from s3prl_laser.console import foreign_warnings_at_debug
 
     logger, handler = logging.getLogger(name.split(".")[0]), logging.NullHandler()
     logger.addHandler(handler)
+    printed = io.StringIO()
     try:
-        with foreign_warnings_at_debug():
+        with (
+            foreign_warnings_at_debug(),
+            contextlib.redirect_stdout(printed),
+            contextlib.redirect_stderr(printed),
+        ):
             yield
+    except BaseException:
+        sys.stderr.write(printed.getvalue())  # it may explain the failure
+        raise
+    else:
+        for line in printed.getvalue().splitlines():
+            logging.getLogger(__name__).debug("import %s printed: %s", name, line)
     finally:
         logger.removeHandler(handler)
 

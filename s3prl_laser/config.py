@@ -108,6 +108,8 @@ class LaserConfig:
     collapse_threshold: float = 0.3  # warn once when a far-frame distance (collapse guard) falls below
     # --- demo report (only with --demo) ---
     report_clips: int = 8  # held-out clips in the before/after report
+    # --- probe (s3prl_laser.probe) ---
+    probe: bool = False  # at the end, CER probe of the tuned and the base upstream on the same clips
 
     def __post_init__(self) -> None:
         validate(self)
@@ -218,6 +220,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "eval_clips": (REFUSED, "which clips are held out: some would become training clips, or the reverse"),
     "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
     "report_clips": (APPLIED, "the demo report"),
+    "probe": (APPLIED, "whether the probe runs at the end"),
 }
 
 

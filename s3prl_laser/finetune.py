@@ -185,6 +185,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         best = export_best(parts, cfg, out)
         if best is not None:
             logger.info("tuned upstream at the best validation (step %d) written to %s", best[1], best[0])
+        probe = None
+        if cfg.probe:  # CER of the tuned and the base upstream on the same clips (s3prl_laser.probe)
+            from s3prl_laser.probe.runner import probe_tuned_and_base
+
+            probe = probe_tuned_and_base(cfg, final, out / "probe", env.device)
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 
@@ -193,7 +198,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
             base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
             before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
             after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
-            demo_report(cfg, before, after, out, tuned_in_memory=parts.base)
+            demo_report(cfg, before, after, out, tuned_in_memory=parts.base, probe=probe)
     return 0
 
 

@@ -142,10 +142,12 @@ def demo_report(
     after: tuple[S3prlLastLayer, nn.Module],
     out: Path,
     tuned_in_memory: nn.Module,
+    probe: list[dict] | None = None,
 ) -> dict:
     """Measure ``before`` and ``after`` (each ``(upstream through s3prl, head)``); print, write JSON and PNG.
 
     ``tuned_in_memory`` is the upstream as training left it; ``after``'s upstream must reproduce it.
+    ``probe``: the results of :func:`s3prl_laser.probe.runner.run_probe` (``probe: true``), shown and kept.
     """
     phases = PhaseLog()
     phases.next(f"clean and perturbed views of {cfg.report_clips} held-out clips")
@@ -182,6 +184,9 @@ def demo_report(
             "upstream": "upstream last-layer frames are L2-normalised before measuring",
         },
     }
+    if probe is not None:
+        keep = ("upstream", "name", "ckpt", "cer", "per")
+        report["probe"] = [{k: r[k] for k in keep if k in r} for r in probe]
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     phases.next(f"drawing {out / 'demo_alignment.png'}")
     title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
@@ -193,5 +198,9 @@ def demo_report(
         f"after = S3PRLUpstream({loaded.name!r}, {loaded.ckpt});\nthe latter's last layer vs the tuned model "
         f"in memory: max |diff| = {gap:.1e}"
     )
+    if probe is not None:
+        from s3prl_laser.probe.report import format_table as probe_table
+
+        print("CTC probe (s3prl_laser.probe), tuned vs base on the same clips:\n" + probe_table(probe))
     print(f"report: {out / 'demo_report.json'}, picture: {out / 'demo_alignment.png'}")
     return report

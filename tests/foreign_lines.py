@@ -2,7 +2,8 @@
 
 ``FOREIGN`` matches a line of such chatter: a Python warning (``file.py:12: UserWarning: ...``) or the
 ``warnings.warn(`` source line printed under one, s3prl's notices about optional upstreams it cannot use,
-and transformers' progress bars. ``foreign_lines(text)`` lists the lines of ``text`` it matches.
+transformers' progress bars, and what ESPnet's modules print at import (flash-attention, nltk downloads).
+``foreign_lines(text)`` lists the lines of ``text`` it matches.
 """
 
 import re
@@ -10,6 +11,7 @@ import re
 FOREIGN = re.compile(
     r"\w*Warning: |^\s+warnings\.warn\(|is not installed, cannot use \w+ upstream"
     r"|Writing model shards|Loading weights|Support for mismatched key_padding_mask"
+    r"|Failed to import Flash Attention|^\[nltk_data\]"
 )
 
 

@@ -14,6 +14,10 @@ What it makes, under ``<out>/LibriSpeech/``:
   lines with LibriSpeech's rules (upper-case letters, apostrophes and single spaces).
 - ``phonemes/<split>.txt``: ``<utt-id> <ph1> <ph2> ...``, espeak-ng's own phonemisation (``-x``) for the
   speaker's accent, mapped to the 39 ARPAbet phonemes (no stress) listed in ``phonemes/inventory.txt``.
+- ``phonemes/lexicon.txt``: a phone lexicon of every word of the transcripts in s3prl's g2p format
+  (``WORD<TAB>PH1 PH2 ...``, as ``librispeech-lexicon-200k-g2p.txt``): espeak-ng's American English
+  (``en-us``) phonemisation of the word alone, mapped to the same ARPAbet set (``python -m
+  s3prl_laser.probe --lexicon``).
 - ``SPEAKERS.TXT`` (LibriSpeech's speaker table, with the espeak-ng voice, speed and pitch per speaker)
   and ``README.TXT``.
 
@@ -175,6 +179,15 @@ def phonemes(sentence: str, accent: str) -> list[str]:
     return phones
 
 
+LEXICON_ACCENT = "en-us"
+
+
+def lexicon_lines(sentences: list[str]) -> list[str]:
+    """``WORD<TAB>PH1 PH2 ...`` for every word of the transcripts of ``sentences``, sorted by word."""
+    words = sorted({word for sentence in sentences for word in transcript(sentence).split()})
+    return [f"{word}\t{' '.join(phonemes(word.lower(), LEXICON_ACCENT))}\n" for word in words]
+
+
 def synthesise(sentence: str, spk: Speaker, flac: Path) -> float:
     """Speak ``sentence`` with the speaker's voice into a 16 kHz mono 16-bit FLAC; return its seconds."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,6 +242,7 @@ def build(root: Path) -> dict[str, float]:
     for split, lines in phone_lines.items():
         (root / "phonemes" / f"{split}.txt").write_text("".join(lines))
     (root / "phonemes" / "inventory.txt").write_text("".join(f"{ph}\n" for ph in ARPABET))
+    (root / "phonemes" / "lexicon.txt").write_text("".join(lexicon_lines(SENTENCES)))
     table = [";ID  |SEX| SUBSET           |MINUTES| NAME (espeak-ng voice, speed -s, pitch -p)\n"]
     for spk in SPEAKERS:
         minutes = speaker_seconds[spk.speaker] / 60

@@ -1,0 +1,148 @@
+"""The whole probe: clips, targets, features per upstream, a head per upstream and target kind, report.
+
+Every upstream sees the same clips, the same seed and the same step budget. The dev slice for early
+stopping is a seeded tenth of the training clips (at least one clip), which the head does not train on;
+the error rates are measured on the evaluation clips (dev-clean).
+
+Example::
+
+    >>> settings = ProbeSettings("/data/LibriSpeech", ["hubert_local:b.pt"], Path("p"))  # doctest: +SKIP
+    >>> results = run_probe(settings)  # doctest: +SKIP
+    >>> results[0]["cer"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from s3prl_laser.errors import UserInputError
+
+logger = logging.getLogger("s3prl_laser.probe")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    data: str  # LibriSpeech root or its parent
+    upstreams: list[str]  # "name" or "name:ckpt", the first is the reference of the table
+    out: Path
+    lexicons: list[str] = field(default_factory=list)  # g2p lexicon files: adds phone targets (PER)
+    train_hours: float = 1.0  # of train-clean-100
+    dev_minutes: float = 20.0  # of dev-clean
+    steps: int = 2000  # head step budget
+    batch_size: int = 16
+    lr: float = 2e-3
+    hidden: int = 0  # 0: linear CTC head
+    eval_every: int = 100
+    patience: int = 5
+    seed: int = 0
+    device: str | None = None
+    cache: Path | None = None  # default: <out>/cache
+
+
+def split_dev_slice(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(training indices, dev-slice indices)``: a seeded tenth of ``range(n)`` (at least one) for early
+    stopping."""
+    if n < 2:
+        raise UserInputError(f"the probe needs at least 2 training clips, found {n}")
+    dev = set(random.Random(seed).sample(range(n), max(1, n // 10)))
+    return [i for i in range(n) if i not in dev], sorted(dev)
+
+
+def run_probe(settings: ProbeSettings) -> list[dict]:
+    """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
+    import torch
+
+    from s3prl_laser.probe.clips import probe_clips
+    from s3prl_laser.probe.decode import decode_all, error_rate
+    from s3prl_laser.probe.features import UpstreamSpec, check_upstream, load_or_extract
+    from s3prl_laser.probe.head import HeadSettings, train_head
+    from s3prl_laser.probe.report import format_table, write_outputs
+    from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
+
+    specs = [UpstreamSpec.parse(u) for u in settings.upstreams]
+    for spec in specs:  # user mistakes first, before any audio is read or model loaded
+        check_upstream(spec)
+    lexicon = read_lexicons(settings.lexicons) if settings.lexicons else None
+    train, evaluation = probe_clips(settings.data, settings.train_hours, settings.dev_minutes, settings.seed)
+    logger.info(
+        "probe clips: %d training (%.1f min, %d speakers), %d evaluation (%.1f min, %d speakers)",
+        len(train), sum(c.seconds for c in train) / 60, len({c.speaker for c in train}),
+        len(evaluation), sum(c.seconds for c in evaluation) / 60, len({c.speaker for c in evaluation}),
+    )  # fmt: skip
+    texts = [c.text for c in train + evaluation]
+    kinds = {"cer": (Vocabulary.characters(), [char_units(t) for t in texts])}
+    if lexicon is not None:
+        phones = phone_units(texts, lexicon, ", ".join(map(str, settings.lexicons)))
+        kinds["per"] = (Vocabulary.of(phones), phones)
+    fit, stop = split_dev_slice(len(train), settings.seed)
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = settings.cache or settings.out / "cache"
+    head_settings = HeadSettings(
+        settings.steps,
+        settings.batch_size,
+        settings.lr,
+        settings.hidden,
+        settings.eval_every,
+        settings.patience,
+        settings.seed,
+    )
+    results = []
+    for spec in specs:
+        feats = load_or_extract(spec, train + evaluation, device, cache)
+        train_x, eval_x = feats[: len(train)], feats[len(train) :]
+        result = {
+            "upstream": str(spec),
+            "name": spec.name,
+            "ckpt": spec.ckpt,
+            "layer_weights": {},
+            "training": {},
+        }
+        for kind, (vocab, units) in kinds.items():
+            targets = [vocab.encode(u) for u in units]
+            train_y, eval_y = targets[: len(train)], targets[len(train) :]
+            head, info = train_head(
+                [train_x[i] for i in fit], [train_y[i] for i in fit],
+                [train_x[i] for i in stop], [train_y[i] for i in stop],
+                len(vocab), head_settings, device, desc=f"{kind} head {spec.name}",
+            )  # fmt: skip
+            result[kind] = error_rate(eval_y, decode_all(head, eval_x, settings.batch_size, device))
+            result["layer_weights"][kind] = head.layer_weights().cpu().tolist()
+            result["training"][kind] = info
+            logger.info(
+                "%s: %s %.2f %% (head: %d steps, best at %d)",
+                spec,
+                kind.upper(),
+                100 * result[kind],
+                info["steps"],
+                info["best_step"],
+            )
+        results.append(result)
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
+    summary.update(train_clips=[c.utt_id for c in train], eval_clips=[c.utt_id for c in evaluation])
+    paths = write_outputs(results, summary, settings.out)
+    print(format_table(results))
+    print(f"probe: {paths['json']}, layer weights: {paths['png']}")
+    return results
+
+
+def probe_tuned_and_base(cfg, tuned: Path, out: Path, device) -> list[dict]:
+    """``probe: true`` in a finetune run: the tuned upstream (``<upstream>_laser:tuned``) against its base
+    (``<upstream>_local:ckpt``, or s3prl's ``<upstream>_base`` without a ckpt) on ``cfg.data``, seed
+    ``cfg.seed``.
+
+    ``cfg`` is the run's :class:`~s3prl_laser.config.LaserConfig`; outputs go to ``out``.
+    """
+    base = f"{cfg.upstream}_local:{cfg.ckpt}" if cfg.ckpt else f"{cfg.upstream}_base"
+    logger.info("probe: %s_laser against %s on %s", cfg.upstream, base, cfg.data)
+    settings = ProbeSettings(
+        data=cfg.data,
+        upstreams=[f"{cfg.upstream}_laser:{tuned}", base],
+        out=out,
+        seed=cfg.seed,
+        device=str(device),
+    )
+    return run_probe(settings)

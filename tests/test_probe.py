@@ -1,0 +1,100 @@
+"""The probe's head, decoder and targets on synthetic features whose answer is known.
+
+Features that carry each frame's label (one-hot of the aligned symbol plus noise, random durations) must be
+read back almost perfectly; pure noise must stay near chance; a seed must reproduce the numbers.
+"""
+
+import pytest
+import torch
+
+from s3prl_laser.probe.decode import decode_all, error_rate, greedy_decode
+from s3prl_laser.probe.head import HeadSettings, train_head
+from s3prl_laser.probe.runner import split_dev_slice
+from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
+
+VOCAB, LAYERS, DIM, SIGNAL_LAYER = 12, 4, 24, 2
+SETTINGS = HeadSettings(steps=800, batch_size=8, lr=5e-2, eval_every=50, patience=3, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster than several fighting over 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_clips(n: int, seed: int, signal: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """``n`` clips ``[L, F, C]``: 3-8 symbols (no immediate repeat) of 2-5 frames each; with ``signal``,
+    layer ``SIGNAL_LAYER`` holds the one-hot of each frame's symbol plus noise, every other layer noise."""
+    g = torch.Generator().manual_seed(seed)
+    feats, targets = [], []
+    for _ in range(n):
+        symbols = []
+        while len(symbols) < int(torch.randint(3, 9, (1,), generator=g)):
+            s = int(torch.randint(1, VOCAB, (1,), generator=g))
+            if not symbols or s != symbols[-1]:
+                symbols.append(s)
+        durations = torch.randint(2, 6, (len(symbols),), generator=g)
+        frames = torch.repeat_interleave(torch.tensor(symbols), durations)
+        x = torch.randn(LAYERS, len(frames), DIM, generator=g)
+        if signal:
+            x[SIGNAL_LAYER, :, :VOCAB] += 8.0 * torch.nn.functional.one_hot(frames, VOCAB)
+        feats.append(x.half())
+        targets.append(symbols)
+    return feats, targets
+
+
+def probe_cer(signal: bool, seed: int = 0, steps: int = SETTINGS.steps) -> tuple[float, torch.Tensor]:
+    train_x, train_y = synthetic_clips(60, 1, signal)
+    dev_x, dev_y = synthetic_clips(8, 2, signal)
+    eval_x, eval_y = synthetic_clips(30, 3, signal)
+    settings = HeadSettings(**{**SETTINGS.__dict__, "seed": seed, "steps": steps})
+    head, _ = train_head(train_x, train_y, dev_x, dev_y, VOCAB, settings)
+    return error_rate(eval_y, decode_all(head, eval_x, 8, torch.device("cpu"))), head.layer_weights()
+
+
+def test_label_carrying_features_are_read_back():
+    cer, weights = probe_cer(signal=True)
+    assert cer < 0.05
+    assert int(weights.argmax()) == SIGNAL_LAYER  # the softmax weights found the layer with the labels
+    assert weights.sum().item() == pytest.approx(1.0)
+
+
+def test_pure_noise_stays_near_chance():
+    cer, _ = probe_cer(signal=False)
+    assert cer > 0.7
+
+
+def test_same_seed_same_numbers_other_seed_other_head():
+    cer_a, weights_a = probe_cer(signal=True, seed=5, steps=100)
+    cer_b, weights_b = probe_cer(signal=True, seed=5, steps=100)
+    _, weights_c = probe_cer(signal=True, seed=6, steps=100)
+    assert cer_a == cer_b and torch.equal(weights_a, weights_b)
+    assert not torch.equal(weights_a, weights_c)
+
+
+def test_greedy_decode_and_error_rate_against_hand_made_cases():
+    frames = torch.tensor([1, 1, 0, 1, 2, 2, 0, 0, 3])
+    log_probs = torch.nn.functional.one_hot(frames, 4).float().log()
+    assert greedy_decode(log_probs) == [1, 1, 2, 3]  # a blank separates the repeated 1
+    assert error_rate([[1, 2, 3, 4]], [[1, 3, 4, 5]]) == 0.5  # one deletion, one insertion
+    assert error_rate([[1, 2], [3]], [[1, 2], [3]]) == 0.0
+
+
+def test_character_and_phone_targets(tmp_path):
+    vocab = Vocabulary.characters()
+    assert char_units("IT'S OK") == ["I", "T", "'", "S", "|", "O", "K"]
+    assert vocab.symbols[0] == "<blank>" and len(vocab) == 29
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("IT\tIH1 T\nIS\tIH1 Z\nIT\tAY T\n")
+    phones = phone_units(["IT IS"], read_lexicons([lexicon]), str(lexicon))
+    assert phones == [["IH1", "T", "IH1", "Z"]]  # the first entry of a word wins, stress marks kept
+    assert Vocabulary.of(phones).encode(phones[0]) == [1, 2, 1, 3]
+
+
+def test_dev_slice_is_a_seeded_tenth():
+    fit, stop = split_dev_slice(40, seed=0)
+    assert len(stop) == 4 and sorted(fit + stop) == list(range(40))
+    assert split_dev_slice(40, seed=0) == (fit, stop) and split_dev_slice(40, seed=1) != (fit, stop)

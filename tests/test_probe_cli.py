@@ -1,0 +1,131 @@
+"""``python -m s3prl_laser.probe`` end to end on the bundled demo corpus with tiny upstreams; user errors.
+
+The tiny base (``hubert_local``) and a second tiny model standing for the tuned one (``hubert_laser``: the
+entry LASER exports load through) are probed on the same clips, with characters and with the corpus' phone
+lexicon (``phonemes/lexicon.txt``, made by espeak-ng with the corpus). User mistakes are made for real.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from s3prl_laser.fixtures import build_tiny_hubert
+from s3prl_laser.probe.cli import main
+
+FAST = ["--steps", "60", "--eval-every", "20", "--patience", "2", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tuned_ckpt(tmp_path_factory):
+    return build_tiny_hubert(tmp_path_factory.mktemp("tuned") / "tiny_tuned.pt", seed=1)
+
+
+@pytest.mark.slow
+def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
+    demo_corpus, tiny_hubert_ckpt, tuned_ckpt, tmp_path, caplog
+):
+    lexicon = demo_corpus / "phonemes" / "lexicon.txt"
+    argv = ["--data", str(demo_corpus.parent), "--upstream", f"hubert_laser:{tuned_ckpt}",
+            "--upstream", f"hubert_local:{tiny_hubert_ckpt}", "--lexicon", str(lexicon),
+            "--out", str(tmp_path), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "probe.json").read_text())
+    results = report["upstreams"]
+    assert [r["name"] for r in results] == ["hubert_laser", "hubert_local"]
+    assert results[1]["ckpt"] == str(tiny_hubert_ckpt)
+    for r in results:
+        assert 0.0 <= r["cer"] <= 1.5 and 0.0 <= r["per"] <= 1.5
+        for kind in ("cer", "per"):
+            assert len(r["layer_weights"][kind]) == 5  # 4 layers + the CNN output
+            assert sum(r["layer_weights"][kind]) == pytest.approx(1.0, abs=1e-5)
+    # the demo corpus is smaller than asked: used whole (40 training clips, 10 of dev-clean), never test-clean
+    assert len(report["settings"]["train_clips"]) == 40 and len(report["settings"]["eval_clips"]) == 10
+    assert all(
+        u.startswith(("1", "2")) for u in report["settings"]["train_clips"] + report["settings"]["eval_clips"]
+    )
+    assert "less than the" in caplog.text
+    assert (tmp_path / "probe_layers.png").stat().st_size > 0
+    table = (tmp_path / "probe_table.txt").read_text()
+    assert "CER" in table and "PER" in table and "hubert_local" in table
+    # a second probe of the same upstreams on the same clips reads the features back from the cache
+    caplog.clear()
+    assert main(argv) == 0
+    assert caplog.text.count("read from the cache") == 2
+    assert (
+        json.loads((tmp_path / "probe.json").read_text())["upstreams"] == results
+    )  # same seed, same numbers
+
+
+def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog):
+    argv = ["--data", str(demo_corpus), "--upstream", f"hubert_local:{tiny_hubert_ckpt}",
+            "--out", str(tmp_path), "--train-hours", "0.01", "--dev-minutes", "0.1", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated
+    caplog.clear()
+    assert main(argv) == 0
+    assert "is unreadable" in caplog.text and "computing the features again" in caplog.text
+
+
+def test_missing_dev_clean_is_one_line_exit_2(demo_corpus, tiny_hubert_ckpt, tmp_path):
+    root = tmp_path / "LibriSpeech"
+    shutil.copytree(demo_corpus / "train-clean-100", root / "train-clean-100")
+    command = [sys.executable, "-m", "s3prl_laser.probe", "--data", str(tmp_path),
+               "--upstream", f"hubert_local:{tiny_hubert_ckpt}", "--out", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no dev-clean/ folder" in result.stderr and str(root) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [("hubert_lokal", "s3prl has no upstream named 'hubert_lokal' (did you mean hubert_local"),
+     ("hubert_local:{missing}", "does not exist")],
+)  # fmt: skip
+def test_unknown_upstream_or_missing_checkpoint_exit_2(demo_corpus, tmp_path, caplog, upstream, message):
+    spec = upstream.format(missing=tmp_path / "nope.pt")
+    assert main(["--data", str(demo_corpus), "--upstream", spec, "--out", str(tmp_path)]) == 2
+    assert message in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "probe.json").exists()
+
+
+def test_lexicon_without_a_word_of_the_transcripts_exit_2(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog):
+    lexicon = tmp_path / "lexicon.txt"
+    full = (demo_corpus / "phonemes" / "lexicon.txt").read_text().splitlines()
+    lexicon.write_text("\n".join(line for line in full if not line.startswith("THE\t")) + "\n")
+    argv = ["--data", str(demo_corpus), "--upstream", f"hubert_local:{tiny_hubert_ckpt}",
+            "--lexicon", str(lexicon), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    assert f"--lexicon {lexicon}: 1 word(s) of the transcripts have no entry (THE)" in caplog.text
+
+
+def test_demo_lexicon_covers_every_word_of_the_corpus(demo_corpus):
+    from s3prl_laser.probe.clips import read_split
+    from s3prl_laser.probe.targets import read_lexicons
+
+    lexicon = read_lexicons([demo_corpus / "phonemes" / "lexicon.txt"])
+    inventory = set((demo_corpus / "phonemes" / "inventory.txt").read_text().split())
+    splits = [read_split(demo_corpus / s) for s in ("train-clean-100", "dev-clean", "test-clean")]
+    words = {w for split in splits for items in split.values() for _, _, text in items for w in text.split()}
+    assert words == set(lexicon)
+    assert {ph for phones in lexicon.values() for ph in phones} <= inventory
+
+
+def test_help_is_quick_and_imports_no_torch():
+    code = "import sys, time; t = time.time(); from s3prl_laser.probe.cli import get_args_parser"
+    code += "; get_args_parser()"
+    code += "; print(time.time() - t, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    seconds, torch_loaded = result.stdout.split()
+    assert torch_loaded == "False" and float(seconds) < 1.0
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "s3prl_laser.probe", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--upstream" in result.stdout
+    assert time.perf_counter() - start < 5.0  # interpreter start-up included, on a busy machine
