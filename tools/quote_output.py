@@ -44,20 +44,50 @@ class Command:
     keep: a regex; only matching lines are quoted (None: every line), runs of others become one ``...``.
     start: a regex; lines before its first match are dropped (the quote starts there).
     fresh: paths under the repository removed before the command runs (it must make them itself).
+    source: the name of an earlier command whose output this quote shows another part of (not run again).
     """
 
     line: str
     keep: str | None = None
     start: str | None = None
     fresh: tuple[str, ...] = ()
+    source: str | None = None
 
 
+DEMO = "python -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo"
+DEMO_CORPUS = "s3prl_laser/assets/demo_corpus/LibriSpeech"
 COMMANDS: dict[str, Command] = {
-    "demo": Command(
-        "python -m s3prl_laser.finetune --upstream hubert --demo --out runs/demo",
-        fresh=("runs/demo",),
+    "demo": Command(DEMO, fresh=("runs/demo",)),
+    "demo-report": Command(DEMO, start=r"^LASER demo:", source="demo"),
+    "finetune-end": Command(DEMO, keep=r"trainable parameters|^LASER: |tuned upstream", source="demo"),
+    "resume": Command(
+        "python -m s3prl_laser.finetune --out runs/demo --resume steps=125",
+        keep=r"--resume|^LASER: |tuned upstream \(last",
     ),
-    "finetune-help": Command("python -m s3prl_laser.finetune --help", keep=r"^(usage|  --resume|  --out)"),
+    "torchrun": Command(
+        "python -m torch.distributed.run --nproc_per_node 2 -m s3prl_laser.finetune --upstream hubert --demo "
+        "--out runs/demo_2ranks steps=20 eval_every=0",
+        keep=r"process|rank|^LASER: |tuned upstream \(last",
+        fresh=("runs/demo_2ranks",),
+    ),
+    "probe": Command(
+        f"python -m s3prl_laser.probe --data {DEMO_CORPUS} --out runs/probe_demo "
+        "--upstream hubert_local:runs/demo/tiny_hubert.pt --upstream hubert_laser:runs/demo/hubert_laser.pt "
+        f"--lexicon {DEMO_CORPUS}/phonemes/lexicon.txt",
+        start=r"^upstream ",
+        fresh=("runs/probe_demo",),
+    ),
+    "superb": Command(
+        f"downstream_recipes/superb_asr.sh --upstream hubert_laser --ckpt runs/demo/hubert_laser.pt "
+        f"--librispeech {DEMO_CORPUS} --out runs/superb/asr_hubert_laser --steps 4 --device cpu --smoke",
+        keep=r"^SUPERB |^result:",
+        fresh=("runs/superb/asr_hubert_laser",),
+    ),
+    "export": Command(
+        "python -m s3prl_laser.export --ckpt runs/demo/hubert_laser.pt --to hf runs/hf/hubert_laser --verify",
+        keep=r"^exported|^verified",
+        fresh=("runs/hf/hubert_laser",),
+    ),
 }
 
 
@@ -84,13 +114,14 @@ def quoted_lines(command: Command, output: str) -> list[str]:
     return kept
 
 
-def run(name: str, command: Command) -> list[str]:
+def run(name: str, command: Command) -> str:
+    """The output of ``command`` (standard output and error together); exits if it fails."""
     for path in command.fresh:
         shutil.rmtree(REPO / path, ignore_errors=True)
     argv = command.line.split()
     if argv[0] == "python":
         argv[0] = sys.executable
-    env = {**os.environ, "COLUMNS": "110", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "COLUMNS": "110", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
     env.pop("S3PRL_LASER_LOG", None)
     started = time.monotonic()
     done = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -98,7 +129,7 @@ def run(name: str, command: Command) -> list[str]:
     if done.returncode != 0:
         sys.exit(f"error: `{command.line}` exited {done.returncode}; its output:\n{output[-4000:]}")
     print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return [f"$ {command.line}", *quoted_lines(command, output)]
+    return output
 
 
 def quotes_in(text: str) -> list[str]:
@@ -135,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16} {command.line}\n{'':16} quoted in: {', '.join(where) or 'nowhere'}")
         return 0
     names = args.names or list(COMMANDS)
-    write_quotes({name: run(name, COMMANDS[name]) for name in COMMANDS if name in names})
+    outputs: dict[str, str] = {}
+    quotes = {}
+    for name, command in COMMANDS.items():
+        if name not in names:
+            continue
+        if command.source is None:
+            outputs[name] = run(name, command)
+        elif command.source not in outputs:
+            outputs[command.source] = run(command.source, COMMANDS[command.source])
+        output = outputs[command.source or name]
+        quotes[name] = [f"$ {command.line}", *quoted_lines(command, output)]
+    write_quotes(quotes)
     return 0
 
 
