@@ -61,7 +61,7 @@ COMMANDS: dict[str, Command] = {
     "demo-report": Command(DEMO, start=r"^LASER demo:", source="demo"),
     "finetune-end": Command(DEMO, keep=r"trainable parameters|^LASER: |tuned upstream", source="demo"),
     "resume": Command(
-        "python -m s3prl_laser.finetune --out runs/demo --resume steps=125",
+        "python -m s3prl_laser.finetune --out runs/demo --resume steps=130 warmup_steps=125",
         keep=r"--resume|^LASER: |tuned upstream \(last",
     ),
     "torchrun": Command(
