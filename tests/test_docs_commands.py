@@ -161,3 +161,21 @@ def test_checker_catches_a_wrong_flag_and_key():
     assert unknown_words(kind, name, arguments) == ["--upstrem", "stepz=3"]
     kind, name, arguments = entry_point(words_of("make tset"))
     assert unknown_words(kind, name, arguments) == ["tset"]
+
+
+def test_every_quote_is_made_by_the_quote_tool():
+    """Quoted output blocks name a command of tools/quote_output.py, and each of its commands is quoted."""
+    tool = load_script(REPO / "tools/quote_output.py")
+    quoted = {name for document in DOCUMENTS for name in tool.quotes_in(document.read_text())}
+    assert quoted <= set(tool.COMMANDS), f"quotes no command makes: {quoted - set(tool.COMMANDS)}"
+    assert set(tool.COMMANDS) <= quoted, f"commands quoted nowhere: {set(tool.COMMANDS) - quoted}"
+    for command in tool.COMMANDS.values():
+        kind, name, arguments = entry_point(words_of(command.line))
+        assert not unknown_words(kind, name, arguments), command.line
+
+
+def test_quote_tool_shows_a_redrawn_bar_once_and_elides():
+    tool = load_script(REPO / "tools/quote_output.py")
+    output = f"a {REPO}/x\nbar  10%\rbar  50%\rbar 100%\nnoise\nnoise\nresult 1\n\n"
+    command = tool.Command("python -m s3prl_laser.finetune --help", keep=r"^(a|bar|result)")
+    assert tool.quoted_lines(command, output) == ["a ./x", "bar 100%", "...", "result 1"]
