@@ -56,6 +56,18 @@ def test_finetune_demo_shows_only_ours(demo_run):
 
 
 @pytest.mark.slow  # shares the demo run
+def test_probe_shows_only_ours(demo_run, demo_corpus, tmp_path):
+    """The probe loads both upstreams through s3prl (WavLM's attention warns there) and trains two heads."""
+    out, _ = demo_run
+    screen = run("-m", "s3prl_laser.probe", "--data", str(demo_corpus), "--out", str(tmp_path),
+                 "--upstream", f"wavlm_local:{out / 'tiny_wavlm.pt'}",
+                 "--upstream", f"wavlm_laser:{out / 'wavlm_laser.pt'}",
+                 "--train-hours", "0.005", "--dev-minutes", "0.1", "--steps", "3")  # fmt: skip
+    assert foreign_lines(screen) == []
+    assert "wavlm_laser:" in screen and "CER" in screen
+
+
+@pytest.mark.slow  # shares the demo run
 def test_export_shows_only_ours(demo_run, tmp_path):
     out, _ = demo_run
     screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",

@@ -73,7 +73,7 @@ COMMANDS: dict[str, Command] = {
     "probe": Command(
         f"python -m s3prl_laser.probe --data {DEMO_CORPUS} --out runs/probe_demo "
         "--upstream hubert_local:runs/demo/tiny_hubert.pt --upstream hubert_laser:runs/demo/hubert_laser.pt "
-        f"--lexicon {DEMO_CORPUS}/phonemes/lexicon.txt",
+        f"--lexicon {DEMO_CORPUS}/phonemes/lexicon.txt --steps 300",
         start=r"^upstream ",
         fresh=("runs/probe_demo",),
     ),
