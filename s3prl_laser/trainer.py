@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim import Adam, AdamW
+from torch.optim.adam import Adam  # the classes themselves: tests may patch torch.optim.AdamW
+from torch.optim.adamw import AdamW
 
 from s3prl_laser import checkpointing
 from s3prl_laser.config import LaserConfig, from_dict, refused_changes, to_dict
