@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -89,6 +90,14 @@ def seeded_head(cfg: LaserConfig, hidden_size: int) -> ProjectionHead:
         return ProjectionHead(hidden_size, cfg.proj_dim)
 
 
+def no_buffer_sync() -> dict:
+    """DDP's keyword that stops syncing buffers at every forward (newer torch renamed it; every rank builds
+    the same buffers from the same checkpoint, so the one sync at start that the new name keeps is moot)."""
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return {key: False}
+
+
 def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
     """Load and freeze the upstream; add the head, loss, AdamW and schedule (DDP-wrapped if distributed)."""
     base, head, n_base = build_upstream(cfg)
@@ -105,7 +114,7 @@ def build_model(cfg: LaserConfig, env: DistEnv) -> Parts:
     module = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync())
     loss_fn = LaserLoss(
         cfg.gamma, cfg.alpha, cfg.sigma, cfg.margin, cfg.loss_type, cfg.bandwidth, cfg.softdtw_backend
     )

@@ -59,15 +59,17 @@ DEMO_CORPUS = "s3prl_laser/assets/demo_corpus/LibriSpeech"
 COMMANDS: dict[str, Command] = {
     "demo": Command(DEMO, fresh=("runs/demo",)),
     "demo-report": Command(DEMO, start=r"^LASER demo:", source="demo"),
-    "finetune-end": Command(DEMO, keep=r"trainable parameters|^LASER: |tuned upstream", source="demo"),
+    "finetune-end": Command(
+        DEMO, keep=r"trainable parameters|^LASER: |tuned upstream (written|at)", source="demo"
+    ),
     "resume": Command(
         "python -m s3prl_laser.finetune --out runs/demo --resume steps=130 warmup_steps=125",
-        keep=r"--resume|^LASER: |tuned upstream \(last",
+        keep=r"--resume|^LASER: |tuned upstream written",
     ),
     "torchrun": Command(
         "python -m torch.distributed.run --nproc_per_node 2 -m s3prl_laser.finetune --upstream hubert --demo "
         "--out runs/demo_2ranks steps=20 eval_every=0",
-        keep=r"process|rank|^LASER: |tuned upstream \(last",
+        keep=r"identical trainable weights|^LASER: |tuned upstream written",
         fresh=("runs/demo_2ranks",),
     ),
     "probe": Command(
