@@ -110,6 +110,7 @@ class LaserConfig:
     report_clips: int = 8  # held-out clips in the before/after report
     # --- probe (s3prl_laser.probe) ---
     probe: bool = False  # at the end, CER probe of the tuned and the base upstream on the same clips
+    probe_steps: int = 2000  # that probe's head step budget (python -m s3prl_laser.probe --steps)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -126,7 +127,7 @@ def validate(cfg: LaserConfig) -> None:
     if cfg.frame_count not in FRAME_COUNTS:
         raise UserInputError(f"frame_count={cfg.frame_count!r}: choose one of {FRAME_COUNTS}")
     positive = ("steps", "batch_size", "save_every", "log_every", "proj_dim", "sample_rate", "bucket_batches")
-    positive += ("prefetch_batches", "grad_accum_steps")
+    positive += ("prefetch_batches", "grad_accum_steps", "probe_steps")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise UserInputError(f"{key}={getattr(cfg, key)!r} must be >= 1")
@@ -221,6 +222,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
     "report_clips": (APPLIED, "the demo report"),
     "probe": (APPLIED, "whether the probe runs at the end"),
+    "probe_steps": (APPLIED, "the end-of-run probe's head step budget"),
 }
 
 

@@ -131,9 +131,39 @@ def test_help_is_quick_and_imports_no_torch():
     assert time.perf_counter() - start < 5.0  # interpreter start-up included, on a busy machine
 
 
-def test_probe_key_of_finetune_is_off_by_default_and_in_the_demo():
+def test_probe_key_of_finetune_is_off_by_default_and_on_in_the_demo():
     from s3prl_laser.config import resolve_config
 
     assert resolve_config("hubert").probe is False
-    assert resolve_config("hubert", demo=True).probe is False  # the demo's probe costs more than 60 s here
+    assert resolve_config("hubert", demo=True).probe is True
     assert resolve_config("hubert", overrides=["probe=true"]).probe is True
+
+
+@pytest.mark.slow
+def test_demo_report_shows_the_probe_of_tuned_and_base(tmp_path, capsys):
+    """probe: true runs the probe on the written upstream and its base after training; the report shows it."""
+    import s3prl_laser.finetune as finetune
+
+    out = tmp_path / "demo"
+    argv = ["--upstream", "hubert", "--demo", "--out", str(out), "steps=2", "eval_every=0", "report_clips=2",
+            "probe_steps=3"]  # fmt: skip
+    assert finetune.main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "CTC probe (s3prl_laser.probe), tuned vs base on the same clips:" in shown
+    results = json.loads((out / "probe" / "probe.json").read_text())
+    names = [entry["name"] for entry in results["upstreams"]]
+    assert names == ["hubert_laser", "hubert_local"]  # the tuned upstream first, then its base
+    assert json.loads((out / "demo_report.json").read_text())["probe"]
+
+
+def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, tmp_path):
+    """A finetune run with probe=true on data the probe cannot use stops at start: exit 2, one line."""
+    clips = tmp_path / "clips"
+    shutil.copytree(demo_corpus / "train-clean-100", clips)  # a folder of audio, no LibriSpeech splits
+    command = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert", "--demo",
+               "--data", str(clips), "--out", str(tmp_path / "run"), "probe=true"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "probe=true: data" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+

@@ -41,21 +41,28 @@ def probe_clips(
 ) -> tuple[list[Clip], list[Clip]]:
     """``(training clips, evaluation clips)``: about ``train_hours`` of ``train-clean-100`` and
     ``dev_minutes`` of ``dev-clean`` under ``data`` (the LibriSpeech root or its parent)."""
-    root = librispeech_root(Path(data).expanduser()) if Path(data).expanduser().is_dir() else None
-    if root is None:
-        raise UserInputError(
-            f"--data {data}: not a LibriSpeech root (no split folders in it or in LibriSpeech/)"
-        )
-    for split in (TRAIN_SPLIT, EVAL_SPLIT):
-        if not (root / split).is_dir():
-            raise UserInputError(
-                f"--data {root}: no {split}/ folder; the probe trains on {TRAIN_SPLIT} "
-                f"and scores on {EVAL_SPLIT}"
-            )
+    root = probe_root(data)
     return (
         balanced_subset(read_split(root / TRAIN_SPLIT), train_hours * 3600, seed, f"{root / TRAIN_SPLIT}"),
         balanced_subset(read_split(root / EVAL_SPLIT), dev_minutes * 60, seed, f"{root / EVAL_SPLIT}"),
     )
+
+
+def probe_root(data: str | Path, option: str = "--data") -> Path:
+    """The LibriSpeech root under ``data`` that holds both probe splits; ``UserInputError`` naming ``option``
+    otherwise (a cheap check, made before any expensive work)."""
+    root = librispeech_root(Path(data).expanduser()) if Path(data).expanduser().is_dir() else None
+    if root is None:
+        raise UserInputError(
+            f"{option} {data}: not a LibriSpeech root (no split folders in it or in LibriSpeech/)"
+        )
+    for split in (TRAIN_SPLIT, EVAL_SPLIT):
+        if not (root / split).is_dir():
+            raise UserInputError(
+                f"{option} {root}: no {split}/ folder; the probe trains on {TRAIN_SPLIT} "
+                f"and scores on {EVAL_SPLIT}"
+            )
+    return root
 
 
 def read_split(folder: Path) -> dict[str, list[tuple[str, str, str]]]:

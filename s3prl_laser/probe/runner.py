@@ -143,6 +143,7 @@ def probe_tuned_and_base(cfg, tuned: Path, out: Path, device) -> list[dict]:
         upstreams=[f"{cfg.upstream}_laser:{tuned}", base],
         out=out,
         seed=cfg.seed,
+        steps=cfg.probe_steps,
         device=str(device),
     )
     return run_probe(settings)
