@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if cfg.probe:  # CER of the tuned and the base upstream on the same clips (s3prl_laser.probe)
             from s3prl_laser.probe.runner import probe_tuned_and_base
 
-            probe = probe_tuned_and_base(cfg, final, out / "probe", env.device)
+            probe = probe_tuned_and_base(cfg, final, out / "probe", env.device, show=not args.demo)
         if args.demo:
             from s3prl_laser.report import S3prlLastLayer, demo_report
 

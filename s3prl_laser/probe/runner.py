@@ -52,7 +52,7 @@ def split_dev_slice(n: int, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in dev], sorted(dev)
 
 
-def run_probe(settings: ProbeSettings) -> list[dict]:
+def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
     import torch
 
@@ -124,12 +124,13 @@ def run_probe(settings: ProbeSettings) -> list[dict]:
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     summary.update(train_clips=[c.utt_id for c in train], eval_clips=[c.utt_id for c in evaluation])
     paths = write_outputs(results, summary, settings.out)
-    print(format_table(results))
+    if show:  # else the caller shows the results (the demo report does)
+        print(format_table(results))
     print(f"probe: {paths['json']}, layer weights: {paths['png']}")
     return results
 
 
-def probe_tuned_and_base(cfg, tuned: Path, out: Path, device) -> list[dict]:
+def probe_tuned_and_base(cfg, tuned: Path, out: Path, device, show: bool = True) -> list[dict]:
     """``probe: true`` in a finetune run: the tuned upstream (``<upstream>_laser:tuned``) against its base
     (``<upstream>_local:ckpt``, or s3prl's ``<upstream>_base`` without a ckpt) on ``cfg.data``, seed
     ``cfg.seed``.
@@ -146,4 +147,4 @@ def probe_tuned_and_base(cfg, tuned: Path, out: Path, device) -> list[dict]:
         steps=cfg.probe_steps,
         device=str(device),
     )
-    return run_probe(settings)
+    return run_probe(settings, show)
