@@ -17,6 +17,9 @@ VENV ?= $(if $(filter current,$(LANE)),.venv,.venv-$(LANE))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3prl-laser-installed
 PYTEST_ARGS ?=
+# extra pip install options (CI passes --no-compile: its venvs are thrown away, so bytecode is compiled only for
+# the modules the tests import)
+PIP_FLAGS ?=
 # The ESPnet release the espnet lane installs, as its users do (202511 brings torch 2.12.1 and no torchaudio).
 ESPNET ?= espnet==202511
 # the torchaudio that loads with the installed torch (s3prl_laser/lanes.py, importable from the source tree)
@@ -29,14 +32,14 @@ ifeq ($(LANE),espnet)
 $(STAMP): setup.cfg setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(ESPNET) into $(VENV) as its users do (pip log: $(VENV)/pip.log)"
-	@$(PY) -m pip install $(ESPNET) >$(VENV)/pip.log 2>&1 \
+	@$(PY) -m pip install $(PIP_FLAGS) $(ESPNET) >$(VENV)/pip.log 2>&1 \
 		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
 	@$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VENV)/freeze-before.txt
 	@$(PY) -m pip freeze --all --exclude-editable | grep -v ' @ ' > $(VENV)/freeze-all-before.txt
 	@torchaudio=$$($(PY) -c "$(TORCHAUDIO_FOR_TORCH)") || exit 1; \
 		echo "adding $$torchaudio (loads with ESPnet's torch), espnet-s3prl and s3prl-laser[current,test]," \
 			"ESPnet's packages as constraints"; \
-		$(PY) -m pip install -c $(VENV)/freeze-before.txt $(ESPNET) "$$torchaudio" -e '.[current,test]' \
+		$(PY) -m pip install $(PIP_FLAGS) -c $(VENV)/freeze-before.txt $(ESPNET) "$$torchaudio" -e '.[current,test]' \
 			>>$(VENV)/pip.log 2>&1 \
 		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
 	@$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VENV)/freeze-after.txt
@@ -53,7 +56,7 @@ else
 $(STAMP): setup.cfg setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing s3prl-laser[$(LANE),test] into $(VENV) (pip log: $(VENV)/pip.log)"
-	@$(PY) -m pip install -e '.[$(LANE),test]' >$(VENV)/pip.log 2>&1 \
+	@$(PY) -m pip install $(PIP_FLAGS) -e '.[$(LANE),test]' >$(VENV)/pip.log 2>&1 \
 		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
 	@grep '^ERROR' $(VENV)/pip.log || true  # pip reports dependency conflicts as errors, yet exits 0
 	@touch $(STAMP)

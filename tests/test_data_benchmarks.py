@@ -8,6 +8,8 @@ import pytest
 
 from s3prl_laser.config import resolve_config
 
+pytestmark = pytest.mark.one_lane  # the scripts' reports; the data code is tested on every lane
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -207,6 +207,7 @@ def test_transcript_rules():
 @pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox"
 )
+@pytest.mark.one_lane  # espeak-ng and sox, no lane package
 def test_make_demo_corpus_reproduces_the_bundled_corpus(tmp_path, demo_corpus):
     assert _load_tool().main(["--out", str(tmp_path)]) == 0
     rebuilt = tmp_path / "LibriSpeech"

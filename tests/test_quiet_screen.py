@@ -84,6 +84,7 @@ def test_hub_entries_in_a_users_program_show_only_its_output(demo_run):
 
 
 @pytest.mark.slow  # shares the demo run
+@pytest.mark.one_lane  # our log routing; each lane's screen is checked above
 def test_debug_brings_other_libraries_chatter_back(demo_run, tmp_path):
     out, _ = demo_run
     screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",

@@ -19,6 +19,8 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PTH_NAME = "s3prl_laser_startup.pth"
 ENTRIES = ("hubert_laser", "wavlm_laser")
@@ -86,6 +88,7 @@ def test_run_downstream_script_of_an_s3prl_tree_lists_the_entries():
     assert set(ENTRIES) <= listed_upstreams(help_text)
 
 
+@pytest.mark.one_lane  # the wheel's files; registration is tested on every lane
 def test_regular_wheel_puts_a_working_pth_at_its_root(tmp_path):
     project = tmp_path / "project"
     shutil.copytree(

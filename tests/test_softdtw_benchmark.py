@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.one_lane  # the script's table; the engine is tested on every lane
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "softdtw.py"
 
 
