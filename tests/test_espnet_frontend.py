@@ -104,6 +104,8 @@ import copy, json, sys
 import torch, yaml
 from espnet2.tasks.asr import frontend_choices
 
+pytestmark = pytest.mark.espnet_lane
+
 config, ckpt = yaml.safe_load(sys.argv[1]), sys.argv[2]
 
 

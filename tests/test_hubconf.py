@@ -12,6 +12,8 @@ import torch
 
 from s3prl_laser import hubconf
 
+pytestmark = pytest.mark.espnet_lane
+
 SAMPLE_RATE = 16000
 # (kernel, stride) of the base HuBERT/WavLM CNN, which the tiny fixtures keep.
 BASE_CNN = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2

@@ -24,6 +24,8 @@ from packaging.requirements import Requirement
 from s3prl_laser import lanes
 from s3prl_laser.lanes import LANES
 
+pytestmark = pytest.mark.espnet_lane
+
 REPO = Path(__file__).resolve().parents[1]
 LANE_PACKAGES = {"torch", "torchaudio", "transformers", "huggingface-hub", "numpy"}
 S3PRL_DISTRIBUTIONS = {"s3prl", "espnet-s3prl"}
