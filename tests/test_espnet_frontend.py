@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.espnet_lane
+
 REPO = Path(__file__).resolve().parents[1]
 
 FRONTEND = r"""
@@ -103,8 +105,6 @@ REAL_FRONTEND = r"""
 import copy, json, sys
 import torch, yaml
 from espnet2.tasks.asr import frontend_choices
-
-pytestmark = pytest.mark.espnet_lane
 
 config, ckpt = yaml.safe_load(sys.argv[1]), sys.argv[2]
 

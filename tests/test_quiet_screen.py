@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from foreign_lines import FOREIGN, foreign_lines
 
+pytestmark = pytest.mark.espnet_lane
+
 REPO = Path(__file__).resolve().parents[1]
 HUB_SNIPPET = """
 import sys, torch, s3prl.hub
 from s3prl.nn import S3PRLUpstream
-
-pytestmark = pytest.mark.espnet_lane
 expert = s3prl.hub.wavlm_laser(ckpt=sys.argv[1]).eval()
 print(len(expert([torch.randn(16000)])["hidden_states"]), "hidden states")
 upstream = S3PRLUpstream("wavlm_laser", path_or_url=sys.argv[1])
