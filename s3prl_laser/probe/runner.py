@@ -56,7 +56,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
     import torch
 
-    from s3prl_laser.probe.clips import probe_clips
+    from s3prl_laser.probe.clips import probe_clips, probe_root
     from s3prl_laser.probe.decode import decode_all, error_rate
     from s3prl_laser.probe.features import UpstreamSpec, check_upstream, load_or_extract
     from s3prl_laser.probe.head import HeadSettings, train_head
@@ -64,7 +64,10 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
     specs = [UpstreamSpec.parse(u) for u in settings.upstreams]
-    for spec in specs:  # user mistakes first, before any audio is read or model loaded
+    # user mistakes first, before any audio is read or model loaded: the data folders (a cheap check, made
+    # before s3prl is imported), then the upstreams
+    probe_root(settings.data)
+    for spec in specs:
         check_upstream(spec)
     lexicon = read_lexicons(settings.lexicons) if settings.lexicons else None
     train, evaluation = probe_clips(settings.data, settings.train_hours, settings.dev_minutes, settings.seed)
