@@ -10,10 +10,15 @@ Nothing heavy happens at import time: torch and s3prl are imported inside the fi
   Treat the files as read-only; build your own variant with ``s3prl_laser.fixtures.build_tiny_*``.
 - ``demo_corpus``: ``Path`` of the bundled LibriSpeech-layout root (``.../LibriSpeech``) with
   ``train-clean-100``, ``dev-clean``, ``test-clean`` and ``phonemes/<split>.txt``.
+- ``wavlm_demo_run``: ``(run folder, screen)`` of one WavLM demo (3 steps, 2 report clips) run as a user runs
+  it, ``python -m s3prl_laser.finetune`` in a child process; the screen is its stdout + stderr. WavLM's
+  attention raises torch's key_padding_mask warning at every step. Treat the folder as read-only.
 """
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +66,15 @@ def demo_corpus() -> Path:
     from s3prl_laser.fixtures import demo_corpus_root
 
     return demo_corpus_root()
+
+
+@pytest.fixture(scope="session")
+def wavlm_demo_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("wavlm_demo") / "demo"
+    env = {key: value for key, value in os.environ.items() if key != "S3PRL_LASER_LOG"}
+    command = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "wavlm", "--demo",
+               "--out", str(out), "steps=3", "report_clips=2"]  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout + done.stderr

@@ -349,10 +349,8 @@ def test_a_resumed_run_goes_past_a_batch_that_always_runs_out_of_memory(
     assert state["step"] == 3 and state["counters"]["oom"] == 1 and state["data_position"]["batch"] == 4
 
 
-def test_demo_writes_report_table_and_picture(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["--upstream", "wavlm", "--demo", "--out", str(out), "steps=3", "report_clips=2"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_writes_report_table_and_picture(wavlm_demo_run):
+    out, printed = wavlm_demo_run  # python -m s3prl_laser.finetune --upstream wavlm --demo steps=3 ...
     assert "divergence, same clip" in printed and "far-frame distance" in printed
     report = __import__("json").loads((out / "demo_report.json").read_text())
     assert report["clips"] == 2 and all("/dev-clean/" in p or "/test-clean/" in p for p in report["paths"])

@@ -41,26 +41,17 @@ def run(*args: str, debug: bool = False) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> tuple[Path, str]:
-    """A WavLM demo (3 steps): WavLM's attention raises torch's key_padding_mask warning at every step."""
-    out = tmp_path_factory.mktemp("quiet") / "demo"
-    screen = run("-m", "s3prl_laser.finetune", "--upstream", "wavlm", "--demo", "--out", str(out),
-                 "steps=3", "report_clips=2")  # fmt: skip
-    return out, screen
-
-
 @pytest.mark.slow
-def test_finetune_demo_shows_only_ours(demo_run):
-    out, screen = demo_run
+def test_finetune_demo_shows_only_ours(wavlm_demo_run):
+    out, screen = wavlm_demo_run
     assert foreign_lines(screen) == []
     assert "LASER demo:" in screen and "tuned upstream written to" in screen
 
 
-@pytest.mark.slow  # shares the demo run
-def test_probe_shows_only_ours(demo_run, demo_corpus, tmp_path):
+@pytest.mark.slow  # shares the demo run (conftest.py)
+def test_probe_shows_only_ours(wavlm_demo_run, demo_corpus, tmp_path):
     """The probe loads both upstreams through s3prl (WavLM's attention warns there) and trains two heads."""
-    out, _ = demo_run
+    out, _ = wavlm_demo_run
     screen = run("-m", "s3prl_laser.probe", "--data", str(demo_corpus), "--out", str(tmp_path),
                  "--upstream", f"wavlm_local:{out / 'tiny_wavlm.pt'}",
                  "--upstream", f"wavlm_laser:{out / 'wavlm_laser.pt'}",
@@ -69,18 +60,18 @@ def test_probe_shows_only_ours(demo_run, demo_corpus, tmp_path):
     assert "wavlm_laser:" in screen and "CER" in screen
 
 
-@pytest.mark.slow  # shares the demo run
-def test_export_shows_only_ours(demo_run, tmp_path):
-    out, _ = demo_run
+@pytest.mark.slow  # shares the demo run (conftest.py)
+def test_export_shows_only_ours(wavlm_demo_run, tmp_path):
+    out, _ = wavlm_demo_run
     screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",
                  str(tmp_path / "hf"), "--verify")  # fmt: skip
     assert foreign_lines(screen) == []
     assert "verified: all 5 hidden states" in screen
 
 
-@pytest.mark.slow  # shares the demo run
-def test_hub_entries_in_a_users_program_show_only_its_output(demo_run):
-    out, _ = demo_run
+@pytest.mark.slow  # shares the demo run (conftest.py)
+def test_hub_entries_in_a_users_program_show_only_its_output(wavlm_demo_run):
+    out, _ = wavlm_demo_run
     screen = run("-c", HUB_SNIPPET, str(out / "wavlm_laser.pt"))
     assert screen.splitlines() == ["5 hidden states", "5 layers"]
 
