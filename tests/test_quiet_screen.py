@@ -8,16 +8,13 @@ ASR recipe's screen is checked by ``test_recipes.py::test_asr_recipe_end_to_end`
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from foreign_lines import FOREIGN, foreign_lines
+from foreign_lines import FOREIGN, REPO, foreign_lines, screen_of
 
 pytestmark = pytest.mark.espnet_lane
 
-REPO = Path(__file__).resolve().parents[1]
 HUB_SNIPPET = """
 import sys, torch, s3prl.hub
 from s3prl.nn import S3PRLUpstream
@@ -27,18 +24,6 @@ upstream = S3PRLUpstream("wavlm_laser", path_or_url=sys.argv[1])
 hidden, lengths = upstream(torch.randn(2, 16000), torch.tensor([16000, 12000]))
 print(len(hidden), "layers")
 """
-
-
-def run(*args: str, debug: bool = False) -> str:
-    """Run ``python ARGS`` in the repository; assert exit 0; return stdout + stderr."""
-    env = {key: value for key, value in os.environ.items() if key != "S3PRL_LASER_LOG"}
-    if debug:
-        env["S3PRL_LASER_LOG"] = "debug"
-    done = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 @pytest.mark.slow
@@ -52,10 +37,10 @@ def test_finetune_demo_shows_only_ours(wavlm_demo_run):
 def test_probe_shows_only_ours(wavlm_demo_run, demo_corpus, tmp_path):
     """The probe loads both upstreams through s3prl (WavLM's attention warns there) and trains two heads."""
     out, _ = wavlm_demo_run
-    screen = run("-m", "s3prl_laser.probe", "--data", str(demo_corpus), "--out", str(tmp_path),
-                 "--upstream", f"wavlm_local:{out / 'tiny_wavlm.pt'}",
-                 "--upstream", f"wavlm_laser:{out / 'wavlm_laser.pt'}",
-                 "--train-hours", "0.005", "--dev-minutes", "0.1", "--steps", "3")  # fmt: skip
+    screen = screen_of("-m", "s3prl_laser.probe", "--data", str(demo_corpus), "--out", str(tmp_path),
+                       "--upstream", f"wavlm_local:{out / 'tiny_wavlm.pt'}",
+                       "--upstream", f"wavlm_laser:{out / 'wavlm_laser.pt'}",
+                       "--train-hours", "0.005", "--dev-minutes", "0.1", "--steps", "3")  # fmt: skip
     assert foreign_lines(screen) == []
     assert "wavlm_laser:" in screen and "CER" in screen
 
@@ -63,8 +48,8 @@ def test_probe_shows_only_ours(wavlm_demo_run, demo_corpus, tmp_path):
 @pytest.mark.slow  # shares the demo run (conftest.py)
 def test_export_shows_only_ours(wavlm_demo_run, tmp_path):
     out, _ = wavlm_demo_run
-    screen = run("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",
-                 str(tmp_path / "hf"), "--verify")  # fmt: skip
+    screen = screen_of("-m", "s3prl_laser.export", "--ckpt", str(out / "wavlm_laser.pt"), "--to", "hf",
+                       str(tmp_path / "hf"), "--verify")  # fmt: skip
     assert foreign_lines(screen) == []
     assert "verified: all 5 hidden states" in screen
 
@@ -72,15 +57,15 @@ def test_export_shows_only_ours(wavlm_demo_run, tmp_path):
 @pytest.mark.slow  # shares the demo run (conftest.py)
 def test_hub_entries_in_a_users_program_show_only_its_output(wavlm_demo_run):
     out, _ = wavlm_demo_run
-    screen = run("-c", HUB_SNIPPET, str(out / "wavlm_laser.pt"))
+    screen = screen_of("-c", HUB_SNIPPET, str(out / "wavlm_laser.pt"))
     assert screen.splitlines() == ["5 hidden states", "5 layers"]
 
 
 @pytest.mark.one_lane  # our log routing; each lane's screen is checked here and in the next test
 def test_debug_brings_other_libraries_chatter_back(tmp_path):
     """s3prl's model code builds its positional convolution with torch's deprecated ``weight_norm``."""
-    quiet = run("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h.pt"))
-    loud = run("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h2.pt"), debug=True)
+    quiet = screen_of("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h.pt"))
+    loud = screen_of("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h2.pt"), debug=True)
     warning = "`torch.nn.utils.weight_norm` is deprecated"
     assert warning not in quiet and foreign_lines(quiet) == []
     assert any(warning in line and line.startswith("DEBUG ") for line in loud.splitlines()), loud
@@ -88,13 +73,16 @@ def test_debug_brings_other_libraries_chatter_back(tmp_path):
 
 def test_fixtures_manifest_and_compare_show_only_ours(demo_corpus, tmp_path):
     screens = [
-        run("-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h.pt"), "--wavlm", str(tmp_path / "w")),
-        run("-m", "s3prl_laser.manifest", str(demo_corpus), "-o", str(tmp_path / "m.tsv")),
+        screen_of(
+            "-m", "s3prl_laser.fixtures", "--hubert", str(tmp_path / "h.pt"), "--wavlm", str(tmp_path / "w")
+        ),
+        screen_of("-m", "s3prl_laser.manifest", str(demo_corpus), "-o", str(tmp_path / "m.tsv")),
     ]
     result = {"task": "ASR", "upstream": "hubert_laser", "metric": "WER", "value": 6.0}
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "result.json").write_text(json.dumps(result))
-    screens.append(run("downstream_recipes/compare.py", str(tmp_path / "runs"), "--out", str(tmp_path / "c")))
+    compare = screen_of("downstream_recipes/compare.py", str(tmp_path / "runs"), "--out", str(tmp_path / "c"))
+    screens.append(compare)
     for screen in screens:
         assert foreign_lines(screen) == [], screen
 
