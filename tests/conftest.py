@@ -74,3 +74,10 @@ def wavlm_demo_run(tmp_path_factory) -> tuple[Path, str]:
     screen = screen_of("-m", "s3prl_laser.finetune", "--upstream", "wavlm", "--demo", "--out", str(out),
                        "steps=3", "report_clips=2")  # fmt: skip
     return out, screen
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the warm interpreters that ``warm_processes`` started for this session's command-line runs."""
+    import warm_processes
+
+    warm_processes.close_servers()

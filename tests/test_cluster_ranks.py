@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_processes
 
 from s3prl_laser import checkpointing
 
@@ -40,7 +41,7 @@ def test_a_signal_sent_twice_still_saves_and_the_resume_is_bit_identical(
     """SIGINT at step 2, and again while its checkpoint is agreed: the step is saved, the exit is 130, and
     ``--resume`` ends with the weights of a run that was never stopped (dropout and all)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=240)  # same threads
+    run = functools.partial(warm_processes.run, capture_output=True, text=True, timeout=240)  # same threads
     keys = ("steps=4", "save_every=4")
     done = run([sys.executable, FAULTS, *args(straight, tiny_hubert_ckpt, demo_corpus, *keys)], env=ENV)
     assert done.returncode == 0, done.stderr

@@ -14,11 +14,11 @@ come from the installed start-up hook. Two tests, each in a child process:
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_laser_entries_work_as_espnet_builds_and_calls_them(tiny_hubert_ckpt, ti
         ("hubert_laser", "hubert_local", str(tiny_hubert_ckpt)),
         ("wavlm_laser", "wavlm_local", str(tiny_wavlm_ckpt)),
     ]
-    done = subprocess.run(
+    done = warm_processes.run(
         [sys.executable, "-c", FRONTEND, json.dumps(cases)],
         cwd=tmp_path,
         capture_output=True,
@@ -147,7 +147,7 @@ def test_espnets_own_s3prl_frontend_runs_hubert_laser_like_hubert_local(tiny_hub
 
     config = espnet_yaml()
     assert "upstream: hubert_laser" in config and "frontend: s3prl" in config
-    done = subprocess.run(
+    done = warm_processes.run(
         [sys.executable, "-c", REAL_FRONTEND, config, str(tiny_hubert_ckpt)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

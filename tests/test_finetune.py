@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import warm_processes
 
 from s3prl_laser import checkpointing
 from s3prl_laser.finetune import main
@@ -90,7 +91,7 @@ def test_held_out_audio_stops_the_command_before_any_model(tmp_path, tiny_hubert
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert"]
     cmd += ["--ckpt", str(tiny_hubert_ckpt), "--data", str(tmp_path / "clips.txt"), "--out", str(out), *FAST]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = warm_processes.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert str(dev[0]) in result.stderr and "allow_held_out_splits" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr and not out.exists()
@@ -232,7 +233,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, tiny_hubert_c
     argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
     argv += ["--out", str(out), *FAST, "steps=100000", "save_every=100000"]
     cmd = [sys.executable, "-m", "s3prl_laser.finetune", *argv]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = warm_processes.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not (out / "tb").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the TensorBoard folder appears when the training loop starts

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_processes
 
 pytestmark = pytest.mark.one_lane  # the script's report; the kernels are tested on every lane
 
@@ -60,7 +61,7 @@ def test_gpu_check_smoke_path_reports_every_section(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would run the whole check")
 def test_gpu_check_without_a_gpu_says_what_to_do(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "gpu_check.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+    proc = warm_processes.run(cmd, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stdout and "--smoke" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -8,12 +8,12 @@ transformers' model on the same input, never our own output.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import warm_processes
 from hf_folders import build_hf_folder
 
 from s3prl_laser.errors import UserInputError
@@ -188,7 +188,7 @@ def test_family_and_feature_extractor_mistakes_are_refused(tmp_path):
 def run_finetune(*argv, env=None):
     import os
 
-    return subprocess.run(
+    return warm_processes.run(
         [sys.executable, "-m", "s3prl_laser.finetune", *argv],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
     )  # fmt: skip

@@ -1,13 +1,13 @@
 """The length index (built once per run directory, then read) and the manifest command."""
 
 import dataclasses
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import warm_processes
 
 from s3prl_laser import data
 from s3prl_laser.config import resolve_config
@@ -113,7 +113,7 @@ def test_manifest_command_writes_lengths_that_training_reads_as_is(tmp_path, mon
 
 def test_manifest_command_reports_a_missing_corpus_without_a_traceback(tmp_path):
     cmd = [sys.executable, "-m", "s3prl_laser.manifest", str(tmp_path / "nowhere"), "-o", str(tmp_path / "m")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = warm_processes.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and str(tmp_path / "nowhere") in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "m").exists()
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import warm_processes
 
 from s3prl_laser.fixtures import build_tiny_hubert
 from s3prl_laser.probe.cli import main
@@ -76,7 +77,7 @@ def test_missing_dev_clean_is_one_line_exit_2(demo_corpus, tiny_hubert_ckpt, tmp
     shutil.copytree(demo_corpus / "train-clean-100", root / "train-clean-100")
     command = [sys.executable, "-m", "s3prl_laser.probe", "--data", str(tmp_path),
                "--upstream", f"hubert_local:{tiny_hubert_ckpt}", "--out", str(tmp_path / "out")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = warm_processes.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "no dev-clean/ folder" in result.stderr and str(root) in result.stderr
@@ -162,7 +163,7 @@ def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, 
     shutil.copytree(demo_corpus / "train-clean-100", clips)  # a folder of audio, no LibriSpeech splits
     command = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert", "--demo",
                "--data", str(clips), "--out", str(tmp_path / "run"), "probe=true"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = warm_processes.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "probe=true: data" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

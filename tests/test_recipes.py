@@ -239,33 +239,28 @@ def word_error_rate(hyp_file: Path, ref_file: Path) -> float:
 
 
 @pytest.mark.slow
-def test_asr_recipe_end_to_end(demo_corpus, tmp_path):
-    """The demo fine-tune (as a user runs it, shortened), then SUPERB ASR on the LASER-tuned upstream."""
+def test_asr_recipe_end_to_end(wavlm_demo_run, demo_corpus, tmp_path):
+    """The demo fine-tune (as a user runs it, shortened: the session's WavLM demo), then SUPERB ASR on the
+    LASER-tuned upstream."""
     import torch
 
-    run = tmp_path / "demo"
-    tuned = subprocess.run(
-        [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert", "--demo", "--out", str(run),
-         "steps=4", "report_clips=2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    run, screen = wavlm_demo_run
     # the screen: our progress bar and log; s3prl's model config and torch's deprecation notices at DEBUG
-    assert "LASER: 100%" in tuned.stderr
-    assert "INFO s3prl_laser.finetune: tuned upstream written to" in tuned.stderr
-    for chatter in ("HubertModel Config", "FutureWarning", "DeprecationWarning", "INFO s3prl."):
-        assert chatter not in tuned.stderr, chatter
-    base = torch.load(run / "tiny_hubert.pt", weights_only=True)["model_weight"]
-    laser = torch.load(run / "hubert_laser.pt", weights_only=True)["model_weight"]
+    assert "LASER: 100%" in screen
+    assert "INFO s3prl_laser.finetune: tuned upstream written to" in screen
+    for chatter in ("WavLM Config", "FutureWarning", "DeprecationWarning", "INFO s3prl."):
+        assert chatter not in screen, chatter
+    base = torch.load(run / "tiny_wavlm.pt", weights_only=True)["model"]  # WavLM's own format: cfg + model
+    laser = torch.load(run / "wavlm_laser.pt", weights_only=True)["model"]
     assert any(not torch.equal(base[k], laser[k]) for k in base), "the demo fine-tune changed no weight"
 
     out = tmp_path / "asr"
-    done = run_recipe("asr", "--upstream", "hubert_laser", "--ckpt", str(run / "hubert_laser.pt"),
+    done = run_recipe("asr", "--upstream", "wavlm_laser", "--ckpt", str(run / "wavlm_laser.pt"),
                       "--librispeech", str(demo_corpus), "--out", str(out), "--steps", "4", "--device", "cpu",
                       "--smoke")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert foreign_lines(done.stdout + done.stderr) == []  # s3prl's runner's warnings stay in its log
-    value = check_result(out, "ASR", "hubert_laser", "WER")
+    value = check_result(out, "ASR", "wavlm_laser", "WER")
     recomputed = word_error_rate(
         out / "exp" / "test-clean-noLM-hyp.ark", out / "exp" / "test-clean-noLM-ref.ark"
     )

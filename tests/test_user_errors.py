@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_processes
 
 from s3prl_laser import checkpointing
 from s3prl_laser.export import main as export_main
@@ -33,7 +34,7 @@ FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "l
 
 def finetune_cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "s3prl_laser.finetune", "--upstream", "hubert", *args, *FAST]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return warm_processes.run(command, capture_output=True, text=True, timeout=300)
 
 
 def error_line(output: str, returncode: int, *names) -> str:
@@ -299,7 +300,7 @@ def two_processes(tmp_path: Path, ckpt: Path, data: Path, where: str, what: str,
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-        processes.append(subprocess.Popen(argv, env=env, **pipes))
+        processes.append(warm_processes.Popen(argv, env=env, **pipes))
     results = []
     for process in processes:
         try:
