@@ -195,8 +195,9 @@ def asr_config(args, out: Path) -> Path:
     return write_yaml(apply_overrides(config, overrides(args, "asr", config)), out / "asr.yaml")
 
 
-def pr_config(args, out: Path, tree: Path) -> Path:
-    """The s3prl checkout's libriphone.yaml, resolved for this corpus and the paper's lr; returns its path."""
+def pr_recipe(args, tree: Path) -> dict:
+    """The s3prl tree's libriphone.yaml, once every file SUPERB PR needs is found there; else ``ValueError``
+    listing the missing ones and how to get an s3prl source checkout."""
     base = tree / "downstream" / "ctc" / "libriphone.yaml"
     required = [base, tree / "downstream" / "ctc" / "corpus" / "libriphone.py"]
     config = yaml.safe_load(base.read_text()) if base.is_file() else None
@@ -217,7 +218,13 @@ def pr_config(args, out: Path, tree: Path) -> Path:
             f"SUPERB PR needs s3prl's recipe files, missing from {origin}:\n{listed}{more}\n"
             f"{s3prl_source_howto()}"
         )
+    return config
 
+
+def pr_config(args, out: Path, tree: Path, config: dict) -> Path:
+    """``config`` (``pr_recipe``'s libriphone.yaml) resolved for this corpus and the paper's lr, written to
+    ``out``; returns its path."""
+    base = tree / "downstream" / "ctc" / "libriphone.yaml"
     expert = config["downstream_expert"]
     corpus = expert["corpus"]
     corpus["lexicon"] = [str(tree / path) for path in corpus["lexicon"]]
@@ -343,12 +350,13 @@ def prepare(task_key: str, args, out: Path) -> tuple[Path, Path, str]:
     check_output_folder(out, "--out")
     if not args.librispeech.is_dir():
         raise ValueError(f"--librispeech {args.librispeech}: no such folder (the LibriSpeech root)")
+    tree = s3prl_tree(args.s3prl_src)
+    recipe = pr_recipe(args, tree) if task_key == "pr" else None  # files only: before s3prl's slow import
     check_upstream(args.upstream, args.ckpt)
     if (out / "exp").exists() and any((out / "exp").iterdir()):
         raise ValueError(f"{out / 'exp'} already holds a run; remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    tree = s3prl_tree(args.s3prl_src)
-    config = asr_config(args, out) if task_key == "asr" else pr_config(args, out, tree)
+    config = asr_config(args, out) if task_key == "asr" else pr_config(args, out, tree, recipe)
     return tree, config, resolve_device(args.device)
 
 

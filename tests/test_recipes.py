@@ -172,7 +172,8 @@ def test_pr_config_resolves_a_checkout(recipes, demo_corpus, tmp_path, layout):
     )
     (tmp_path / "out").mkdir()
     tree = recipes.superb.s3prl_tree(src)
-    config = yaml.safe_load(recipes.superb.pr_config(args, tmp_path / "out", tree).read_text())
+    recipe = recipes.superb.pr_recipe(args, tree)
+    config = yaml.safe_load(recipes.superb.pr_config(args, tmp_path / "out", tree, recipe).read_text())
     assert config["optimizer"]["lr"] == 5.0e-4
     assert config["runner"]["total_steps"] == 10
     expert = config["downstream_expert"]
