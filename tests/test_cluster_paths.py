@@ -68,6 +68,7 @@ def test_a_relative_manifest_from_another_folder_lists_absolute_clips(tmp_path, 
     assert [item.path for item in items] == sorted(str(tmp_path / "lists" / clip.name) for clip in clips)
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_torchrun_rank_1_reads_the_index_of_relative_data(tmp_path, tiny_hubert_ckpt, demo_corpus):
     """Two gloo ranks started in one folder with ``data`` and ``--out`` relative: rank 1 reads rank 0's

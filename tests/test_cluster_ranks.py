@@ -34,6 +34,7 @@ def torchrun(*options: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *options, FAULTS]
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_a_signal_sent_twice_still_saves_and_the_resume_is_bit_identical(
     tmp_path, tiny_hubert_ckpt, demo_corpus
@@ -80,6 +81,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_two_nodes_train_like_one_node_and_like_one_process(tmp_path, demo_corpus):
     """Two torchrun "nodes" (one process each, rendezvous on 127.0.0.1) end with the very weights of one node
@@ -129,6 +131,7 @@ def test_two_nodes_train_like_one_node_and_like_one_process(tmp_path, demo_corpu
     assert max(float((a[n] - c[n]).abs().max()) for n in a) <= 1e-3 * largest
 
 
+@pytest.mark.fault_injection
 @pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_every_rank_at_once(
     tmp_path, tiny_hubert_ckpt, demo_corpus

@@ -299,6 +299,7 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.fault_injection
 def test_out_of_memory_on_one_rank_is_a_step_skipped_by_both(tmp_path, tiny_hubert_ckpt, demo_corpus):
     """Rank 1 runs out of memory on batch (0, 1): both ranks skip that step, free it, and go on in sync."""
     wrapper = tmp_path / "oom_finetune.py"
@@ -526,6 +527,7 @@ def test_resume_after_budget_split_steps_is_exact(tmp_path, tiny_hubert_ckpt, de
     assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"] == 16
 
 
+@pytest.mark.fault_injection
 def test_torchrun_ranks_that_cut_their_batches_differently_stay_in_sync(
     tmp_path, tiny_hubert_ckpt, demo_corpus
 ):

@@ -313,6 +313,7 @@ def two_processes(tmp_path: Path, ckpt: Path, data: Path, where: str, what: str,
     return results, out
 
 
+@pytest.mark.fault_injection
 def test_a_bug_on_one_rank_keeps_its_traceback_and_stops_every_rank(tmp_path, tiny_hubert_ckpt, demo_corpus):
     results, out = two_processes(tmp_path, tiny_hubert_ckpt, demo_corpus, "loss", "error", 3)
     (code0, out0), (code1, out1) = results
@@ -322,6 +323,7 @@ def test_a_bug_on_one_rank_keeps_its_traceback_and_stops_every_rank(tmp_path, ti
     assert not (out / "hubert_laser.pt").exists()
 
 
+@pytest.mark.fault_injection
 def test_a_rank_that_dies_after_the_all_reduce_stops_the_others(tmp_path, tiny_hubert_ckpt, demo_corpus):
     started = time.monotonic()
     results, out = two_processes(tmp_path, tiny_hubert_ckpt, demo_corpus, "clip", "error", 2)
@@ -331,6 +333,7 @@ def test_a_rank_that_dies_after_the_all_reduce_stops_the_others(tmp_path, tiny_h
     assert not (out / "hubert_laser.pt").exists() and time.monotonic() - started < 120
 
 
+@pytest.mark.fault_injection
 def test_a_stop_signal_on_one_rank_saves_and_exits_128_plus_signal_on_all(tmp_path, tiny_hubert_ckpt,
                                                                           demo_corpus):  # fmt: skip
     results, out = two_processes(tmp_path, tiny_hubert_ckpt, demo_corpus, "loss", "sigterm", 2)
