@@ -29,12 +29,13 @@ def pytest_collection_modifyitems(config, items):
     Triton reads that variable once, at import, so those tests run in the child pytest that
     ``tests/test_softdtw_triton.py::test_triton_interpreter_suite`` starts with it set. ``espnet`` tests
     run on the ESPnet lane (``make LANE=espnet test`` sets ``S3PRL_LASER_LANE=espnet``; there they always
-    run). ``one_lane`` tests check only the project's own files, which no lane package changes: they run
-    where the current extra is installed (``make test``; CI runs them on the ESPnet lane, see ``.ci/run``),
-    not again on the classic lane. ``fault_injection`` tests (a rank that dies, runs out of memory or cannot
-    write its checkpoint, a second node, a signal sent twice) check our coordination code on top of
-    torch.distributed. The classic lane does not run them again: its two torchrun tests (two CPU processes
-    in step; SIGTERM twice on every rank) cover torchrun, gloo and signals on its torch.
+    run). ``one_lane`` tests run once, where the current extra is installed (``make test``; CI runs them on
+    the ESPnet lane, see ``.ci/run``), not again on the classic lane: they check the project's own files,
+    which no lane package changes, and the Triton kernels' numerics under the interpreter (every lane
+    compiles the kernels for sm_90 with its own Triton). ``fault_injection`` tests (a rank that dies, runs
+    out of memory or cannot write its checkpoint, a second node, a signal sent twice) check our coordination
+    code on top of torch.distributed. The classic lane does not run them again: its two torchrun tests (two
+    CPU processes in step; SIGTERM twice on every rank) cover torchrun, gloo and signals on its torch.
     """
     lane = os.environ.get("S3PRL_LASER_LANE", "current")
     unwanted = set() if os.environ.get("TRITON_INTERPRET") == "1" else {"triton_interpreter"}

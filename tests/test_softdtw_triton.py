@@ -37,6 +37,7 @@ SMALL_TILE = 4
 
 
 @pytest.mark.slow
+@pytest.mark.one_lane  # numerics, run once; every lane compiles the kernels for sm_90 with its Triton (below)
 @pytest.mark.skipif(INTERPRETED, reason="launcher: runs only in the parent pytest")
 def test_triton_interpreter_suite():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
