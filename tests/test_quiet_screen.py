@@ -30,7 +30,11 @@ print(len(hidden), "layers")
 def test_finetune_demo_shows_only_ours(wavlm_demo_run):
     out, screen = wavlm_demo_run
     assert foreign_lines(screen) == []
-    assert "LASER demo:" in screen and "tuned upstream written to" in screen
+    assert "LASER demo:" in screen and "LASER: 100%" in screen
+    assert "INFO s3prl_laser.finetune: tuned upstream written to" in screen
+    # s3prl's model config, its loggers and torch's deprecation notices go to DEBUG
+    for chatter in ("WavLM Config", "FutureWarning", "DeprecationWarning", "INFO s3prl."):
+        assert chatter not in screen, chatter
 
 
 @pytest.mark.slow  # shares the demo run (conftest.py)
