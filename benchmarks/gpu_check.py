@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import softdtw as softdtw_bench
 import torch
 from measure import exact_cpu_rss
 
+from s3prl_laser.console import setup_console
 from s3prl_laser.s3prl_checkpoint import UPSTREAMS
 from s3prl_laser.softdtw import reference, soft_dtw_divergence
 
@@ -283,6 +285,8 @@ def print_tables(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    # the tables are the screen: our warnings stay on it, other libraries' chatter goes to DEBUG
+    setup_console(logging.WARNING, "%(levelname)s %(name)s: %(message)s")
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a GPU machine, or --smoke for the CPU path")
         return 2

@@ -49,6 +49,7 @@ from prepare_librispeech import check_characters, write_bucket_csvs, write_word_
 from s3prl_laser.console import debug_requested, mark_chatter  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent
+PR_RECIPE = Path("downstream", "ctc", "libriphone.yaml")  # SUPERB PR's config in an s3prl source tree
 PR_LR = 5.0e-4  # LASER's authors' PR learning rate (libriphone.yaml's 1e-2 is too high)
 SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean"}
 # --smoke: check the pipeline in a minute on a CPU, not for numbers. SUPERB's ASR downstream (2 x 1024
@@ -198,7 +199,7 @@ def asr_config(args, out: Path) -> Path:
 def pr_recipe(args, tree: Path) -> dict:
     """The s3prl tree's libriphone.yaml, once every file SUPERB PR needs is found there; else ``ValueError``
     listing the missing ones and how to get an s3prl source checkout."""
-    base = tree / "downstream" / "ctc" / "libriphone.yaml"
+    base = tree / PR_RECIPE
     required = [base, tree / "downstream" / "ctc" / "corpus" / "libriphone.py"]
     config = yaml.safe_load(base.read_text()) if base.is_file() else None
     if config is not None:
@@ -224,7 +225,6 @@ def pr_recipe(args, tree: Path) -> dict:
 def pr_config(args, out: Path, tree: Path, config: dict) -> Path:
     """``config`` (``pr_recipe``'s libriphone.yaml) resolved for this corpus and the paper's lr, written to
     ``out``; returns its path."""
-    base = tree / "downstream" / "ctc" / "libriphone.yaml"
     expert = config["downstream_expert"]
     corpus = expert["corpus"]
     corpus["lexicon"] = [str(tree / path) for path in corpus["lexicon"]]
@@ -236,7 +236,9 @@ def pr_config(args, out: Path, tree: Path, config: dict) -> Path:
     elif "path" in corpus:  # older checkouts: the LibriSpeech root itself
         corpus["path"] = str(args.librispeech.resolve())
     else:
-        raise ValueError(f"{base}: corpus has neither csv_dir nor path; this s3prl version is not supported")
+        raise ValueError(
+            f"{tree / PR_RECIPE}: corpus has neither csv_dir nor path; this s3prl version is not supported"
+        )
     corpus["num_workers"] = min(corpus.get("num_workers", 12), os.cpu_count() or 1)
     config["optimizer"]["lr"] = PR_LR
     config["runner"] = scale_runner(config["runner"], args.steps)

@@ -276,9 +276,19 @@ def _fill_weights(weights: dict, encoder: dict, where: str) -> None:
 
 @contextlib.contextmanager
 def quiet_loading():
-    """transformers' own loading messages and warnings stay off our screen (our screen shows ours)."""
+    """transformers' own loading messages, bars and warnings stay off our screen (our screen shows ours).
+
+    With ``S3PRL_LASER_LOG=debug`` nothing is held back: transformers logs and shows its bars as configured,
+    and other code's warnings go through logging at DEBUG (``console.foreign_warnings_at_debug``).
+    """
     from transformers.utils import logging as hf_logging
 
+    from s3prl_laser.console import debug_requested, foreign_warnings_at_debug
+
+    if debug_requested():
+        with foreign_warnings_at_debug():
+            yield
+        return
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import logging.handlers
 import warnings
 from pathlib import Path
 
@@ -99,3 +100,32 @@ def test_chatter_lines_of_a_child_process_are_marked():
         "test-clean wer: 0.5",
     ]
     assert [chatter for _, chatter in console.mark_chatter(output)] == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_quiet_loading_holds_transformers_back_unless_debug(debug, monkeypatch, caplog):
+    """A loading message of transformers and another library's warning: off the screen, or kept for debug."""
+    from transformers.utils import logging as hf_logging
+
+    from s3prl_laser.hf_import import quiet_loading
+
+    monkeypatch.setenv(console.LEVEL_ENV, "debug" if debug else "info")
+    seen = logging.handlers.BufferingHandler(capacity=100)
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(seen)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="py.warnings"), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with quiet_loading():
+                assert hf_logging.is_progress_bar_enabled() == (bars and debug)
+                hf_logging.get_logger("transformers.modeling_utils").warning("Some weights were not used")
+                warnings.warn_explicit("old API", FutureWarning, "/site-packages/transformers/x.py", 3)
+    finally:
+        transformers_logger.removeHandler(seen)
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars)
+    assert [r.getMessage() for r in seen.buffer] == (["Some weights were not used"] if debug else [])
+    shown = [r for r in caplog.records if r.name == "py.warnings"]
+    assert [(r.levelno, "FutureWarning: old API" in r.getMessage()) for r in shown] == (
+        [(logging.DEBUG, True)] if debug else []
+    )

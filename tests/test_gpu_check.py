@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import warm_processes
+from foreign_lines import foreign_lines
 
 pytestmark = pytest.mark.one_lane  # the script's report; the kernels are tested on every lane
 
@@ -30,6 +31,7 @@ def test_gpu_check_smoke_path_reports_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for title in ("## correctness", "## soft-DTW", "## fine-tuning"):
         assert title in proc.stdout, proc.stdout
+    assert foreign_lines(proc.stdout + proc.stderr) == []  # torch's warnings under s3prl's models: DEBUG
     report = json.loads(out.read_text())
 
     checks = report["correctness"]
