@@ -11,11 +11,12 @@ traceback, atexit handlers at the end. What differs is only which modules are al
 
 So tests of start-up itself (what ``--help`` imports, the .pth hook, registration on the first
 ``s3prl.hub`` import, a broken torchaudio, the quiet screen, which also covers import-time warnings) keep
-using ``subprocess``. Commands that are not this interpreter's Python also go to ``subprocess``, as do
-requests whose environment differs from the server's in a variable that a library reads when it is
-imported (``OMP_NUM_THREADS``, ``TRITON_INTERPRET``, ``PYTHONPATH``, ...): such a request gets its own server,
-started with that environment. Only the variables in ``READ_AT_RUN_TIME`` may differ between a server and its
-requests; nothing that the server imports reads them at import.
+using ``subprocess``. Commands that are not this interpreter's Python also go to ``subprocess``. A request
+whose environment differs from every server's in a variable that a library reads when it is imported
+(``OMP_NUM_THREADS``, ``TRITON_INTERPRET``, ``PYTHONPATH``, ...) gets its own server, started with that
+environment; past ``MAX_SERVERS`` such environments it runs cold. Only the variables in ``READ_AT_RUN_TIME``
+(and ``S3PRL_LASER_*``) may differ between a server and its requests; nothing that the server imports reads
+them at import.
 
 The server forks only from its single thread, before any parallel torch operation; numpy's OpenBLAS threads
 are stopped and restarted around the fork by OpenBLAS itself (as for DataLoader workers).
