@@ -22,8 +22,8 @@ PYTEST_ARGS ?=
 PIP_FLAGS ?=
 # The ESPnet release the espnet lane installs, as its users do (202511 brings torch 2.12.1 and no torchaudio).
 ESPNET ?= espnet==202511
-# the torchaudio that loads with the installed torch (s3prl_laser/lanes.py, importable from the source tree)
-TORCHAUDIO_FOR_TORCH = import importlib.metadata as m, s3prl_laser.lanes as l; \
+# the torchaudio that loads with the installed torch (s3prl_laser/stacks.py, importable from the source tree)
+TORCHAUDIO_FOR_TORCH = import importlib.metadata as m, s3prl_laser.stacks as l; \
 	r = l.torchaudio_requirement(m.version('torch')); print(r) if r else exit('no torchaudio known for this torch')
 
 .PHONY: demo test lint bench gpu-check clean

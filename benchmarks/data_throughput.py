@@ -31,11 +31,11 @@ import numpy as np
 import soundfile
 import torch
 
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import complete_pairs
-from s3prl_laser.length_index import scan, scan_jobs
-from s3prl_laser.runtime import DistEnv
-from s3prl_laser.trainer import build_data
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.length_index import scan, scan_jobs
+from s3prl_laser.training.loop import build_data
+from s3prl_laser.training.ranks import DistEnv
 
 PAPER_PAIRS = 8
 

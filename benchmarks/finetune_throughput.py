@@ -4,7 +4,7 @@ Builds a random-init upstream of base size (12 layers, 768 dims, the real CNN; `
 model), writes synthetic clips whose durations follow LibriSpeech train-clean-100 (about N(12.7 s, 3.5 s)
 clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact pieces of
 ``python -m s3prl_laser.finetune`` (same data loader, model, loss, optimizer; each step is one call of
-:func:`s3prl_laser.trainer.train_step` on the step's micro-batches, as the trainer makes it), timing:
+:func:`s3prl_laser.training.loop.train_step` on the step's micro-batches, as the trainer makes it), timing:
 
 * data: time the training process waits for the step's micro-batches (reading, cropping and perturbing run
   in the DataLoader workers, in parallel with the step);
@@ -13,9 +13,9 @@ clipped to [1.4 s, 24.5 s]), and runs ``--steps`` optimizer steps with the exact
 * soft-DTW alone (measured apart, on the projections of the step's last micro-batch): divergence forward
   + backward;
 * perturbation alone (measured apart, in this process): reading, crop and perturbation of one pair;
-* one validation (measured apart, after the steps): :func:`s3prl_laser.heldout.measure` on ``eval_clips``
-  held-out pairs, as the trainer runs it every ``eval_every`` steps, and its share of the training time of
-  those ``eval_every`` steps.
+* one validation (measured apart, after the steps): :func:`s3prl_laser.training.heldout.measure` on
+  ``eval_clips`` held-out pairs, as the trainer runs it every ``eval_every`` steps, and its share of the
+  training time of those ``eval_every`` steps.
 
 The first ``--warmup`` steps are not timed. The preset is used as configured (batch size, crop, bf16
 autocast on CUDA) unless an option overrides it. Prints one table row per upstream, with pairs/s, the peak
@@ -39,15 +39,15 @@ import torch
 from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import complete_pairs
-from s3prl_laser.heldout import eval_mode, make_pairs, measure
-from s3prl_laser.laser_model import build_model
-from s3prl_laser.length_index import scan, scan_jobs
-from s3prl_laser.runtime import DistEnv
-from s3prl_laser.s3prl_checkpoint import UPSTREAMS, save_s3prl_checkpoint
+from s3prl_laser.models.s3prl_format import UPSTREAMS, save_s3prl_checkpoint
 from s3prl_laser.softdtw import soft_dtw_divergence
-from s3prl_laser.trainer import _steps, build_data, forward_pairs, train_step
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.heldout import eval_mode, make_pairs, measure
+from s3prl_laser.training.length_index import scan, scan_jobs
+from s3prl_laser.training.loop import _steps, build_data, forward_pairs, train_step
+from s3prl_laser.training.parts import build_model
+from s3prl_laser.training.ranks import DistEnv
 
 BASE_ARCH = {  # the base models' architecture, restored over the fixtures' tiny one
     "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from s3prl_laser.config import resolve_config
-from s3prl_laser.length_index import INDEX_NAME, load_or_build_index, scan_jobs
-from s3prl_laser.runtime import DistEnv
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.length_index import INDEX_NAME, load_or_build_index, scan_jobs
+from s3prl_laser.training.ranks import DistEnv
 
 
 def get_args_parser() -> argparse.ArgumentParser:

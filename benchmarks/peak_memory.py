@@ -32,19 +32,19 @@ from pathlib import Path
 
 import torch
 
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import PairBatch, clip_limit_samples, view_stretch
-from s3prl_laser.laser_model import build_model
-from s3prl_laser.runtime import DistEnv
-from s3prl_laser.trainer import train_step
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.loop import train_step
+from s3prl_laser.training.parts import build_model
+from s3prl_laser.training.ranks import DistEnv
 
 LIBRI_LONGEST, LIBRI_MEAN = 24.5, 12.7  # seconds: train-clean-100's longest and average utterance
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_throughput import BASE_ARCH, build_checkpoint  # noqa: E402  (a sibling script, not a package)
 from measure import sync  # noqa: E402
 
-from s3prl_laser.config import read_preset  # noqa: E402
 from s3prl_laser.fixtures import build_tiny  # noqa: E402
+from s3prl_laser.training.config import read_preset  # noqa: E402
 
 LARGE_ARCH = {  # HuBERT/WavLM Large: 24 pre-LN layers of 1024 dims, layer-norm CNN with bias
     **BASE_ARCH, "encoder_layers": 24, "encoder_embed_dim": 1024, "encoder_ffn_embed_dim": 4096,

@@ -24,7 +24,7 @@ import torch
 import torchaudio
 from measure import timed
 
-from s3prl_laser.perturb import LaserPerturbation
+from s3prl_laser.objective.perturb import LaserPerturbation
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -330,15 +330,15 @@ def check_upstream(name: str, ckpt: Path | None) -> None:
     """
     import s3prl.hub
 
-    from s3prl_laser.registration import ENTRY_NAMES
-    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+    from s3prl_laser.models.s3prl_format import check_checkpoint_file
+    from s3prl_laser.plugin.registration import ENTRY_NAMES
 
     if not callable(getattr(s3prl.hub, name, None)):
         raise ValueError(
             f"--upstream {name}: s3prl.hub has no such entry (e.g. hubert_laser, wavlm_laser, hubert_local)"
         )
     if name in ENTRY_NAMES:
-        from s3prl_laser.hubconf import checked_ckpt
+        from s3prl_laser.plugin.hubconf import checked_ckpt
 
         checked_ckpt(name, ckpt)
     elif ckpt is not None:
@@ -347,7 +347,7 @@ def check_upstream(name: str, ckpt: Path | None) -> None:
 
 def prepare(task_key: str, args, out: Path) -> tuple[Path, Path, str]:
     """Check the inputs, write data tables and the resolved config; returns (s3prl tree, config, device)."""
-    from s3prl_laser.paths import check_output_folder
+    from s3prl_laser.training.paths import check_output_folder
 
     check_output_folder(out, "--out")
     if not args.librispeech.is_dir():

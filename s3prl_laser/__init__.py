@@ -21,6 +21,6 @@ def register() -> tuple[str, ...]:
         >>> "hubert_laser" in s3prl.hub.options()
         True
     """
-    from s3prl_laser.registration import register as _register
+    from s3prl_laser.plugin.registration import register as _register
 
     return _register()

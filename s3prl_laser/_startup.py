@@ -5,7 +5,7 @@
 up with ``getattr(s3prl.hub, name)``, so the names must be on that module before anyone looks. Its
 runner also imports names that newer huggingface_hub/torchaudio releases removed, at the top of
 ``run_downstream.py`` (which may run as a script, before any ``s3prl`` import), so those gaps are filled
-when each library is first imported (see :mod:`s3prl_laser.compat`).
+when each library is first imported (see :mod:`s3prl_laser.plugin.shims`).
 
 This module must stay cheap, because every Python program in the environment imports it: it uses
 only ``sys`` and imports nothing heavy. ``install()`` puts a meta-path finder first on
@@ -31,9 +31,12 @@ import sys
 
 # module -> (our module, function called with the freshly imported module)
 AFTER_IMPORT = {
-    "s3prl.hub": ("s3prl_laser.registration", "register_into"),  # hubert_laser / wavlm_laser entries
-    "huggingface_hub": ("s3prl_laser.compat", "patch_huggingface_hub"),  # HfFolder, Repository (hub >= 1)
-    "torchaudio": ("s3prl_laser.compat", "patch_torchaudio"),  # load without torchcodec (torchaudio >= 2.9)
+    # hubert_laser / wavlm_laser entries
+    "s3prl.hub": ("s3prl_laser.plugin.registration", "register_into"),
+    # HfFolder, Repository (huggingface_hub >= 1)
+    "huggingface_hub": ("s3prl_laser.plugin.shims", "patch_huggingface_hub"),
+    # load without torchcodec (torchaudio >= 2.9)
+    "torchaudio": ("s3prl_laser.plugin.shims", "patch_torchaudio"),
 }
 
 

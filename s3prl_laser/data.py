@@ -42,7 +42,7 @@ import soundfile
 import torch
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.perturb import LaserPerturbation, PerturbParams, SincResampler
+from s3prl_laser.objective.perturb import LaserPerturbation, PerturbParams, SincResampler
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class PairDataset(torch.utils.data.Dataset):
     With ``perturb_in_worker=False`` the perturbation is only drawn (``perturb.sample_params``, then the
     swap, the same draws in the same order): ``b`` is None and ``params``, ``swap`` are returned for
     :func:`complete_pairs` to apply on the training device, batched. ``perturb`` must then be a
-    :class:`~s3prl_laser.perturb.LaserPerturbation`.
+    :class:`~s3prl_laser.objective.perturb.LaserPerturbation`.
     """
 
     def __init__(

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3prl_laser.lanes import require_python, stack_problem
+from s3prl_laser.stacks import require_python, stack_problem
 
 if TYPE_CHECKING:  # torch, transformers and s3prl are imported where used: not before --help
     import torch
@@ -69,8 +69,8 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = N
     Returns:
         the s3prl keys that were not exported (HuBERT's ``final_proj``/``label_embs_concat``).
     """
-    from s3prl_laser.hf_convert import feature_extractor, load_s3prl_checkpoint, to_hf_model
-    from s3prl_laser.hf_import import quiet_loading
+    from s3prl_laser.models.hf_export import feature_extractor, load_s3prl_checkpoint, to_hf_model
+    from s3prl_laser.models.hf_import import quiet_loading
 
     state = load_s3prl_checkpoint(ckpt, upstream)
     model = to_hf_model(state)
@@ -105,7 +105,7 @@ def hf_model(hf_dir: str | Path) -> torch.nn.Module:
     """The exported model, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
     from transformers import AutoModel
 
-    from s3prl_laser.hf_import import quiet_loading
+    from s3prl_laser.models.hf_import import quiet_loading
 
     with quiet_loading():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
         return AutoModel.from_pretrained(hf_dir).eval()
@@ -127,7 +127,7 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
     import torch
     import torch.nn.functional as F
 
-    from s3prl_laser.hf_convert import load_s3prl_checkpoint
+    from s3prl_laser.models.hf_export import load_s3prl_checkpoint
 
     state = load_s3prl_checkpoint(ckpt, upstream)
     expert, model = s3prl_expert(ckpt, state.upstream), hf_model(hf_dir)  # loaded once, run per waveform
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from s3prl_laser.console import quiet_transformers, setup_console
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.paths import check_output_folder
-    from s3prl_laser.s3prl_checkpoint import check_checkpoint_file
+    from s3prl_laser.models.s3prl_format import check_checkpoint_file
+    from s3prl_laser.training.paths import check_output_folder
 
     setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
     quiet_transformers()

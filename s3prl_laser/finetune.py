@@ -1,8 +1,8 @@
 """LASER fine-tuning of HuBERT/WavLM in one command: ``python -m s3prl_laser.finetune``.
 
 This module is the command line: it resolves the config, checks the data before any model is loaded,
-then hands over to :mod:`s3prl_laser.laser_model` (upstream + head, loss, optimizer) and
-:mod:`s3prl_laser.trainer` (the loop, checkpoints, resume), and finally exports the tuned upstream.
+then hands over to :mod:`s3prl_laser.training.parts` (upstream + head, loss, optimizer) and
+:mod:`s3prl_laser.training.loop` (the loop, checkpoints, resume), and finally exports the tuned upstream.
 
 Examples::
 
@@ -16,15 +16,15 @@ Examples::
 Outputs in ``--out``: ``config.yaml`` (resolved), ``checkpoints/step_*.pt`` (training state, resumable),
 ``checkpoints/best.pt`` (trainable weights at the best validation), ``tb/`` (TensorBoard), and the tuned
 upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) and
-``<upstream>_laser_best.pt`` (best validation step; see :mod:`s3prl_laser.validation`).
+``<upstream>_laser_best.pt`` (best validation step; see :mod:`s3prl_laser.training.validation`).
 
 One run per ``--out``: a new run into a folder that holds one is refused (continue it with ``--resume``,
 or choose another ``--out``); ``--overwrite`` removes that run's files first, and ``--demo`` replaces an
 earlier demo run by itself. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
 ``--upstream``, ``--data`` and ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value``
 changes a key only when given (each change is logged as ``key: old -> new``); a key that would change the
-model's shape or which data a step sees is refused (:data:`s3prl_laser.config.RESUME_RULES`), and so is
-another number of processes. Resuming a finished run says so and exits 0.
+model's shape or which data a step sees is refused (:data:`s3prl_laser.training.config.RESUME_RULES`), and so
+is another number of processes. Resuming a finished run says so and exits 0.
 
 Exit status: 0 when done; 2 with a one-line message naming the file or key for a mistake in the config,
 data, checkpoint or paths (found before training); 128 + N after signal N (SIGINT, SIGTERM) reached any
@@ -41,11 +41,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3prl_laser.lanes import require_python, stack_problem
+from s3prl_laser.stacks import require_python, stack_problem
 
 if TYPE_CHECKING:  # the rest is imported when needed: --help and the environment checks need no torch
-    from s3prl_laser.config import LaserConfig
-    from s3prl_laser.runtime import DistEnv
+    from s3prl_laser.training.config import LaserConfig
+    from s3prl_laser.training.ranks import DistEnv
 
 UPSTREAMS = ("hubert", "wavlm")  # s3prl_checkpoint.UPSTREAMS (a torch module), repeated for --help
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.runtime import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+    from s3prl_laser.training.ranks import PeerFailure, setup_distributed, setup_logging, teardown_distributed
 
     env = None
     try:
@@ -116,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Resolve the config, check the data, train, export; return the exit status."""
-    from s3prl_laser.config import no_op_warnings, resolve_config, resume_config, write_config
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.heldout import validation_split
-    from s3prl_laser.laser_model import build_model, export_best, export_upstream, seeded_head
-    from s3prl_laser.length_index import load_or_build_index
-    from s3prl_laser.model_sources import check_source
-    from s3prl_laser.paths import absolute_paths, check_output_folder, remove_run
-    from s3prl_laser.runtime import StopSignals, barrier, join_process_group
-    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
-    from s3prl_laser.trainer import TrainState, check_resumable, read_newest_checkpoint, resume, train
-    from s3prl_laser.validation import Validator
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+    from s3prl_laser.models.sources import check_source
+    from s3prl_laser.training.config import no_op_warnings, resolve_config, resume_config, write_config
+    from s3prl_laser.training.heldout import validation_split
+    from s3prl_laser.training.length_index import load_or_build_index
+    from s3prl_laser.training.loop import TrainState, check_resumable, read_newest_checkpoint, resume, train
+    from s3prl_laser.training.parts import build_model, export_best, export_upstream, seeded_head
+    from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
+    from s3prl_laser.training.ranks import StopSignals, barrier, join_process_group
+    from s3prl_laser.training.validation import Validator
 
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
             probe = probe_tuned_and_base(cfg, final, out / "probe", env.device, show=not args.demo)
         if args.demo:
-            from s3prl_laser.report import S3prlLastLayer, demo_report
+            from s3prl_laser.training.demo_report import S3prlLastLayer, demo_report
 
             logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
             head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
@@ -210,10 +210,10 @@ def check_output_claim(out: Path, overwrite: bool, demo: bool) -> str | None:
     """One run per ``--out``: a new run into a folder that holds one (``config.yaml`` or ``checkpoints/``)
     is refused before anything is written, unless ``overwrite``, or ``demo`` over an earlier demo run (one
     that trained on the bundled demo corpus). Returns why that run is to be replaced (``"--overwrite"`` or
-    ``"--demo"``; rank 0 then removes its files, :data:`~s3prl_laser.paths.RUN_FILES`), or None. Every rank
-    checks before any rank writes."""
+    ``"--demo"``; rank 0 then removes its files, :data:`~s3prl_laser.training.paths.RUN_FILES`), or None.
+    Every rank checks before any rank writes."""
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.paths import holds_run
+    from s3prl_laser.training.paths import holds_run
 
     if not holds_run(out):
         return None
@@ -240,7 +240,7 @@ def _is_demo_run(out: Path) -> bool:
 
 def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
-    from s3prl_laser import checkpointing
+    from s3prl_laser.training import checkpoints as checkpointing
 
     found = checkpointing.list_checkpoints(out)
     exported = (out / f"{cfg.upstream}_laser.pt").is_file()
@@ -257,7 +257,7 @@ def _demo_base(cfg: LaserConfig, out: Path) -> Path:
 def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
     """``--demo``: the bundled corpus, and a tiny random-init upstream built into ``out`` (unless given)."""
     from s3prl_laser import fixtures
-    from s3prl_laser.runtime import barrier
+    from s3prl_laser.training.ranks import barrier
 
     updates = {}
     if cfg.data is None:

@@ -30,7 +30,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from s3prl_laser.lanes import require_python, stack_problem
+from s3prl_laser.stacks import require_python, stack_problem
 
 # The tiny architecture, shared by both models. The CNN keeps base's (kernel, stride) list with fewer
 # channels, so the frame rate (stride 320) and the receptive field (400 samples) are those of base.
@@ -148,7 +148,7 @@ def build_tiny_hubert(path: str | os.PathLike, seed: int = 0, **overrides) -> Pa
         >>> import s3prl.hub
         >>> expert = s3prl.hub.hubert_local(ckpt=str(build_tiny_hubert("/tmp/h.pt")))  # doctest: +SKIP
     """
-    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(tiny_hubert_state(seed, **overrides), path)
 
@@ -160,7 +160,7 @@ def build_tiny_wavlm(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
         >>> import s3prl.hub
         >>> expert = s3prl.hub.wavlm_local(ckpt=str(build_tiny_wavlm("/tmp/w.pt")))  # doctest: +SKIP
     """
-    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(tiny_wavlm_state(seed, **overrides), path)
 

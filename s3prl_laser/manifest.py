@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from s3prl_laser.lanes import require_python
+from s3prl_laser.stacks import require_python
 
 if TYPE_CHECKING:  # s3prl_laser.data imports torch: not before --help
     from s3prl_laser.data import AudioItem
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from s3prl_laser.data import describe_splits, find_audio, measure_lengths
-    from s3prl_laser.length_index import scan_jobs
+    from s3prl_laser.training.length_index import scan_jobs
 
     args.jobs = scan_jobs() if args.jobs is None else args.jobs
     out = Path(args.out).expanduser()

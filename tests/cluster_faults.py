@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from s3prl_laser import checkpointing, trainer
 from s3prl_laser.finetune import main
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import loop as trainer
 
 if os.environ.get("LINEAR_ADAMW") == "1":
     torch.optim.AdamW = functools.partial(torch.optim.AdamW, eps=1e3)

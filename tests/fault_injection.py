@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from s3prl_laser import trainer
 from s3prl_laser.finetune import main
+from s3prl_laser.training import loop as trainer
 
 where, what, at_call = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls = 0

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import resolve_config
 from s3prl_laser.finetune import main
-from s3prl_laser.length_index import INDEX_NAME
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.length_index import INDEX_NAME
 
 FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3", "eval_every=0"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import warm_processes
 
-from s3prl_laser import checkpointing
+from s3prl_laser.training import checkpoints as checkpointing
 
 HERE = Path(__file__).resolve().parent
 FAULTS = str(HERE / "cluster_faults.py")
@@ -69,7 +69,7 @@ def test_torchrun_sigterm_twice_on_every_rank_saves_then_exits_143(tmp_path, tin
     assert result.returncode != 0 and "exitcode: 143" in log, log  # torchrun calls 143 a failure
     assert "KeyboardInterrupt" not in log and 'laser/trainer.py", line' not in log, log  # no rank died
     for rank in (0, 1):
-        assert f"[rank {rank}] WARNING s3prl_laser.runtime: received signal 15 again" in log, log
+        assert f"[rank {rank}] WARNING s3prl_laser.training.ranks: received signal 15 again" in log, log
     assert log.count("stopped by signal 15 at step 2") == 1  # rank 0's INFO line; rank 1 exits alike
     state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
     assert state["step"] == 2 and len(state["rng"]) == 2

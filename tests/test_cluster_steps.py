@@ -12,9 +12,9 @@ import weakref
 import pytest
 import torch
 
-from s3prl_laser import checkpointing
-from s3prl_laser import trainer as trainer_module
 from s3prl_laser.finetune import main
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import loop as trainer_module
 
 FAST = ["max_seconds=1.0", "num_workers=0", "warmup_steps=1", "log_every=1", "eval_every=0"]
 PLAIN = ["perturb_on=device", "speed_factors=[1.0]", "lr=30.0", "weight_decay=0.0", "batch_size=4"]
@@ -158,9 +158,9 @@ def test_a_non_finite_micro_batch_ends_the_step_and_releases_its_graph(
 def test_the_first_adamw_step_allocates_nothing_after_the_agreement(tmp_path, tiny_hubert_ckpt, demo_corpus):
     """AdamW's state exists before the ranks agree on the first step (so that running out of memory making
     it is the agreed skip), and is what AdamW's own first step makes: the same weights after 2 steps."""
-    from s3prl_laser.config import resolve_config
-    from s3prl_laser.laser_model import build_model
-    from s3prl_laser.runtime import DistEnv
+    from s3prl_laser.training.config import resolve_config
+    from s3prl_laser.training.parts import build_model
+    from s3prl_laser.training.ranks import DistEnv
 
     cfg = resolve_config("hubert", overrides=[f"ckpt={tiny_hubert_ckpt}", "lr=1e-3"])
     trained = []

@@ -1,4 +1,4 @@
-"""Stand-ins for names s3prl imports from libraries that moved on (s3prl_laser.compat), on either lane.
+"""Stand-ins for names s3prl imports from libraries that moved on (s3prl_laser.plugin.shims), on either lane.
 
 References: huggingface_hub's own token reader, the standard library's ``wave`` decoder, and the lane's real
 modules (a name that exists must stay the library's own object).
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from s3prl_laser import compat
+from s3prl_laser.plugin import shims as compat
 
 CURRENT_HUB = compat._release(__import__("huggingface_hub").__version__) >= (1, 0)
 
@@ -32,7 +32,7 @@ def test_runner_imports_resolve_in_a_fresh_interpreter(tmp_path):
 import huggingface_hub, torchaudio
 from huggingface_hub import HfApi, HfFolder, Repository
 import s3prl.downstream.runner
-from s3prl_laser import compat
+from s3prl_laser.plugin import shims as compat
 print(HfFolder is compat.HfFolder, Repository is compat.Repository)
 print(torchaudio.load is compat.load_with_soundfile)
 """
@@ -131,7 +131,7 @@ def test_a_failing_patch_is_logged_not_raised_into_the_import(monkeypatch, caplo
     module = types.ModuleType("torchaudio")
     with caplog.at_level("WARNING", logger="s3prl_laser._startup"):
         _startup.after_import(module)
-    assert "s3prl_laser.compat.patch_torchaudio(torchaudio) failed: KeyError('boom')" in caplog.text
+    assert "s3prl_laser.plugin.shims.patch_torchaudio(torchaudio) failed: KeyError('boom')" in caplog.text
 
 
 def test_torchaudio_release_comes_from_its_metadata_when_the_module_has_no_version():

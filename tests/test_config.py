@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s3prl_laser.config import (
+from s3prl_laser.training.config import (
     LaserConfig,
     config_keys,
     parse_overrides,

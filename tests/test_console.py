@@ -107,7 +107,7 @@ def test_quiet_loading_holds_transformers_back_unless_debug(debug, monkeypatch, 
     """A loading message of transformers and another library's warning: off the screen, or kept for debug."""
     from transformers.utils import logging as hf_logging
 
-    from s3prl_laser.hf_import import quiet_loading
+    from s3prl_laser.models.hf_import import quiet_loading
 
     monkeypatch.setenv(console.LEVEL_ENV, "debug" if debug else "info")
     seen = logging.handlers.BufferingHandler(capacity=100)

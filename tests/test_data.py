@@ -24,7 +24,7 @@ from s3prl_laser.data import (
     refuse_held_out,
     split_of,
 )
-from s3prl_laser.perturb import LaserPerturbation
+from s3prl_laser.objective.perturb import LaserPerturbation
 
 
 def write_wav(path: Path, samples: int, rate: int = 16000, seed: int = 0) -> Path:

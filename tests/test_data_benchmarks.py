@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from s3prl_laser.config import resolve_config
+from s3prl_laser.training.config import resolve_config
 
 pytestmark = pytest.mark.one_lane  # the scripts' reports; the data code is tested on every lane
 

@@ -123,7 +123,7 @@ def unknown_words(kind: str, name: str, arguments: list[str]) -> list[str]:
     options = parser._option_string_actions  # noqa: SLF001 (argparse has no public list of its flags)
     unknown = [word for word in arguments if word.startswith("-") and word.split("=")[0] not in options]
     if name == "s3prl_laser.finetune":
-        from s3prl_laser.config import LaserConfig
+        from s3prl_laser.training.config import LaserConfig
 
         keys = {field.name for field in dataclasses.fields(LaserConfig)}
         overrides = [word for word in arguments if re.fullmatch(r"[a-z_]+=.*", word)]

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from s3prl_laser.export import export_to_hf, main, verify_export
 from s3prl_laser.fixtures import tiny_hubert_state, tiny_wavlm_state
-from s3prl_laser.hf_convert import ACTIVATIONS, parse_conv_layers
+from s3prl_laser.models.hf_export import ACTIVATIONS, parse_conv_layers
 
 # float32 on the CPU; measured: at most 3e-6 on the same model input. The feature extractor's do_normalize
 # differs more (eps 1e-7 in transformers vs 1e-5 in s3prl's F.layer_norm), see its own test.
@@ -122,7 +122,7 @@ def test_feature_extractor_normalizes_like_s3prl(exported):
 
 def test_padding_masks_agree(exported):
     """Precondition of the batch test: both libraries mark the same frames as padding for LENGTHS."""
-    from s3prl_laser.hf_convert import load_s3prl_checkpoint, to_hf_model
+    from s3prl_laser.models.hf_export import load_s3prl_checkpoint, to_hf_model
 
     upstream, _, ckpt, out, _ = exported
     model = to_hf_model(load_s3prl_checkpoint(ckpt))

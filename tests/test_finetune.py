@@ -21,10 +21,10 @@ import soundfile
 import torch
 import warm_processes
 
-from s3prl_laser import checkpointing
 from s3prl_laser.finetune import main
-from s3prl_laser.heldout import BEST_METRIC, METRICS
-from s3prl_laser.laser_model import linear_warmup_decay
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training.heldout import BEST_METRIC, METRICS
+from s3prl_laser.training.parts import linear_warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3", "log_every=1"]
@@ -72,7 +72,7 @@ def test_data_errors_come_before_any_model_is_loaded(tmp_path, monkeypatch, capl
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     missing = tmp_path / "no_such_corpus"
     assert finetune(tmp_path / "run", tiny_hubert_ckpt, missing) == 2
     assert str(missing) in caplog.text
@@ -190,7 +190,7 @@ def test_resume_mistakes_are_reported_before_any_model_is_loaded(tmp_path, monke
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the run's config was checked")
 
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     empty = tmp_path / "never_ran"
     assert main(["--out", str(empty), "--resume"]) == 2
     assert str(empty / "config.yaml") in caplog.text
@@ -280,7 +280,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, dem
 
 OOM_WRAPPER = """
 import os, sys, torch
-import s3prl_laser.trainer as trainer
+import s3prl_laser.training.loop as trainer
 from s3prl_laser.finetune import main
 
 real_step = trainer.local_step
@@ -333,7 +333,7 @@ def test_out_of_memory_on_one_rank_is_a_step_skipped_by_both(tmp_path, tiny_hube
 def test_a_resumed_run_goes_past_a_batch_that_always_runs_out_of_memory(
     tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch
 ):
-    import s3prl_laser.trainer as trainer
+    import s3prl_laser.training.loop as trainer
 
     real_step = trainer.local_step
 
@@ -434,7 +434,7 @@ def test_throughput_benchmark_runs(capsys, monkeypatch):
 def record_steps(monkeypatch):
     """Record, per optimizer step, its micro-batches' ``(position, part, pairs, padded samples)`` (the
     padded samples of the ``[2b, T]`` tensor that goes through the model)."""
-    import s3prl_laser.trainer as trainer
+    import s3prl_laser.training.loop as trainer
 
     real_step, real_complete = trainer.train_step, trainer.complete_pairs
     steps, shapes = [], []
@@ -533,10 +533,10 @@ def test_torchrun_ranks_that_cut_their_batches_differently_stay_in_sync(
 ):
     """A 9 s budget cuts a batch of 4 clips of 1.8-2.7 s (views up to 3 s) into 2 to 4 micro-batches: the two
     ranks run different numbers of passes in some steps, and still take the same steps, in sync."""
-    from s3prl_laser.config import resolve_config
-    from s3prl_laser.length_index import scan
-    from s3prl_laser.runtime import DistEnv
-    from s3prl_laser.trainer import build_data
+    from s3prl_laser.training.config import resolve_config
+    from s3prl_laser.training.length_index import scan
+    from s3prl_laser.training.loop import build_data
+    from s3prl_laser.training.ranks import DistEnv
 
     keys = [*FAST, "max_seconds=3.0", "batch_size=4", "max_batch_seconds=9.0", "steps=5", "save_every=5"]
     cfg = resolve_config("hubert", overrides=[*keys, f"data={demo_corpus}"])

@@ -17,8 +17,8 @@ import warm_processes
 from hf_folders import build_hf_folder
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.hf_import import hf_folder_to_s3prl
-from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+from s3prl_laser.models.hf_import import hf_folder_to_s3prl
+from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 
 CASES = [(family, layout) for family in ("hubert", "wavlm") for layout in ("base", "large")]
 TOLERANCE = 1e-5  # float32, max abs difference of any hidden state
@@ -80,7 +80,7 @@ def test_every_hidden_state_equals_transformers(folders, family, layout, tmp_pat
     batch: every hidden state within 1e-5 of transformers' model on the same input."""
     import s3prl.hub
 
-    from s3prl_laser.upstream import load_base_model
+    from s3prl_laser.models.upstream import load_base_model
 
     folder = folders[family, layout]
     state = hf_folder_to_s3prl(folder)
@@ -175,7 +175,7 @@ def test_family_and_feature_extractor_mistakes_are_refused(tmp_path):
     pre.unlink()
     with pytest.raises(UserInputError, match="no preprocessor_config.json"):
         hf_folder_to_s3prl(folder)
-    from s3prl_laser.model_sources import check_source
+    from s3prl_laser.models.sources import check_source
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="is a folder without config.json"):
@@ -208,8 +208,8 @@ def test_command_line_refusal_and_offline_hub_id_are_one_line_errors(tmp_path, d
 
 def test_presets_follow_the_checkpoint_size(tmp_path):
     """Large (24 layers, 1024 dims) takes the family's large preset: the same recipe, its own budget."""
-    from s3prl_laser.config import read_preset, resolve_config
-    from s3prl_laser.model_sources import model_size
+    from s3prl_laser.models.sources import model_size
+    from s3prl_laser.training.config import read_preset, resolve_config
 
     large = tmp_path / "large"
     large.mkdir()
@@ -228,7 +228,7 @@ def test_presets_follow_the_checkpoint_size(tmp_path):
 
 
 def test_large_layout_freezes_all_but_the_top_two_layers_and_final_norm(folders):
-    from s3prl_laser.upstream import load_base_model
+    from s3prl_laser.models.upstream import load_base_model
 
     model = load_base_model("wavlm", folders["wavlm", "large"])
     model.freeze(2)
@@ -242,7 +242,7 @@ def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monke
     import s3prl.upstream.wavlm.hubconf as wavlm_hubconf
     from s3prl.util import download
 
-    from s3prl_laser.model_sources import S3PRL_NAMES, read_source
+    from s3prl_laser.models.sources import S3PRL_NAMES, read_source
 
     asked = []
 

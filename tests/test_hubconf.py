@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from s3prl_laser import hubconf
+from s3prl_laser.plugin import hubconf
 
 pytestmark = pytest.mark.espnet_lane
 

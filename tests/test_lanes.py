@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from s3prl_laser import lanes
-from s3prl_laser.lanes import LANES
+from s3prl_laser import stacks as lanes
+from s3prl_laser.stacks import LANES
 
 pytestmark = pytest.mark.espnet_lane
 

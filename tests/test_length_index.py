@@ -10,11 +10,11 @@ import soundfile
 import warm_processes
 
 from s3prl_laser import data
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import AudioItem, find_audio, measure_lengths
-from s3prl_laser.length_index import INDEX_NAME, load_or_build_index
 from s3prl_laser.manifest import main as manifest_main
-from s3prl_laser.runtime import DistEnv
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.length_index import INDEX_NAME, load_or_build_index
+from s3prl_laser.training.ranks import DistEnv
 
 
 def write_tree(root: Path, lengths: list[int], rate: int = 16000) -> list[Path]:
@@ -60,7 +60,9 @@ def test_index_is_written_once_then_read_without_touching_the_audio(tmp_path, mo
     assert (out / INDEX_NAME).is_file() and "length index written" in caplog.text
 
     no_headers(monkeypatch)
-    monkeypatch.setattr("s3prl_laser.length_index.find_audio", lambda *a: pytest.fail("the tree was listed"))
+    monkeypatch.setattr(
+        "s3prl_laser.training.length_index.find_audio", lambda *a: pytest.fail("the tree was listed")
+    )
     assert load_or_build_index(cfg, out, DistEnv()) == first  # a warm start, e.g. --resume
     assert "lengths read from" in caplog.text
     # the index is itself a manifest: --data reads it without opening any audio

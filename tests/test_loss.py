@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3prl_laser.loss import LaserLoss, ProjectionHead, temporal_regularizer
+from s3prl_laser.objective.loss import LaserLoss, ProjectionHead, temporal_regularizer
 
 
 def brute_idm(z, sigma, margin):

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import PairBatch, collate_pairs
-from s3prl_laser.laser_model import LaserModel, build_model, linear_warmup_decay
-from s3prl_laser.runtime import DistEnv
-from s3prl_laser.trainer import forward_pairs, pair_loss, train_step
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.loop import forward_pairs, pair_loss, train_step
+from s3prl_laser.training.parts import LaserModel, build_model, linear_warmup_decay
+from s3prl_laser.training.ranks import DistEnv
 
 
 def pair_batches(count: int, seed: int = 0) -> list[PairBatch]:

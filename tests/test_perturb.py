@@ -7,7 +7,13 @@ import pytest
 import torch
 import torchaudio
 
-from s3prl_laser.perturb import PRESETS, LaserPerturbation, PerturbParams, SincResampler, phase_vocoder
+from s3prl_laser.objective.perturb import (
+    PRESETS,
+    LaserPerturbation,
+    PerturbParams,
+    SincResampler,
+    phase_vocoder,
+)
 
 SR = 16000
 

@@ -133,7 +133,7 @@ def test_help_is_quick_and_imports_no_torch():
 
 
 def test_probe_key_of_finetune_is_off_by_default_and_on_in_the_demo():
-    from s3prl_laser.config import resolve_config
+    from s3prl_laser.training.config import resolve_config
 
     assert resolve_config("hubert").probe is False
     assert resolve_config("hubert", demo=True).probe is True

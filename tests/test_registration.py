@@ -139,7 +139,8 @@ print("ok")
 def test_install_registers_at_once_when_the_hub_is_already_imported(monkeypatch):
     import s3prl.hub
 
-    from s3prl_laser import _startup, hubconf
+    from s3prl_laser import _startup
+    from s3prl_laser.plugin import hubconf
 
     for name in ENTRIES:
         monkeypatch.delattr(s3prl.hub, name, raising=False)

@@ -1,7 +1,7 @@
 """What ``--resume`` does with a changed key, one run per ``--out``, warnings for runs that train nothing.
 
-The table of :data:`s3prl_laser.config.RESUME_RULES` classifies every key (applied, or refused); the tests
-check that an applied key really reaches the optimizer and the schedule (whose state a checkpoint brings
+The table of :data:`s3prl_laser.training.config.RESUME_RULES` classifies every key (applied, or refused); the
+tests check that an applied key really reaches the optimizer and the schedule (whose state a checkpoint brings
 back), that a longer ``steps`` continues the schedule without a jump, that refused keys and another number
 of processes stop the command before any model is loaded, that a damaged ``best.pt`` never stops a run, and
 that a new run never writes over an earlier one. Most tests copy one finished tiny run (4 steps, module
@@ -17,8 +17,10 @@ import torch
 import yaml
 from test_finetune import FAST, final_weights, tensorboard_scalars
 
-from s3prl_laser import checkpointing, laser_model
-from s3prl_laser.config import (
+from s3prl_laser.finetune import main
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import parts as laser_model
+from s3prl_laser.training.config import (
     APPLIED,
     REFUSED,
     RESUME_RULES,
@@ -27,8 +29,7 @@ from s3prl_laser.config import (
     resolve_config,
     resume_table,
 )
-from s3prl_laser.finetune import main
-from s3prl_laser.laser_model import WarmupDecay, linear_warmup_decay
+from s3prl_laser.training.parts import WarmupDecay, linear_warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ("steps=4", "save_every=2", "eval_every=2", "eval_clips=3")  # FAST sets lr=1e-3, warmup_steps=1
@@ -93,7 +94,7 @@ def test_docs_table_is_the_code_table():
     text = (REPO / "docs" / "training.md").read_text()
     section = text.split("## Resume: what a changed key does", 1)[1].split("\n## ", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
-    assert table == resume_table(), "docs/training.md: paste s3prl_laser.config.resume_table() there"
+    assert table == resume_table(), "docs/training.md: paste s3prl_laser.training.config.resume_table() there"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def test_more_steps_on_a_finished_run_keep_the_lr_at_zero_and_say_so(finished_ru
 def test_resume_refuses_keys_that_change_the_model_or_the_data_before_any_model_loads(
     run_copy, monkeypatch, caplog, capsys, tmp_path
 ):
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     saved = (run_copy / "config.yaml").read_text()
     other_data = tmp_path / "other"
     other_data.mkdir()
@@ -219,7 +220,7 @@ def test_resume_refuses_keys_that_change_the_model_or_the_data_before_any_model_
 
 
 def test_resume_refuses_a_config_yaml_edited_away_from_its_checkpoint(run_copy, monkeypatch, caplog):
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     config = yaml.safe_load((run_copy / "config.yaml").read_text())
     (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "proj_dim": 128}))
     assert main(["--out", str(run_copy), "--resume", "steps=6"]) == 2
@@ -228,7 +229,7 @@ def test_resume_refuses_a_config_yaml_edited_away_from_its_checkpoint(run_copy, 
 
 
 def test_resume_refuses_another_number_of_processes(run_copy, monkeypatch, caplog):
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     newest = checkpointing.latest_checkpoint(run_copy)
     state = checkpointing.load_checkpoint(newest)
     torch.save({**state, "world_size": 2, "rng": state["rng"] * 2}, newest)  # as 2 processes wrote it
@@ -278,7 +279,7 @@ def test_a_new_run_never_writes_over_an_earlier_one(run_copy, monkeypatch, caplo
     (run_copy / "notes.txt").write_text("mine\n")
     before = {path: path.stat().st_mtime_ns for path in run_copy.rglob("*")}
     with monkeypatch.context() as patched:
-        patched.setattr("s3prl_laser.upstream.load_base_model", no_model)
+        patched.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
         assert main([*argv, "steps=2"]) == 2
         line = one_line(caplog.text, "error: --out", run_copy, "holds a run")
         assert "--resume" in line and "another --out" in line and "--overwrite" in line

@@ -12,10 +12,11 @@ import types
 import pytest
 import torch
 
-from s3prl_laser import fairseq_checkpoint, fixtures
-from s3prl_laser.fairseq_checkpoint import RestrictedUnpickler, UnsafeCheckpointError
-from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
-from s3prl_laser.upstream import BaseModel, load_base_model
+from s3prl_laser import fixtures
+from s3prl_laser.models import fairseq_import as fairseq_checkpoint
+from s3prl_laser.models.fairseq_import import RestrictedUnpickler, UnsafeCheckpointError
+from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+from s3prl_laser.models.upstream import BaseModel, load_base_model
 
 LENGTHS = [8111, 6161, 3521, 400]  # 25, 19, 10, 1 frames: odd and even, down to one receptive field
 ENTRIES = {"hubert": "hubert_local", "wavlm": "wavlm_local"}

@@ -23,9 +23,9 @@ import pytest
 import torch
 import warm_processes
 
-from s3prl_laser import checkpointing
 from s3prl_laser.export import main as export_main
 from s3prl_laser.finetune import main
+from s3prl_laser.training import checkpoints as checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "downstream_recipes"
@@ -121,7 +121,7 @@ def test_out_naming_a_file_is_refused_before_any_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("s3prl_laser.upstream.load_base_model", no_model)
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
     out = tmp_path / "results.txt"
     out.write_text("keep me\n")
     argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
@@ -177,9 +177,9 @@ def test_data_naming_an_audio_or_binary_file_is_one_line(tmp_path, caplog, tiny_
 
 
 def test_a_damaged_length_index_is_read_again(tmp_path, caplog, demo_corpus):
-    from s3prl_laser.config import resolve_config
-    from s3prl_laser.length_index import INDEX_NAME, load_or_build_index
-    from s3prl_laser.runtime import DistEnv
+    from s3prl_laser.training.config import resolve_config
+    from s3prl_laser.training.length_index import INDEX_NAME, load_or_build_index
+    from s3prl_laser.training.ranks import DistEnv
 
     cfg = resolve_config("hubert", overrides=[f"data={demo_corpus}"])
     first = load_or_build_index(cfg, tmp_path, DistEnv())
@@ -206,7 +206,7 @@ def test_export_of_a_damaged_ckpt_or_onto_a_file_is_one_line(tmp_path, tiny_wavl
 # ------------------------------------------------------------------------------------- registration
 def test_a_failing_registration_leaves_s3prl_hub_working(tmp_path):
     code = (
-        "import sys; sys.modules['s3prl_laser.hubconf'] = None\n"  # our entries cannot be imported
+        "import sys; sys.modules['s3prl_laser.plugin.hubconf'] = None\n"  # our entries cannot be imported
         "import s3prl.hub\n"
         "print(hasattr(s3prl.hub, 'hubert_laser'), callable(s3prl.hub.hubert_local))\n"
     )

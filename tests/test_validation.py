@@ -1,4 +1,5 @@
-"""Held-out diagnostics (s3prl_laser.heldout): which clips validate, and the metrics against plain loops."""
+"""Held-out diagnostics (s3prl_laser.training.heldout): which clips validate, and the metrics against plain
+loops."""
 
 import math
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3prl_laser.config import resolve_config
 from s3prl_laser.data import AudioItem, find_audio
-from s3prl_laser.heldout import eval_mode, far_frame_distance, measure, validation_split
+from s3prl_laser.training.config import resolve_config
+from s3prl_laser.training.heldout import eval_mode, far_frame_distance, measure, validation_split
 
 
 def brute_sdtw(x, y, gamma):
@@ -37,8 +38,8 @@ def test_far_frame_distance_is_the_mean_over_pairs_half_a_clip_apart():
 
 
 def test_measure_matches_brute_force_metrics(tiny_hubert_ckpt):
-    from s3prl_laser.laser_model import seeded_head
-    from s3prl_laser.upstream import load_base_model
+    from s3prl_laser.models.upstream import load_base_model
+    from s3prl_laser.training.parts import seeded_head
 
     cfg = resolve_config("hubert", overrides=["proj_dim=8"])
     base = load_base_model("hubert", tiny_hubert_ckpt)

@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from s3prl_laser.lanes import require_python, stack_problem
+    from s3prl_laser.stacks import require_python, stack_problem
 
     require_python("python -m s3prl_laser.probe")  # no torch here: one line, exit 2
     args = get_args_parser().parse_args(argv)

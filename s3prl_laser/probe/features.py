@@ -57,7 +57,7 @@ def check_upstream(spec: UpstreamSpec) -> None:
     """``UserInputError`` for a name s3prl does not know or a local checkpoint that does not exist."""
     import s3prl.hub
 
-    from s3prl_laser.registration import register
+    from s3prl_laser.plugin.registration import register
 
     register()  # idempotent; done by the start-up hook when the package is installed
     options = s3prl.hub.options()

@@ -138,7 +138,7 @@ def probe_tuned_and_base(cfg, tuned: Path, out: Path, device, show: bool = True)
     (``<upstream>_local:ckpt``, or s3prl's ``<upstream>_base`` without a ckpt) on ``cfg.data``, seed
     ``cfg.seed``.
 
-    ``cfg`` is the run's :class:`~s3prl_laser.config.LaserConfig`; outputs go to ``out``.
+    ``cfg`` is the run's :class:`~s3prl_laser.training.config.LaserConfig`; outputs go to ``out``.
     """
     base = f"{cfg.upstream}_local:{cfg.ckpt}" if cfg.ckpt else f"{cfg.upstream}_base"
     logger.info("probe: %s_laser against %s on %s", cfg.upstream, base, cfg.data)

@@ -1,9 +1,9 @@
 """The ``--demo`` before/after report: what LASER does to the clean and perturbed views of held-out clips.
 
 The held-out clips are the corpus' ``dev-clean`` and ``test-clean`` splits. Before and after tuning it
-measures the metrics of :mod:`s3prl_laser.heldout` (the same code path as the validation during training):
-the same-clip / other-clip divergence ratio in the projection space and in the upstream's last layer, and
-the far-frame collapse guard.
+measures the metrics of :mod:`s3prl_laser.training.heldout` (the same code path as the validation during
+training): the same-clip / other-clip divergence ratio in the projection space and in the upstream's last
+layer, and the far-frame collapse guard.
 
 It also draws the expected alignment matrix ``E = d sdtw / d C`` between the two views of the first clip
 (projection space), before and after. Both upstreams are measured as a SUPERB downstream sees them, loaded
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from s3prl_laser.config import LaserConfig
 from s3prl_laser.data import find_audio
-from s3prl_laser.heldout import METRICS, Pair, embed, eval_mode, make_pairs, measure
 from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_from_cost
+from s3prl_laser.training.config import LaserConfig
+from s3prl_laser.training.heldout import METRICS, Pair, embed, eval_mode, make_pairs, measure
 
 HELD_OUT_SPLITS = ("dev-clean", "test-clean")
 logger = logging.getLogger("s3prl_laser.report")
@@ -104,14 +104,14 @@ class S3prlLastLayer(nn.Module):
     """The last hidden state of an upstream loaded through s3prl's public API, ``S3PRLUpstream(name, ckpt)``.
 
     ``forward(wavs [B, T], lengths [B]) -> (hidden [B, F, C], frames [B])``, the interface of
-    ``s3prl_laser.upstream.BaseModel.forward``, so the report measures it like the training model.
+    ``s3prl_laser.models.upstream.BaseModel.forward``, so the report measures it like the training model.
     """
 
     def __init__(self, name: str, ckpt: Path) -> None:
         super().__init__()
         from s3prl.nn import S3PRLUpstream
 
-        from s3prl_laser.registration import register
+        from s3prl_laser.plugin.registration import register
 
         register()  # already done by the start-up hook when the package is installed; idempotent
         self.name, self.ckpt = name, Path(ckpt)

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.s3prl_checkpoint import UPSTREAMS
+from s3prl_laser.models.s3prl_format import UPSTREAMS
 
 # What `python -m s3prl_laser.finetune` writes into --out, and --overwrite removes. The length index
 # (data_index.tsv) stays: it is checked against the data on every start, and saves a rescan.
@@ -68,7 +68,7 @@ def absolute_path(value: str, base: str | os.PathLike | None = None) -> str:
 def absolute_paths(values: dict, base: str | os.PathLike | None = None) -> dict:
     """``values`` (config keys) with each string of :data:`PATH_KEYS` made absolute against ``base``; a
     ``ckpt`` that names a download (an s3prl name or a hub id) is kept."""
-    from s3prl_laser.model_sources import is_named_source
+    from s3prl_laser.models.sources import is_named_source
 
     def local(key: str, value) -> bool:
         return key in PATH_KEYS and isinstance(value, str) and not (key == "ckpt" and is_named_source(value))

@@ -1,9 +1,9 @@
 """Held-out diagnostics of a LASER model: which clips, and the metrics measured on them.
 
-One code path serves the validation during training (:mod:`s3prl_laser.trainer`, every ``eval_every``
-steps) and the ``--demo`` before/after report (:mod:`s3prl_laser.report`). For each held-out clip a
-perturbed view is made as in training (speed, then pitch; no swap), seeded so that every measurement sees
-the same pairs. :func:`measure` then averages over the clips:
+One code path serves the validation during training (:mod:`s3prl_laser.training.loop`, every ``eval_every``
+steps) and the ``--demo`` before/after report (:mod:`s3prl_laser.training.demo_report`). For each held-out
+clip a perturbed view is made as in training (speed, then pitch; no swap), seeded so that every measurement
+sees the same pairs. :func:`measure` then averages over the clips:
 
 * the soft-DTW divergence between the two views of the same clip (what LASER minimises), and, as its scale,
   the divergence between the clean view of a clip and the perturbed view of ANOTHER clip; their ratio is
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s3prl_laser.config import LaserConfig
 from s3prl_laser.data import AudioItem, PairDataset, find_audio, librispeech_root
-from s3prl_laser.perturb import LaserPerturbation
+from s3prl_laser.objective.perturb import LaserPerturbation
 from s3prl_laser.softdtw import soft_dtw_divergence
+from s3prl_laser.training.config import LaserConfig
 
 METRICS = {
     "divergence_projection": "divergence, same clip (projection)",

@@ -1,9 +1,9 @@
 """What ``--ckpt`` may name, and how each kind becomes an s3prl-format checkpoint dict.
 
 - a checkpoint file: s3prl's HuBERT "converted" / WavLM format, or an original fairseq HuBERT checkpoint
-  (:func:`s3prl_laser.s3prl_checkpoint.read_checkpoint`);
+  (:func:`s3prl_laser.models.s3prl_format.read_checkpoint`);
 - a transformers model folder (``config.json`` + weights + ``preprocessor_config.json``), converted in
-  memory by :mod:`s3prl_laser.hf_import`;
+  memory by :mod:`s3prl_laser.models.hf_import`;
 - a Hugging Face hub id (``microsoft/wavlm-large``): the folder is downloaded with
   ``huggingface_hub.snapshot_download`` (or found in its cache), then read like a folder;
 - one of s3prl's own names (:data:`S3PRL_NAMES`: ``wavlm_base_plus``, ``hubert_large_ll60k``, ...),
@@ -11,7 +11,7 @@
 - nothing: s3prl's default ``hubert_base`` / ``wavlm_base``.
 
 :func:`model_size` tells a base-size model from a large one (24 layers, 1024 dims) without building it; the
-configuration picks the size's preset from it (:func:`s3prl_laser.config.resolve_config`).
+configuration picks the size's preset from it (:func:`s3prl_laser.training.config.resolve_config`).
 
 Example:
     >>> state = read_source("wavlm", "hf/wavlm-base-plus")  # doctest: +SKIP
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
-from s3prl_laser.hf_import import WEIGHT_FILES, hf_folder_to_s3prl, is_hf_folder, read_json
-from s3prl_laser.s3prl_checkpoint import DEFAULT_CKPT_URLS, check_checkpoint_file, read_checkpoint
+from s3prl_laser.models.hf_import import WEIGHT_FILES, hf_folder_to_s3prl, is_hf_folder, read_json
+from s3prl_laser.models.s3prl_format import DEFAULT_CKPT_URLS, check_checkpoint_file, read_checkpoint
 
 _CONVERTED = "https://huggingface.co/s3prl/converted_ckpts/resolve/main/"
 # s3prl hub name -> (family, size, address its entry downloads; s3prl/upstream/{hubert,wavlm}/hubconf.py)
@@ -64,7 +64,7 @@ def is_hub_id(ckpt: str) -> bool:
 
 def check_source(ckpt: str, option: str = "--ckpt") -> None:
     """Cheap check before expensive work: a folder must hold ``config.json``, a file must look like a
-    checkpoint (:func:`~s3prl_laser.s3prl_checkpoint.check_checkpoint_file`); names are checked on use."""
+    checkpoint (:func:`~s3prl_laser.models.s3prl_format.check_checkpoint_file`); names are checked on use."""
     path = Path(ckpt).expanduser()
     if is_named_source(ckpt):
         return
@@ -81,7 +81,7 @@ def check_source(ckpt: str, option: str = "--ckpt") -> None:
 def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
     """The s3prl-format checkpoint dict of ``ckpt`` (see the module doc for what it may name).
 
-    A transformers folder or hub id gives the dict of :func:`s3prl_laser.hf_import.hf_folder_to_s3prl`
+    A transformers folder or hub id gives the dict of :func:`s3prl_laser.models.hf_import.hf_folder_to_s3prl`
     (with its ``hf_origin``); a download that fails raises ``UserInputError`` saying what to pass instead.
     """
     if ckpt is None:

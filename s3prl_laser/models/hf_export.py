@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, UPSTREAMS, read_checkpoint
+from s3prl_laser.models.s3prl_format import CKPT_KEYS, UPSTREAMS, read_checkpoint
 
-HF_ORIGIN_KEY = "hf_origin"  # in a checkpoint imported from transformers: see s3prl_laser.hf_import
+HF_ORIGIN_KEY = "hf_origin"  # in a checkpoint imported from transformers: see s3prl_laser.models.hf_import
 HUBERT_KEYS = CKPT_KEYS["hubert"]
 WAVLM_KEYS = CKPT_KEYS["wavlm"]
 
@@ -105,8 +105,8 @@ class S3prlCheckpoint:
         normalize: whether s3prl's expert layer-normalises each waveform before the model.
         sample_rate: expected input sample rate in Hz.
         path: the file it came from (for messages).
-        hf_origin: for a model imported from a transformers folder (:mod:`s3prl_laser.hf_import`): its class,
-            ``config.json``, ``preprocessor_config.json`` and head weights; ``None`` otherwise.
+        hf_origin: for a model imported from a transformers folder (:mod:`s3prl_laser.models.hf_import`): its
+            class, ``config.json``, ``preprocessor_config.json`` and head weights; ``None`` otherwise.
     """
 
     upstream: str

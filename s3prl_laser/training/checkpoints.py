@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
-from s3prl_laser.s3prl_checkpoint import read_checkpoint, save_s3prl_checkpoint
+from s3prl_laser.models.s3prl_format import read_checkpoint, save_s3prl_checkpoint
 
 logger = logging.getLogger("s3prl_laser.finetune")
 

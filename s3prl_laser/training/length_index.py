@@ -20,7 +20,6 @@ import logging
 import os
 from pathlib import Path
 
-from s3prl_laser.config import LaserConfig
 from s3prl_laser.data import (
     AudioItem,
     describe_splits,
@@ -30,7 +29,8 @@ from s3prl_laser.data import (
     refuse_held_out,
 )
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.runtime import DistEnv, PeerFailure, broadcast_object
+from s3prl_laser.training.config import LaserConfig
+from s3prl_laser.training.ranks import DistEnv, PeerFailure, broadcast_object
 
 logger = logging.getLogger("s3prl_laser.finetune")
 

@@ -9,7 +9,7 @@ downsample rate of 320, exactly like s3prl's stock ``hubert_local`` / ``wavlm_lo
 
 Checkpoint lookup: ``ckpt`` (``run_downstream.py -k FILE``) when given, else
 ``$S3PRL_LASER_HOME/<entry>.pt`` with ``S3PRL_LASER_HOME`` defaulting to ``~/.cache/s3prl_laser``.
-The file is first read by :func:`s3prl_laser.s3prl_checkpoint.read_checkpoint` with
+The file is first read by :func:`s3prl_laser.models.s3prl_format.read_checkpoint` with
 ``torch.load(weights_only=True)``, so a checkpoint holding anything but tensors and plain containers is
 refused before s3prl's expert (which calls ``torch.load`` without ``weights_only``) reads it, even under
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``; a damaged file is reported as damaged, naming it.
@@ -22,7 +22,7 @@ deprecated, "Support for mismatched key_padding_mask and attn_mask is deprecated
 Example::
 
     >>> import torch
-    >>> from s3prl_laser.hubconf import hubert_laser
+    >>> from s3prl_laser.plugin.hubconf import hubert_laser
     >>> upstream = hubert_laser(ckpt="runs/demo/hubert_laser.pt").eval()
     >>> hidden = upstream([torch.randn(16000)])["hidden_states"]  # list of [1, 50, D]
 """
@@ -35,7 +35,7 @@ from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
 from s3prl_laser.console import foreign_warnings_at_debug
 from s3prl_laser.errors import MissingFileError, UserInputError
-from s3prl_laser.s3prl_checkpoint import CKPT_KEYS, read_checkpoint
+from s3prl_laser.models.s3prl_format import CKPT_KEYS, read_checkpoint
 
 HOME_ENV = "S3PRL_LASER_HOME"
 DEFAULT_HOME = "~/.cache/s3prl_laser"

@@ -4,9 +4,9 @@
   checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
   (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
   from a Hugging Face transformers folder or hub id, or from s3prl's downloads (``hubert_base``,
-  ``wavlm_base_plus``, ...). What ``--ckpt`` may name is :mod:`s3prl_laser.model_sources`' job; reading the
-  files that of :mod:`s3prl_laser.s3prl_checkpoint`, :mod:`s3prl_laser.fairseq_checkpoint` and
-  :mod:`s3prl_laser.hf_import`.
+  ``wavlm_base_plus``, ...). What ``--ckpt`` may name is :mod:`s3prl_laser.models.sources`' job; reading the
+  files that of :mod:`s3prl_laser.models.s3prl_format`, :mod:`s3prl_laser.models.fairseq_import` and
+  :mod:`s3prl_laser.models.hf_import`.
 - :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
   and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.fairseq_checkpoint import convert_fairseq_hubert, is_fairseq_checkpoint
-from s3prl_laser.hf_import import HF_ORIGIN_KEY
-from s3prl_laser.model_sources import read_source
-from s3prl_laser.s3prl_checkpoint import UPSTREAMS, check_keys
+from s3prl_laser.models.fairseq_import import convert_fairseq_hubert, is_fairseq_checkpoint
+from s3prl_laser.models.hf_import import HF_ORIGIN_KEY
+from s3prl_laser.models.s3prl_format import UPSTREAMS, check_keys
+from s3prl_laser.models.sources import read_source
 
 
 def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> BaseModel:
@@ -40,10 +40,10 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     ``ckpt``: an s3prl-format checkpoint (HuBERT converted: ``task_cfg``, ``model_cfg``, ``model_weight``,
     ``dictionaries_symbols``; WavLM: ``cfg``, ``model``), an original fairseq HuBERT checkpoint (read
     without fairseq, converted in memory), a transformers model folder or hub id (converted in memory by
-    :mod:`s3prl_laser.hf_import`; its ``hf_origin`` is kept in :attr:`BaseModel.config`, so the tuned
+    :mod:`s3prl_laser.models.hf_import`; its ``hf_origin`` is kept in :attr:`BaseModel.config`, so the tuned
     checkpoint can be exported as the same transformers class), one of s3prl's names
     (``wavlm_base_plus``, ...), or ``None`` for s3prl's default ``hubert_base`` / ``wavlm_base`` (downloaded
-    by s3prl's own helper into its cache); see :mod:`s3prl_laser.model_sources`.
+    by s3prl's own helper into its cache); see :mod:`s3prl_laser.models.sources`.
 
     Raises :class:`~s3prl_laser.errors.UserInputError` subclasses naming the file: ``MissingFileError``,
     ``DamagedCheckpointError`` (truncated or corrupted), ``UnsafeCheckpointError`` (a pickle naming a

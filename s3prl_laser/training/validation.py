@@ -1,12 +1,12 @@
 """Validation while training: the held-out metrics every ``eval_every`` steps, the best checkpoint, the cost.
 
 Every ``eval_every`` optimizer steps and at the last one, rank 0 measures the model on the held-out pairs
-with :func:`s3prl_laser.heldout.measure` (the code path of the demo report) while the other ranks wait. It
-logs every metric to TensorBoard (``val/<metric>``) and the newest ones to the progress bar
+with :func:`s3prl_laser.training.heldout.measure` (the code path of the demo report) while the other ranks
+wait. It logs every metric to TensorBoard (``val/<metric>``) and the newest ones to the progress bar
 (:attr:`Validator.latest`), warns once when a collapse guard (far-frame distance) falls below
 ``collapse_threshold``, and keeps ``OUT/checkpoints/best.pt``: the trainable weights at the lowest
-:data:`~s3prl_laser.heldout.BEST_METRIC` so far among the validations whose collapse guards stayed above
-the threshold. Each validation's time is logged with its share of the
+:data:`~s3prl_laser.training.heldout.BEST_METRIC` so far among the validations whose collapse guards stayed
+above the threshold. Each validation's time is logged with its share of the
 training time since the previous one (``val/seconds``, ``val/share_of_training``).
 
 Example::
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import LaserConfig, to_dict
 from s3prl_laser.data import AudioItem
-from s3prl_laser.heldout import (
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training.config import LaserConfig, to_dict
+from s3prl_laser.training.heldout import (
     BEST_METRIC,
     COLLAPSE_GUARDS,
     METRICS,
@@ -36,8 +36,8 @@ from s3prl_laser.heldout import (
     make_pairs,
     measure,
 )
-from s3prl_laser.laser_model import Parts, trainable_state
-from s3prl_laser.runtime import DistEnv, run_together
+from s3prl_laser.training.parts import Parts, trainable_state
+from s3prl_laser.training.ranks import DistEnv, run_together
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -68,7 +68,7 @@ class Validator:
 
     def run(self, parts: Parts, state, out: Path, writer) -> dict[str, float] | None:
         """Measure on rank 0, log, keep the best checkpoint; every rank returns once rank 0 is done (a failure
-        on rank 0 reaches them at once: :func:`~s3prl_laser.runtime.run_together`).
+        on rank 0 reaches them at once: :func:`~s3prl_laser.training.ranks.run_together`).
 
         ``state`` is the trainer's ``TrainState`` (``step``, ``best_step``, ``best_value``,
         ``collapse_warned`` are read and updated). Returns the metrics on rank 0, else None.

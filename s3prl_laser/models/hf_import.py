@@ -1,12 +1,13 @@
 """Read a Hugging Face ``transformers`` HuBERT/WavLM folder into s3prl's own checkpoint format.
 
-The reverse of :mod:`s3prl_laser.hf_convert`. A folder written by ``save_pretrained`` (``config.json``, the
-weights as ``model.safetensors`` or ``pytorch_model.bin``, sharded or not, and ``preprocessor_config.json``)
-holding a ``HubertModel``/``WavLMModel`` or a wrapper whose encoder is one (``HubertForCTC``,
-``WavLMForCTC``, ``...ForSequenceClassification``, ...) becomes the dict that s3prl's stock loaders read:
-HuBERT "converted" (``task_cfg``, ``model_cfg``, ``model_weight``, ``dictionaries_symbols``) or WavLM
-(``cfg``, ``model``). transformers itself reads the folder (``from_pretrained``: every naming of the weights
-it accepts is accepted here, and a weight the folder lacks is an error, never a random initialisation).
+The reverse of :mod:`s3prl_laser.models.hf_export`. A folder written by ``save_pretrained`` (``config.json``,
+the weights as ``model.safetensors`` or ``pytorch_model.bin``, sharded or not, and
+``preprocessor_config.json``) holding a ``HubertModel``/``WavLMModel`` or a wrapper whose encoder is one
+(``HubertForCTC``, ``WavLMForCTC``, ``...ForSequenceClassification``, ...) becomes the dict that s3prl's stock
+loaders read: HuBERT "converted" (``task_cfg``, ``model_cfg``, ``model_weight``, ``dictionaries_symbols``) or
+WavLM (``cfg``, ``model``). transformers itself reads the folder (``from_pretrained``: every naming of the
+weights it accepts is accepted here, and a weight the folder lacks is an error, never a random
+initialisation).
 
 The result also carries ``hf_origin`` (:data:`HF_ORIGIN_KEY`): the model class, its ``config.json`` and
 ``preprocessor_config.json`` as JSON text, and the weights outside the encoder (e.g. a CTC head). s3prl's
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
-from s3prl_laser.hf_convert import HF_ORIGIN_KEY, map_key
+from s3prl_laser.models.hf_export import HF_ORIGIN_KEY, map_key
 
 logger = logging.getLogger(__name__)
 

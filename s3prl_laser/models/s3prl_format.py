@@ -1,7 +1,7 @@
 """s3prl-format checkpoint files: the upstream names and keys, a safe reader and an atomic writer.
 
 - :func:`read_checkpoint` reads a checkpoint without executing code from it: ``torch.load(weights_only=True)``
-  for s3prl's own formats, the restricted unpickler of :mod:`s3prl_laser.fairseq_checkpoint` for an
+  for s3prl's own formats, the restricted unpickler of :mod:`s3prl_laser.models.fairseq_import` for an
   original fairseq checkpoint. Every checkpoint this package loads goes through it (``--ckpt``, training
   checkpoints on ``--resume``, the ``hubert_laser``/``wavlm_laser`` entries, the export), so a missing,
   damaged or refused file gets the same error everywhere.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import DamagedCheckpointError, MissingFileError, UnsafeCheckpointError, UserInputError
-from s3prl_laser.fairseq_checkpoint import restricted_pickle_module
+from s3prl_laser.models.fairseq_import import restricted_pickle_module
 
 UPSTREAMS = ("hubert", "wavlm")
 # s3prl's hubert_base / wavlm_base entries (s3prl/upstream/{hubert,wavlm}/hubconf.py) download these.
@@ -64,7 +64,7 @@ def read_checkpoint(path: str | os.PathLike, allow_fairseq: bool = True) -> dict
 
     ``torch.load(weights_only=True)`` first (s3prl's formats, our training checkpoints). If the pickle names
     other globals and ``allow_fairseq`` is set (an original fairseq checkpoint), the restricted unpickler
-    of :mod:`s3prl_laser.fairseq_checkpoint` reads it. A zip checkpoint's CRC-32 checksums are verified
+    of :mod:`s3prl_laser.models.fairseq_import` reads it. A zip checkpoint's CRC-32 checksums are verified
     first, so a file corrupted on disk is not read back as wrong weights.
 
     Raises (all :class:`~s3prl_laser.errors.UserInputError`, each message naming ``path``):

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from s3prl_laser.config import FRAME_COUNTS, LaserConfig
-from s3prl_laser.loss import LaserLoss, ProjectionHead
-from s3prl_laser.runtime import DistEnv
+from s3prl_laser.objective.loss import LaserLoss, ProjectionHead
+from s3prl_laser.training.config import FRAME_COUNTS, LaserConfig
+from s3prl_laser.training.ranks import DistEnv
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -76,7 +76,7 @@ class Parts:
 
 def build_upstream(cfg: LaserConfig) -> tuple[nn.Module, ProjectionHead, int]:
     """The upstream frozen by name, a freshly seeded projection head, and the upstream's trainable count."""
-    from s3prl_laser.upstream import load_base_model
+    from s3prl_laser.models.upstream import load_base_model
 
     base = load_base_model(cfg.upstream, cfg.ckpt)
     n_base = base.freeze(cfg.trainable_layers, train_final_layer_norm=cfg.train_final_layer_norm)
@@ -211,7 +211,7 @@ def trainable_state(parts: Parts) -> dict[str, torch.Tensor]:
 
 def export_upstream(parts: Parts, cfg: LaserConfig, out: Path) -> Path:
     """Write the tuned upstream as ``OUT/<upstream>_laser.pt`` in s3prl's own checkpoint format."""
-    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 
     return save_s3prl_checkpoint(parts.base.state_for_s3prl(), out / f"{cfg.upstream}_laser.pt")
 
@@ -221,10 +221,10 @@ def export_best(parts: Parts, cfg: LaserConfig, out: Path) -> tuple[Path, int] |
 
     The frozen weights are the model's own (they never change); the trainable ones come from ``best.pt``.
     Returns the path and the best step, or None when the run kept no best checkpoint, or a damaged one
-    (warned and set aside by :func:`~s3prl_laser.checkpointing.read_best`).
+    (warned and set aside by :func:`~s3prl_laser.training.checkpoints.read_best`).
     """
-    from s3prl_laser import checkpointing
-    from s3prl_laser.s3prl_checkpoint import save_s3prl_checkpoint
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+    from s3prl_laser.training import checkpoints as checkpointing
 
     best = checkpointing.read_best(out)
     if best is None:

@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.loss import LOSS_TYPES
-from s3prl_laser.paths import absolute_paths
-from s3prl_laser.s3prl_checkpoint import UPSTREAMS
+from s3prl_laser.models.s3prl_format import UPSTREAMS
+from s3prl_laser.objective.loss import LOSS_TYPES
+from s3prl_laser.training.paths import absolute_paths
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"
 FRAME_COUNTS = ("cnn", "round")
@@ -102,7 +102,7 @@ class LaserConfig:
     # --- bookkeeping ---
     save_every: int = 500  # write a training checkpoint every this many steps
     log_every: int = 10  # TensorBoard scalars every this many steps
-    # --- validation (held-out clips; see s3prl_laser.heldout) ---
+    # --- validation (held-out clips; see s3prl_laser.training.heldout) ---
     eval_every: int = 250  # validate every this many steps and at the last one; 0 = never
     eval_clips: int = 32  # held-out clips: dev-clean if --data has it, else a seeded share of --data
     collapse_threshold: float = 0.3  # warn once when a far-frame distance (collapse guard) falls below
@@ -170,7 +170,7 @@ def validate(cfg: LaserConfig) -> None:
 
 # What a key given on ``--resume`` does, one class per key (docs/training.md renders this table):
 #   "applied": the resumed run uses the new value from its next step on (the optimizer's lr and weight decay
-#              and the schedule too: see s3prl_laser.laser_model.apply_schedule);
+#              and the schedule too: see s3prl_laser.training.parts.apply_schedule);
 #   "refused": exit 2 naming the key: it changes the model's shape or weights, or which data a step sees,
 #              and the checkpoint's data position and weights only mean something with the old value.
 APPLIED, REFUSED = "applied", "refused"
@@ -331,10 +331,10 @@ def resolve_config(
     """Build the run's config: preset < demo preset < ``config_file`` < ``extra`` (CLI flags) < overrides.
 
     The preset is the family's (``<upstream>_laser.yaml``), and for a large checkpoint (more than 12 layers or
-    768 dims, read from ``ckpt`` by :func:`s3prl_laser.model_sources.model_size`) that of its size on top
+    768 dims, read from ``ckpt`` by :func:`s3prl_laser.models.sources.model_size`) that of its size on top
     (``<upstream>_large_laser.yaml``).
     """
-    from s3prl_laser.model_sources import model_size
+    from s3prl_laser.models.sources import model_size
 
     if upstream not in UPSTREAMS:
         raise UserInputError(f"--upstream {upstream!r}: choose one of {UPSTREAMS}")

@@ -6,9 +6,9 @@ One step: ``grad_accum_steps`` batches (default 1) of ``batch_size`` (view, view
 through the model in one ``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward,
 gradients accumulated; then (when every rank's losses are finite) the gradient of the mean loss over all
 the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
-one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.validation` validates.
-Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything a
-bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
+one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.training.validation`
+validates. Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything
+a bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
 
 Example::
 
@@ -32,8 +32,6 @@ from torch import nn
 from torch.optim.adam import Adam  # the classes themselves: tests may patch torch.optim.AdamW
 from torch.optim.adamw import AdamW
 
-from s3prl_laser import checkpointing
-from s3prl_laser.config import LaserConfig, from_dict, refused_changes, to_dict
 from s3prl_laser.data import (
     AudioItem,
     BucketBatchSampler,
@@ -46,10 +44,12 @@ from s3prl_laser.data import (
     view_stretch,
 )
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
-from s3prl_laser.laser_model import Parts, apply_optimizer_config, trainable_state
-from s3prl_laser.loss import LaserLoss, LaserLossOutput
-from s3prl_laser.perturb import LaserPerturbation
-from s3prl_laser.runtime import (
+from s3prl_laser.objective.loss import LaserLoss, LaserLossOutput
+from s3prl_laser.objective.perturb import LaserPerturbation
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training.config import LaserConfig, from_dict, refused_changes, to_dict
+from s3prl_laser.training.parts import Parts, apply_optimizer_config, trainable_state
+from s3prl_laser.training.ranks import (
     DistEnv,
     PeerFailure,
     StopSignals,
@@ -61,7 +61,7 @@ from s3prl_laser.runtime import (
     run_together,
     stop_flags,
 )
-from s3prl_laser.validation import Validator
+from s3prl_laser.training.validation import Validator
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -249,8 +249,8 @@ def train_step(
     remaining micro-batches not run) and every rank skips the step.
     A rank whose local steps fail otherwise (a bug, a device fault) reports it in the same all-reduce and
     then re-raises its exception with its traceback, while the others raise
-    :class:`~s3prl_laser.runtime.PeerFailure`: the local steps run no collective, so every rank gets there.
-    ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
+    :class:`~s3prl_laser.training.ranks.PeerFailure`: the local steps run no collective, so every rank gets
+    there. ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
     ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
     The host waits for the device once per micro-batch (its sums) and once for the agreement.
 
@@ -453,7 +453,7 @@ def _log_step(writer, progress, state: TrainState, result: dict, rate: float, cf
 
 def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
     """Rank 0 writes the training checkpoint (all ranks' RNG states gathered into it); a failure to write it
-    (a full disk) reaches every rank at once (:func:`~s3prl_laser.runtime.run_together`)."""
+    (a full disk) reaches every rank at once (:func:`~s3prl_laser.training.ranks.run_together`)."""
     check_ranks_in_sync(parts, env)
     rng = checkpointing.capture_rng(env.device)
     if env.distributed:
@@ -497,8 +497,9 @@ def check_resumable(path: Path, checkpoint: dict, cfg: LaserConfig, env: DistEnv
     """Raise ``UserInputError`` before any model is loaded if ``checkpoint`` cannot continue as ``cfg``.
 
     Refused: another number of processes than the checkpoint's (each takes its own share of every epoch's
-    batches, so the data position means other data), and a key :data:`~s3prl_laser.config.RESUME_RULES`
-    refuses whose value differs from the checkpoint's (a hand-edited ``config.yaml``).
+    batches, so the data position means other data), and a key
+    :data:`~s3prl_laser.training.config.RESUME_RULES` refuses whose value differs from the checkpoint's (a
+    hand-edited ``config.yaml``).
     """
     saved = checkpoint.get("world_size", len(checkpoint["rng"]))
     if saved != env.world_size:
@@ -571,9 +572,9 @@ def best_still_holds(out: Path, step: int) -> bool:
     """Rank 0: whether the run's ``best.pt`` is a readable best of step ``step`` or before.
 
     False (the resumed run keeps its best anew) when there is none, when it is damaged (set aside by
-    :func:`~s3prl_laser.checkpointing.read_best`), or when it is from after ``step``: then it is removed,
-    since the resumed run validates those steps again, and starting its search afresh gives the same best as
-    the interrupted run had once it passes that step (the removed best beat every earlier one).
+    :func:`~s3prl_laser.training.checkpoints.read_best`), or when it is from after ``step``: then it is
+    removed, since the resumed run validates those steps again, and starting its search afresh gives the same
+    best as the interrupted run had once it passes that step (the removed best beat every earlier one).
     """
     best = checkpointing.read_best(out)
     if best is None:

@@ -12,7 +12,7 @@ then raises ``OSError``, which breaks s3prl and anything else that imports it.
 
 Example::
 
-    >>> from s3prl_laser.lanes import LANES, missing_s3prl_message
+    >>> from s3prl_laser.stacks import LANES, missing_s3prl_message
     >>> LANES["current"].install
     "pip install 's3prl-laser[current]'"
     >>> missing_s3prl_message() is None   # s3prl importable here

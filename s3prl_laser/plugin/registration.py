@@ -8,7 +8,7 @@ through ``register()`` for programs that embed s3prl in an environment without t
 
 Example::
 
-    >>> from s3prl_laser.registration import register
+    >>> from s3prl_laser.plugin.registration import register
     >>> register()
     ('hubert_laser', 'wavlm_laser')
 """
@@ -20,7 +20,7 @@ ENTRY_NAMES = ("hubert_laser", "wavlm_laser")
 
 def register_into(hub: ModuleType) -> tuple[str, ...]:
     """Set ``hub.hubert_laser`` and ``hub.wavlm_laser``; returns the names set. Idempotent."""
-    from s3prl_laser import hubconf
+    from s3prl_laser.plugin import hubconf
 
     for name in ENTRY_NAMES:
         setattr(hub, name, getattr(hubconf, name))
@@ -29,7 +29,7 @@ def register_into(hub: ModuleType) -> tuple[str, ...]:
 
 def register() -> tuple[str, ...]:
     """Import ``s3prl.hub`` (torch, s3prl: seconds) and register the LASER entries on it."""
-    from s3prl_laser.lanes import missing_s3prl_message
+    from s3prl_laser.stacks import missing_s3prl_message
 
     if (missing := missing_s3prl_message()) is not None:
         raise ModuleNotFoundError(missing, name="s3prl")
