@@ -40,7 +40,8 @@ from measure import PeakMemory, sync, timed
 
 from s3prl_laser import fixtures
 from s3prl_laser.data import complete_pairs
-from s3prl_laser.models.s3prl_format import UPSTREAMS, save_s3prl_checkpoint
+from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+from s3prl_laser.names import UPSTREAMS
 from s3prl_laser.softdtw import soft_dtw_divergence
 from s3prl_laser.training.config import resolve_config
 from s3prl_laser.training.heldout import eval_mode, make_pairs, measure

@@ -44,7 +44,7 @@ import torch
 from measure import exact_cpu_rss
 
 from s3prl_laser.console import setup_console
-from s3prl_laser.models.s3prl_format import UPSTREAMS
+from s3prl_laser.names import UPSTREAMS
 from s3prl_laser.softdtw import reference, soft_dtw_divergence
 
 GAMMA = 0.1

@@ -41,13 +41,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from s3prl_laser.names import UPSTREAMS
 from s3prl_laser.stacks import require_python, stack_problem
 
 if TYPE_CHECKING:  # the rest is imported when needed: --help and the environment checks need no torch
     from s3prl_laser.training.config import LaserConfig
     from s3prl_laser.training.ranks import DistEnv
-
-UPSTREAMS = ("hubert", "wavlm")  # s3prl_checkpoint.UPSTREAMS (a torch module), repeated for --help
 
 logger = logging.getLogger("s3prl_laser.finetune")
 

@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.models.s3prl_format import CKPT_KEYS, UPSTREAMS, read_checkpoint
+from s3prl_laser.models.s3prl_format import CKPT_KEYS, read_checkpoint
+from s3prl_laser.names import UPSTREAMS
 
 HF_ORIGIN_KEY = "hf_origin"  # in a checkpoint imported from transformers: see s3prl_laser.models.hf_import
 HUBERT_KEYS = CKPT_KEYS["hubert"]

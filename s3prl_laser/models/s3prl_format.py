@@ -25,8 +25,8 @@ import torch
 
 from s3prl_laser.errors import DamagedCheckpointError, MissingFileError, UnsafeCheckpointError, UserInputError
 from s3prl_laser.models.fairseq_import import restricted_pickle_module
+from s3prl_laser.names import UPSTREAMS
 
-UPSTREAMS = ("hubert", "wavlm")
 # s3prl's hubert_base / wavlm_base entries (s3prl/upstream/{hubert,wavlm}/hubconf.py) download these.
 DEFAULT_CKPT_URLS = {
     "hubert": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.models.fairseq_import import convert_fairseq_hubert, is_fairseq_checkpoint
 from s3prl_laser.models.hf_import import HF_ORIGIN_KEY
-from s3prl_laser.models.s3prl_format import UPSTREAMS, check_keys
+from s3prl_laser.models.s3prl_format import check_keys
 from s3prl_laser.models.sources import read_source
+from s3prl_laser.names import UPSTREAMS
 
 
 def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> BaseModel:

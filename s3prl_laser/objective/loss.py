@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s3prl_laser.names import LOSS_TYPES
 from s3prl_laser.softdtw import pairwise_sq_dist, soft_dtw_divergence
-
-LOSS_TYPES = ("softdtw_lav", "softdtw")
 
 
 def _valid_frames(lengths: torch.Tensor | None, batch: int, frames: int, device: torch.device, name: str):

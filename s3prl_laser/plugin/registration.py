@@ -15,7 +15,7 @@ Example::
 
 from types import ModuleType
 
-ENTRY_NAMES = ("hubert_laser", "wavlm_laser")
+from s3prl_laser.names import LASER_ENTRIES as ENTRY_NAMES
 
 
 def register_into(hub: ModuleType) -> tuple[str, ...]:

@@ -25,8 +25,7 @@ from typing import Any
 import yaml
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.models.s3prl_format import UPSTREAMS
-from s3prl_laser.objective.loss import LOSS_TYPES
+from s3prl_laser.names import LOSS_TYPES, UPSTREAMS
 from s3prl_laser.training.paths import absolute_paths
 
 PRESET_PACKAGE = "s3prl_laser.upstream_configs"

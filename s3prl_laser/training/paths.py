@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.models.s3prl_format import UPSTREAMS
+from s3prl_laser.names import UPSTREAMS
 
 # What `python -m s3prl_laser.finetune` writes into --out, and --overwrite removes. The length index
 # (data_index.tsv) stays: it is checked against the data on every start, and saves a rescan.
