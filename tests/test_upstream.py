@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from s3prl_laser import fixtures
+from s3prl_laser.errors import UserInputError
 from s3prl_laser.models import fairseq_import as fairseq_checkpoint
 from s3prl_laser.models.fairseq_import import RestrictedUnpickler, UnsafeCheckpointError
 from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
@@ -392,6 +393,22 @@ def test_fairseq_hubert_checkpoint_is_read_without_fairseq(
     ):
         torch.testing.assert_close(a, b)
 
+
+
+def test_read_source_gives_s3prl_format_for_a_fairseq_file(fake_fairseq, tiny_hubert_ckpt, tmp_path):
+    """models/ returns one s3prl-format dict whatever the source: the fairseq conversion is the loader's."""
+    from s3prl_laser.models.s3prl_format import CKPT_KEYS
+    from s3prl_laser.models.sources import read_source
+
+    converted = torch.load(tiny_hubert_ckpt, weights_only=True)
+    dictionary, choices, save = fake_fairseq
+    path = save(fairseq_style_checkpoint(converted, "container", dictionary, choices), tmp_path / "hubert.pt")
+    state = read_source("hubert", path)
+    assert sorted(state) == sorted(CKPT_KEYS["hubert"])
+    assert state["dictionaries_symbols"] == converted["dictionaries_symbols"]
+    assert state["model_weight"].keys() == converted["model_weight"].keys()
+    with pytest.raises(UserInputError, match=f"{path} is a fairseq checkpoint; only HuBERT"):
+        read_source("wavlm", path)
 
 class _RunsCode:
     def __init__(self, func, arg):

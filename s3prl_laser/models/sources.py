@@ -1,7 +1,8 @@
 """What ``--ckpt`` may name, and how each kind becomes an s3prl-format checkpoint dict.
 
 - a checkpoint file: s3prl's HuBERT "converted" / WavLM format, or an original fairseq HuBERT checkpoint
-  (:func:`s3prl_laser.models.s3prl_format.read_checkpoint`);
+  (:func:`s3prl_laser.models.s3prl_format.read_checkpoint`), converted in memory by
+  :func:`s3prl_laser.models.fairseq_import.convert_fairseq_hubert`;
 - a transformers model folder (``config.json`` + weights + ``preprocessor_config.json``), converted in
   memory by :mod:`s3prl_laser.models.hf_import`;
 - a Hugging Face hub id (``microsoft/wavlm-large``): the folder is downloaded with
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
+from s3prl_laser.models.fairseq_import import convert_fairseq_hubert, is_fairseq_checkpoint
 from s3prl_laser.models.hf_import import WEIGHT_FILES, hf_folder_to_s3prl, is_hf_folder, read_json
 from s3prl_laser.models.s3prl_format import DEFAULT_CKPT_URLS, check_checkpoint_file, read_checkpoint
 
@@ -82,7 +84,9 @@ def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
     """The s3prl-format checkpoint dict of ``ckpt`` (see the module doc for what it may name).
 
     A transformers folder or hub id gives the dict of :func:`s3prl_laser.models.hf_import.hf_folder_to_s3prl`
-    (with its ``hf_origin``); a download that fails raises ``UserInputError`` saying what to pass instead.
+    (with its ``hf_origin``), an original fairseq HuBERT file that of
+    :func:`s3prl_laser.models.fairseq_import.convert_fairseq_hubert`; a download that fails raises
+    ``UserInputError`` saying what to pass instead.
     """
     if ckpt is None:
         return read_checkpoint(_s3prl_download(f"{upstream}_base", DEFAULT_CKPT_URLS[upstream]))
@@ -91,12 +95,21 @@ def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
         family, _, url = S3PRL_NAMES[ckpt]
         if family != upstream:
             raise UserInputError(f"--ckpt {ckpt} is a {family} model; pass --upstream {family}")
-        return read_checkpoint(_s3prl_download(ckpt, url))
+        return from_fairseq(upstream, read_checkpoint(_s3prl_download(ckpt, url)), ckpt)
     if is_hub_id(ckpt):
         return hf_folder_to_s3prl(hub_folder(ckpt), upstream)
     if Path(ckpt).expanduser().is_dir():
         return hf_folder_to_s3prl(ckpt, upstream)
-    return read_checkpoint(ckpt)
+    return from_fairseq(upstream, read_checkpoint(ckpt), ckpt)
+
+
+def from_fairseq(upstream: str, state: dict, where: str) -> dict:
+    """``state`` in s3prl's format: an original fairseq HuBERT checkpoint converted, anything else as is."""
+    if not is_fairseq_checkpoint(state):
+        return state
+    if upstream != "hubert":
+        raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
+    return convert_fairseq_hubert(state, where)
 
 
 def hub_folder(repo_id: str) -> Path:

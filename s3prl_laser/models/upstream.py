@@ -1,12 +1,13 @@
-"""The upstream model layer: the only module that knows s3prl's HuBERT/WavLM internals.
+"""The base model: s3prl's own HuBERT/WavLM classes built from any source, frozen by name, written back.
 
 - :func:`load_base_model` builds a base HuBERT or WavLM with s3prl's own model classes from an s3prl-format
   checkpoint (HuBERT "converted" / WavLM ``cfg`` + ``model``), from an original fairseq HuBERT checkpoint
   (read without fairseq by a restricted unpickler, then converted like ``s3prl/upstream/hubert/convert.py``),
   from a Hugging Face transformers folder or hub id, or from s3prl's downloads (``hubert_base``,
-  ``wavlm_base_plus``, ...). What ``--ckpt`` may name is :mod:`s3prl_laser.models.sources`' job; reading the
-  files that of :mod:`s3prl_laser.models.s3prl_format`, :mod:`s3prl_laser.models.fairseq_import` and
-  :mod:`s3prl_laser.models.hf_import`.
+  ``wavlm_base_plus``, ...). What ``--ckpt`` may name, and turning each into one s3prl-format dict, is
+  :mod:`s3prl_laser.models.sources`' job (reading the files: :mod:`s3prl_laser.models.s3prl_format`,
+  :mod:`s3prl_laser.models.fairseq_import`, :mod:`s3prl_laser.models.hf_import`); this module sees only
+  that dict.
 - :class:`BaseModel` freezes it by module name, runs it with the frozen prefix under ``torch.no_grad()``,
   and writes it back in s3prl's own format (:meth:`BaseModel.state_for_s3prl`).
 
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.models.fairseq_import import convert_fairseq_hubert, is_fairseq_checkpoint
 from s3prl_laser.models.hf_import import HF_ORIGIN_KEY
 from s3prl_laser.models.s3prl_format import check_keys
 from s3prl_laser.models.sources import read_source
@@ -57,11 +57,7 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     if upstream not in UPSTREAMS:
         raise UserInputError(f"upstream must be one of {UPSTREAMS}, got {upstream!r}")
     where = str(ckpt)
-    state = read_source(upstream, ckpt)
-    if is_fairseq_checkpoint(state):
-        if upstream != "hubert":
-            raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
-        state = convert_fairseq_hubert(state, where)
+    state = read_source(upstream, ckpt)  # s3prl's format whatever the source
     check_keys(upstream, state, where)
     if upstream == "hubert":
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
