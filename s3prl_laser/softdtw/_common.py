@@ -1,4 +1,4 @@
-"""Shared pieces of the soft-DTW engine: input checks, per-pair lengths and bands, dtypes, padding.
+"""Shared pieces of the soft-DTW engine: input checks, per-pair lengths and bands, dtypes, padding, packing.
 
 Conventions used by every backend (reference, triton, cpu):
 
@@ -115,3 +115,26 @@ def zero_padding(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     steps = torch.arange(x.shape[1], device=x.device)
     keep = steps[None, :] < torch.tensor(lengths, device=x.device)[:, None]
     return x.masked_fill(~keep[:, :, None], 0.0)
+
+
+def pack_costs(costs: list[torch.Tensor]) -> torch.Tensor:
+    """Stack cost tensors ``[B_k, N_k, M_k]`` into one zero-padded ``[P, max N_k, max M_k]``."""
+    if len(costs) == 1:
+        return costs[0]
+    n_max = max(c.shape[1] for c in costs)
+    m_max = max(c.shape[2] for c in costs)
+    packed = costs[0].new_zeros(sum(c.shape[0] for c in costs), n_max, m_max)
+    start = 0
+    for c in costs:
+        packed[start:start + c.shape[0], : c.shape[1], : c.shape[2]] = c
+        start += c.shape[0]
+    return packed
+
+
+def unpack_grads(packed: torch.Tensor, costs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_costs` for the gradients (views into ``packed``)."""
+    out, start = [], 0
+    for c in costs:
+        out.append(packed[start:start + c.shape[0], : c.shape[1], : c.shape[2]])
+        start += c.shape[0]
+    return out

@@ -8,37 +8,15 @@ Backend interface (shared with ``cpu`` and ``triton``): ``forward(costs, n, m, W
 of cost tensors ``[B_k, N_k, M_k]`` whose pairs are numbered consecutively (``P = sum B_k``) and the
 per-pair lists ``n``, ``m``, ``W`` (lengths and band, see ``_common``); it returns the values ``[P]``
 and a tuple of tensors to save. ``backward(costs, saved, n, m, W, gamma, grad)`` returns
-``grad[p] * dR[n, m] / dC`` for every cost tensor.
+``grad[p] * dR[n, m] / dC`` for every cost tensor. The list is packed into one padded tensor and the
+gradients unpacked by ``_common.pack_costs`` / ``unpack_grads``, which the fast paths share.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import BIG
-
-
-def pack_costs(costs: list[torch.Tensor]) -> torch.Tensor:
-    """Stack cost tensors ``[B_k, N_k, M_k]`` into one zero-padded ``[P, max N_k, max M_k]``."""
-    if len(costs) == 1:
-        return costs[0]
-    n_max = max(c.shape[1] for c in costs)
-    m_max = max(c.shape[2] for c in costs)
-    packed = costs[0].new_zeros(sum(c.shape[0] for c in costs), n_max, m_max)
-    start = 0
-    for c in costs:
-        packed[start:start + c.shape[0], : c.shape[1], : c.shape[2]] = c
-        start += c.shape[0]
-    return packed
-
-
-def unpack_grads(packed: torch.Tensor, costs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of :func:`pack_costs` for the gradients (views into ``packed``)."""
-    out, start = [], 0
-    for c in costs:
-        out.append(packed[start:start + c.shape[0], : c.shape[1], : c.shape[2]])
-        start += c.shape[0]
-    return out
+from ._common import BIG, pack_costs, unpack_grads
 
 
 def _per_pair(values: list[int], like: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BIG
-from .reference import pack_costs, unpack_grads
+from ._common import BIG, pack_costs, unpack_grads
 
 MAX_BLOCK = 1024  # the widest tile: cells of one diagonal that a program computes at once
 
