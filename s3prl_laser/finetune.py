@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
     from s3prl_laser.models.sources import check_source
     from s3prl_laser.training.config import no_op_warnings, resolve_config, resume_config, write_config
-    from s3prl_laser.training.heldout import validation_split
+    from s3prl_laser.training.heldout import split_held_out
     from s3prl_laser.training.length_index import load_or_build_index
     from s3prl_laser.training.loop import TrainState, check_resumable, read_newest_checkpoint, resume, train
     from s3prl_laser.training.parts import build_model, export_best, export_upstream, seeded_head
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
         probe_root(cfg.data, "probe=true: data")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
-    held_out, items, where = validation_split(cfg, items)
+    held_out, items, where = split_held_out(cfg, items)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from s3prl_laser.data import AudioItem, find_audio
 from s3prl_laser.training.config import resolve_config
-from s3prl_laser.training.heldout import eval_mode, far_frame_distance, measure, validation_split
+from s3prl_laser.training.heldout import eval_mode, far_frame_distance, measure, split_held_out
 
 
 def brute_sdtw(x, y, gamma):
@@ -81,26 +81,26 @@ def test_measure_matches_brute_force_metrics(tiny_hubert_ckpt):
 def test_validation_uses_dev_clean_of_a_librispeech_root(demo_corpus):
     cfg = resolve_config("hubert", overrides=[f"data={demo_corpus}", "eval_clips=4"])
     items = find_audio(demo_corpus, ["train-clean-100"])
-    held_out, train_items, where = validation_split(cfg, items)
+    held_out, train_items, where = split_held_out(cfg, items)
     assert train_items == items and "dev-clean" in where
     assert len(held_out) == 4 and all("/dev-clean/" in item.path for item in held_out)
-    assert validation_split(cfg, items)[0] == held_out  # seeded: the same clips every time
+    assert split_held_out(cfg, items)[0] == held_out  # seeded: the same clips every time
     other_seed = resolve_config("hubert", overrides=[f"data={demo_corpus}", "eval_clips=4", "seed=1"])
-    assert validation_split(other_seed, items)[0] != held_out
+    assert split_held_out(other_seed, items)[0] != held_out
 
 
 def test_validation_without_dev_clean_holds_out_a_seeded_share_that_training_leaves_out(demo_corpus):
     folder = demo_corpus / "train-clean-100"  # a plain folder of audio: no LibriSpeech split beside it
     cfg = resolve_config("hubert", overrides=[f"data={folder}", "eval_clips=32"])
     items = find_audio(folder)
-    held_out, train_items, _ = validation_split(cfg, items)
+    held_out, train_items, _ = split_held_out(cfg, items)
     assert len(items) == 40 and len(held_out) == 4  # at most 10 % of the clips
     assert not {i.path for i in held_out} & {i.path for i in train_items}
     assert sorted(held_out + train_items, key=lambda item: item.path) == items
-    assert validation_split(cfg, items)[0] == held_out
+    assert split_held_out(cfg, items)[0] == held_out
 
     few = [AudioItem(f"/clips/{i}.wav", 16000) for i in range(19)]
-    held_out, train_items, where = validation_split(cfg, few)
+    held_out, train_items, where = split_held_out(cfg, few)
     assert held_out == [] and train_items == few and where.startswith("off")
     off = resolve_config("hubert", overrides=[f"data={folder}", "eval_every=0"])
-    assert validation_split(off, items)[:2] == ([], items)
+    assert split_held_out(off, items)[:2] == ([], items)

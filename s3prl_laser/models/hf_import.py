@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = {"hubert": "hubert", "wavlm": "wavlm"}  # config.json model_type -> our upstream name
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_accurate", "relu": "relu"}  # inverse of hf_convert's
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_accurate", "relu": "relu"}  # inverse of hf_export's
 FEATURE_NORMS = {"group": "default", "layer": "layer_norm"}
 S3PRL_SAMPLE_RATE = 16000
 
@@ -251,7 +251,7 @@ def _s3prl_state(upstream: str, model_cfg: dict, normalize: bool) -> dict:
 
 
 def _fill_weights(weights: dict, encoder: dict, where: str) -> None:
-    """Overwrite s3prl's ``weights`` with the transformers ``encoder`` tensors, by hf_convert's names."""
+    """Overwrite s3prl's ``weights`` with the transformers ``encoder`` tensors, by hf_export's names."""
     norm = {
         "g": ("weight_g", "parametrizations.weight.original0"),
         "v": ("weight_v", "parametrizations.weight.original1"),

@@ -112,10 +112,10 @@ class LaserConfig:
     probe_steps: int = 2000  # that probe's head step budget (python -m s3prl_laser.probe --steps)
 
     def __post_init__(self) -> None:
-        validate(self)
+        check(self)
 
 
-def validate(cfg: LaserConfig) -> None:
+def check(cfg: LaserConfig) -> None:
     """Raise ``UserInputError`` (a ``ValueError``) naming the key when a value is out of range."""
     if cfg.upstream not in UPSTREAMS:
         raise UserInputError(f"upstream={cfg.upstream!r}: choose one of {UPSTREAMS}")

@@ -14,12 +14,12 @@ sees the same pairs. :func:`measure` then averages over the clips:
   regulariser keeps it up; were it to fall to 0, the frames would have collapsed onto one point (and every
   divergence with them).
 
-Validation clips (:func:`validation_split`): ``dev-clean`` when ``--data`` is a LibriSpeech root that has
+Held-out clips (:func:`split_held_out`): ``dev-clean`` when ``--data`` is a LibriSpeech root that has
 it, else a seeded small share of the training clips, which training then leaves out.
 
 Example::
 
-    >>> held_out, train_items, where = validation_split(cfg, items)  # doctest: +SKIP
+    >>> held_out, train_items, where = split_held_out(cfg, items)  # doctest: +SKIP
     >>> pairs = make_pairs(held_out, cfg)  # doctest: +SKIP
     >>> with eval_mode(base, head):  # doctest: +SKIP
     ...     metrics = measure(base, head, pairs, gamma=0.1)
@@ -50,12 +50,12 @@ METRICS = {
 }
 BEST_METRIC = "divergence_ratio_upstream"  # lower is better: what the exported upstream gives downstream
 COLLAPSE_GUARDS = ("far_distance_projection", "far_distance_upstream")
-VALIDATION_SPLIT = "dev-clean"
+HELD_OUT_SPLIT = "dev-clean"
 MIN_CLIPS = 2  # the "other clip" divergence needs a second clip
 Pair = tuple[str, torch.Tensor, torch.Tensor]  # (path, clean [T], perturbed [T'])
 
 
-def validation_split(
+def split_held_out(
     cfg: LaserConfig, items: list[AudioItem]
 ) -> tuple[list[AudioItem], list[AudioItem], str]:
     """``(held-out clips, training clips, where the held-out clips come from)``.
@@ -69,10 +69,10 @@ def validation_split(
         return [], items, "off (eval_every=0)"
     data = Path(cfg.data)
     root = librispeech_root(data) if data.is_dir() else None
-    if root is not None and (root / VALIDATION_SPLIT).is_dir():
-        dev = find_audio(root, [VALIDATION_SPLIT])
+    if root is not None and (root / HELD_OUT_SPLIT).is_dir():
+        dev = find_audio(root, [HELD_OUT_SPLIT])
         chosen = seeded_choice(len(dev), cfg.eval_clips, cfg.seed)
-        return [dev[i] for i in chosen], items, f"{len(chosen)} clips of {root / VALIDATION_SPLIT}"
+        return [dev[i] for i in chosen], items, f"{len(chosen)} clips of {root / HELD_OUT_SPLIT}"
     count = min(cfg.eval_clips, len(items) // 10)
     if count < MIN_CLIPS:
         return [], items, f"off: {len(items)} clips are too few to hold {MIN_CLIPS} out (10 % at most)"

@@ -70,7 +70,7 @@ class Validator:
         """Measure on rank 0, log, keep the best checkpoint; every rank returns once rank 0 is done (a failure
         on rank 0 reaches them at once: :func:`~s3prl_laser.training.ranks.run_together`).
 
-        ``state`` is the trainer's ``TrainState`` (``step``, ``best_step``, ``best_value``,
+        ``state`` is the loop's ``TrainState`` (``step``, ``best_step``, ``best_value``,
         ``collapse_warned`` are read and updated). Returns the metrics on rank 0, else None.
         """
 
