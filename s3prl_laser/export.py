@@ -101,16 +101,6 @@ def s3prl_expert(ckpt: str | Path, upstream: str) -> torch.nn.Module:
     return getattr(s3prl.hub, f"{upstream}_local")(ckpt=str(ckpt)).eval()
 
 
-def hf_model(hf_dir: str | Path) -> torch.nn.Module:
-    """The exported model, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
-    from transformers import AutoModel
-
-    from s3prl_laser.models.hf_import import quiet_loading
-
-    with quiet_loading():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
-        return AutoModel.from_pretrained(hf_dir).eval()
-
-
 def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = None) -> list[float]:
     """Relative error ``||hf - s3prl|| / ||s3prl||`` per hidden state, exported model vs s3prl's expert.
 
@@ -127,7 +117,7 @@ def verify_export(ckpt: str | Path, hf_dir: str | Path, upstream: str | None = N
     import torch
     import torch.nn.functional as F
 
-    from s3prl_laser.models.hf_export import load_s3prl_checkpoint
+    from s3prl_laser.models.hf_export import hf_model, load_s3prl_checkpoint
 
     state = load_s3prl_checkpoint(ckpt, upstream)
     expert, model = s3prl_expert(ckpt, state.upstream), hf_model(hf_dir)  # loaded once, run per waveform

@@ -434,3 +434,13 @@ def feature_extractor(ckpt: S3prlCheckpoint, config):
         do_normalize=ckpt.normalize,
         return_attention_mask=config.feat_extract_norm == "layer",
     )
+
+
+def hf_model(hf_dir: str | Path):
+    """An exported model read back, ``AutoModel.from_pretrained(hf_dir)``, in eval mode."""
+    from transformers import AutoModel
+
+    from s3prl_laser.models.hf_import import quiet_loading
+
+    with quiet_loading():  # a wrapper's head (e.g. a CTC head) is not part of AutoModel: not a warning
+        return AutoModel.from_pretrained(hf_dir).eval()

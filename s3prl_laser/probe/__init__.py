@@ -8,4 +8,7 @@ dev-clean, side by side. Modules, one job each: :mod:`.clips` (which clips), :mo
 (characters, lexicon phones), :mod:`.features` (every layer, extracted once, cached on disk),
 :mod:`.head` (head and its training), :mod:`.decode` (greedy CTC, error rates), :mod:`.report`
 (table, PNG, JSON), :mod:`.runner` (the whole probe), :mod:`.cli` (the command line).
+
+Layer 6, ``probe``: may import layers 0-5 (``data``, ``plugin``'s registration, ...); :mod:`.cli` and
+``__main__`` are the command (layer 8).
 """

@@ -5,6 +5,8 @@ CPU tensors only under ``TRITON_INTERPRET=1``), ``"cpu"`` (a small C kernel comp
 ``"auto"`` (triton on CUDA, cpu otherwise; falls back to the reference with one logged warning when
 no C compiler is available).
 
+Layer 1, ``softdtw``: knows nothing of speech; may import layer 0 and triton.
+
 >>> import torch
 >>> from s3prl_laser.softdtw import soft_dtw_divergence
 >>> x, y = torch.randn(2, 50, 16), torch.randn(2, 60, 16)
