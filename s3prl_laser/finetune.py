@@ -239,9 +239,9 @@ def _is_demo_run(out: Path) -> bool:
 
 def finished_step(cfg: LaserConfig, out: Path) -> int | None:
     """The step of ``out``'s newest checkpoint if the run reached ``cfg.steps`` and exported; else None."""
-    from s3prl_laser.training import checkpoints as checkpointing
+    from s3prl_laser.training import checkpoints
 
-    found = checkpointing.list_checkpoints(out)
+    found = checkpoints.list_checkpoints(out)
     exported = (out / f"{cfg.upstream}_laser.pt").is_file()
     if found and found[-1][0] >= cfg.steps and exported:
         return found[-1][0]

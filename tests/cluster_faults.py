@@ -17,15 +17,14 @@ import sys
 import torch
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
-from s3prl_laser.training import loop as trainer
+from s3prl_laser.training import checkpoints, loop
 
 if os.environ.get("LINEAR_ADAMW") == "1":
     torch.optim.AdamW = functools.partial(torch.optim.AdamW, eps=1e3)
 
 if "SIGNAL_TWICE" in os.environ:
     signum = getattr(signal, "SIG" + os.environ["SIGNAL_TWICE"])
-    at, steps, real_step, real_check = int(os.environ.get("SIGNAL_AT", "2")), [], trainer.train_step, None
+    at, steps, real_step, real_check = int(os.environ.get("SIGNAL_AT", "2")), [], loop.train_step, None
 
     def signalling_step(*args, **kwargs):
         steps.append(1)
@@ -34,20 +33,20 @@ if "SIGNAL_TWICE" in os.environ:
             os.kill(os.getpid(), signum)
         return result
 
-    real_check = trainer.check_ranks_in_sync
+    real_check = loop.check_ranks_in_sync
 
     def signalling_check(parts, env):
         if len(steps) == at:
             os.kill(os.getpid(), signum)  # the second one, while the checkpoint is agreed
         return real_check(parts, env)
 
-    trainer.train_step, trainer.check_ranks_in_sync = signalling_step, signalling_check
+    loop.train_step, loop.check_ranks_in_sync = signalling_step, signalling_check
 
 if os.environ.get("FAIL_SAVE") == "1":
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device (simulated)")
 
-    checkpointing.save_checkpoint = full_disk
+    checkpoints.save_checkpoint = full_disk
 
 raise SystemExit(main(sys.argv[1:]))

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import loop as trainer
+from s3prl_laser.training import loop
 
 where, what, at_call = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls = 0
@@ -42,7 +42,7 @@ def wrap(owner, name: str) -> None:
 
 
 if where == "loss":
-    wrap(trainer.LaserLoss, "forward")
+    wrap(loop.LaserLoss, "forward")
 else:
     wrap(torch.nn.utils, "clip_grad_norm_")
 raise SystemExit(main(sys.argv[5:]))

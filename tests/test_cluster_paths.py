@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 from s3prl_laser.training.config import resolve_config
 from s3prl_laser.training.length_index import INDEX_NAME
 
@@ -39,7 +39,7 @@ def test_relative_data_is_stored_absolute_and_resumes_from_another_folder(
 
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["--out", "../run", "--resume", "steps=2"]) == 0
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "run"))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 2 and state["pairs"] == 2 * 2 and not state["counters"].get("unreadable")
 
 
@@ -82,7 +82,7 @@ def test_torchrun_rank_1_reads_the_index_of_relative_data(tmp_path, tiny_hubert_
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "unreadable" not in log and "skipped" not in log
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "run"))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 2 and state["pairs"] == 2 * 2 * 2
 
 

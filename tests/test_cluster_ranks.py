@@ -13,7 +13,7 @@ import pytest
 import torch
 import warm_processes
 
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 
 HERE = Path(__file__).resolve().parent
 FAULTS = str(HERE / "cluster_faults.py")
@@ -51,7 +51,7 @@ def test_a_signal_sent_twice_still_saves_and_the_resume_is_bit_identical(
     log = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGINT, log
     assert "received signal 2 again" in log and "Traceback" not in log and "KeyboardInterrupt" not in log
-    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(stopped))["step"] == 2
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(stopped))["step"] == 2
     resumed = run([sys.executable, FAULTS, "--out", str(stopped), "--resume"], env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     a, b = weights(straight), weights(stopped)
@@ -71,7 +71,7 @@ def test_torchrun_sigterm_twice_on_every_rank_saves_then_exits_143(tmp_path, tin
     for rank in (0, 1):
         assert f"[rank {rank}] WARNING s3prl_laser.training.ranks: received signal 15 again" in log, log
     assert log.count("stopped by signal 15 at step 2") == 1  # rank 0's INFO line; rank 1 exits alike
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 2 and len(state["rng"]) == 2
 
 

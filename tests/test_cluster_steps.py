@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
-from s3prl_laser.training import loop as trainer_module
+from s3prl_laser.training import checkpoints, loop
 
 FAST = ["max_seconds=1.0", "num_workers=0", "warmup_steps=1", "log_every=1", "eval_every=0"]
 PLAIN = ["perturb_on=device", "speed_factors=[1.0]", "lr=30.0", "weight_decay=0.0", "batch_size=4"]
@@ -45,7 +44,7 @@ def weights(out):
 
 
 def state(out):
-    return checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    return checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
 
 
 def assert_same_training(a: dict, b: dict, base: dict) -> None:
@@ -60,7 +59,7 @@ def test_unequal_micro_batches_weigh_each_pair_once(tmp_path, plain_ckpt, demo_c
     """A budget of 3 pairs cuts each batch of 4 into 3 + 1: the step must still be the mean over the 4
     pairs (a mean of the micro-batches' means would weigh the lone pair 3 times too much)."""
     calls = []
-    real = trainer_module.local_step
+    real = loop.local_step
 
     def counting(parts, batch, *args):
         calls.append(batch.num_pairs)
@@ -68,11 +67,11 @@ def test_unequal_micro_batches_weigh_each_pair_once(tmp_path, plain_ckpt, demo_c
 
     common = ("steps=2", "save_every=2")
     assert run(tmp_path / "whole", plain_ckpt, demo_corpus, *common, "max_batch_seconds=null") == 0
-    trainer_module.local_step = counting
+    loop.local_step = counting
     try:
         assert run(tmp_path / "cut", plain_ckpt, demo_corpus, *common, "max_batch_seconds=6.01") == 0
     finally:
-        trainer_module.local_step = real
+        loop.local_step = real
     assert calls == [3, 1, 3, 1]
     base = torch.load(plain_ckpt, weights_only=True)["model_weight"]
     assert_same_training(weights(tmp_path / "whole"), weights(tmp_path / "cut"), base)
@@ -105,8 +104,8 @@ class OutOfMemoryAt:
 def test_out_of_memory_with_live_activations_skips_the_step_and_frees_them(
     tmp_path, plain_ckpt, demo_corpus, monkeypatch, where
 ):
-    real_step = trainer_module.train_step
-    fault = OutOfMemoryAt(where, 3, trainer_module.pair_loss)  # step 2's first of 2 micro-batches
+    real_step = loop.train_step
+    fault = OutOfMemoryAt(where, 3, loop.pair_loss)  # step 2's first of 2 micro-batches
     freed = []
 
     def step(*args, **kwargs):
@@ -115,8 +114,8 @@ def test_out_of_memory_with_live_activations_skips_the_step_and_frees_them(
             freed.append(fault.activation() is None)  # gone when the step returns
         return result
 
-    monkeypatch.setattr(trainer_module, "pair_loss", fault)
-    monkeypatch.setattr(trainer_module, "train_step", step)
+    monkeypatch.setattr(loop, "pair_loss", fault)
+    monkeypatch.setattr(loop, "train_step", step)
     budget = "max_batch_seconds=4.01"  # 2 pairs of 1 s views: a batch of 4 runs as 2 micro-batches
     assert run(tmp_path / "run", plain_ckpt, demo_corpus, "steps=3", "save_every=3", budget) == 0
     assert freed == [True] and fault.calls == 2 + 1 + 2 * 2
@@ -128,7 +127,7 @@ def test_out_of_memory_with_live_activations_skips_the_step_and_frees_them(
 def test_a_non_finite_micro_batch_ends_the_step_and_releases_its_graph(
     tmp_path, plain_ckpt, demo_corpus, monkeypatch
 ):
-    real_loss, real_step = trainer_module.pair_loss, trainer_module.train_step
+    real_loss, real_step = loop.pair_loss, loop.train_step
     calls, graph, freed = [], [], []
 
     def nan_at_third(loss_fn, z, frames, num_pairs):
@@ -145,8 +144,8 @@ def test_a_non_finite_micro_batch_ends_the_step_and_releases_its_graph(
             freed.append(graph[0]() is None)
         return result
 
-    monkeypatch.setattr(trainer_module, "pair_loss", nan_at_third)
-    monkeypatch.setattr(trainer_module, "train_step", step)
+    monkeypatch.setattr(loop, "pair_loss", nan_at_third)
+    monkeypatch.setattr(loop, "train_step", step)
     budget = "max_batch_seconds=4.01"
     assert run(tmp_path / "run", plain_ckpt, demo_corpus, "steps=2", "save_every=2", budget) == 0
     assert len(calls) == 2 + 1 + 2  # step 1: 2 micro-batches; the skipped step: 1 of its 2; step 2: 2
@@ -172,7 +171,7 @@ def test_the_first_adamw_step_allocates_nothing_after_the_agreement(tmp_path, ti
             for p in params:
                 p.grad = torch.ones_like(p)
             if prepare:
-                trainer_module.init_optimizer_state(parts.optimizer)
+                loop.init_optimizer_state(parts.optimizer)
                 assert all(len(parts.optimizer.state[p]) == 3 for p in params)
             parts.optimizer.step()
         trained.append([p.detach().clone() for p in params])

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from s3prl_laser.plugin import shims as compat
+from s3prl_laser.plugin import shims
 
-CURRENT_HUB = compat._release(__import__("huggingface_hub").__version__) >= (1, 0)
+CURRENT_HUB = shims._release(__import__("huggingface_hub").__version__) >= (1, 0)
 
 
 def run_fresh(code: str, tmp_path) -> str:
@@ -32,16 +32,16 @@ def test_runner_imports_resolve_in_a_fresh_interpreter(tmp_path):
 import huggingface_hub, torchaudio
 from huggingface_hub import HfApi, HfFolder, Repository
 import s3prl.downstream.runner
-from s3prl_laser.plugin import shims as compat
-print(HfFolder is compat.HfFolder, Repository is compat.Repository)
-print(torchaudio.load is compat.load_with_soundfile)
+from s3prl_laser.plugin import shims
+print(HfFolder is shims.HfFolder, Repository is shims.Repository)
+print(torchaudio.load is shims.load_with_soundfile)
 """
     hub_patched, repo_patched, load_patched = run_fresh(code, tmp_path).split()
     assert hub_patched == repo_patched == str(CURRENT_HUB)  # stand-ins only where hub >= 1 removed them
     import torchaudio
 
-    torchaudio_needs_it = compat._release(torchaudio.__version__) >= compat.TORCHCODEC_ONLY_TORCHAUDIO
-    assert load_patched == str(torchaudio_needs_it and compat._torchcodec_unusable() is not None)
+    torchaudio_needs_it = shims._release(torchaudio.__version__) >= shims.TORCHCODEC_ONLY_TORCHAUDIO
+    assert load_patched == str(torchaudio_needs_it and shims._torchcodec_unusable() is not None)
 
 
 def test_existing_names_are_never_shadowed():
@@ -49,17 +49,17 @@ def test_existing_names_are_never_shadowed():
     hub = types.ModuleType("huggingface_hub")
     hub.__version__ = "0.36.2"
     hub.HfFolder, hub.Repository = own_folder, own_repository
-    assert compat.patch_huggingface_hub(hub) == []
+    assert shims.patch_huggingface_hub(hub) == []
     assert (hub.HfFolder, hub.Repository) == (own_folder, own_repository)
 
     bare = types.ModuleType("huggingface_hub")
     bare.__version__ = "1.0.0"
-    assert compat.patch_huggingface_hub(bare) == ["HfFolder", "Repository"]
-    assert (bare.HfFolder, bare.Repository) == (compat.HfFolder, compat.Repository)
+    assert shims.patch_huggingface_hub(bare) == ["HfFolder", "Repository"]
+    assert (bare.HfFolder, bare.Repository) == (shims.HfFolder, shims.Repository)
 
     old_torchaudio = types.ModuleType("torchaudio")
     old_torchaudio.__version__, old_torchaudio.load = "2.8.0+cu128", own_folder
-    assert compat.patch_torchaudio(old_torchaudio) is False and old_torchaudio.load is own_folder
+    assert shims.patch_torchaudio(old_torchaudio) is False and old_torchaudio.load is own_folder
 
 
 def test_hf_folder_token_round_trip_through_huggingface_hubs_reader(tmp_path, monkeypatch):
@@ -68,16 +68,16 @@ def test_hf_folder_token_round_trip_through_huggingface_hubs_reader(tmp_path, mo
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    compat.HfFolder.save_token("hf_laser_test")
+    shims.HfFolder.save_token("hf_laser_test")
     assert (tmp_path / "hf" / "token").read_text() == "hf_laser_test"
-    assert huggingface_hub.get_token() == compat.HfFolder.get_token() == "hf_laser_test"
-    compat.HfFolder.delete_token()
+    assert huggingface_hub.get_token() == shims.HfFolder.get_token() == "hf_laser_test"
+    shims.HfFolder.delete_token()
     assert huggingface_hub.get_token() is None and not (tmp_path / "hf" / "token").exists()
 
 
 def test_repository_refuses_with_what_to_do_instead(tmp_path):
     with pytest.raises(RuntimeError, match=r"hf_hub/repo cannot be cloned.*upload_folder"):
-        compat.Repository(local_dir=str(tmp_path / "hf_hub" / "repo"), clone_from="user/repo")
+        shims.Repository(local_dir=str(tmp_path / "hf_hub" / "repo"), clone_from="user/repo")
 
 
 def write_pcm16(path, channels: np.ndarray, rate: int) -> None:
@@ -96,16 +96,16 @@ def test_soundfile_load_matches_the_pcm_samples(tmp_path, num_channels):
     write_pcm16(tmp_path / "clip.wav", pcm, 8000)
     expected = torch.from_numpy(pcm.astype(np.float32) / 32768.0)  # [C, T]
 
-    waveform, rate = compat.load_with_soundfile(str(tmp_path / "clip.wav"))
+    waveform, rate = shims.load_with_soundfile(str(tmp_path / "clip.wav"))
     assert rate == 8000 and waveform.dtype == torch.float32
     torch.testing.assert_close(waveform, expected, rtol=0, atol=0)
 
-    part, _ = compat.load_with_soundfile(tmp_path / "clip.wav", frame_offset=100, num_frames=37)
+    part, _ = shims.load_with_soundfile(tmp_path / "clip.wav", frame_offset=100, num_frames=37)
     torch.testing.assert_close(part, expected[:, 100:137], rtol=0, atol=0)
-    time_first, _ = compat.load_with_soundfile(tmp_path / "clip.wav", channels_first=False)
+    time_first, _ = shims.load_with_soundfile(tmp_path / "clip.wav", channels_first=False)
     torch.testing.assert_close(time_first, expected.T, rtol=0, atol=0)
     with open(tmp_path / "clip.wav", "rb") as file:  # a binary file object, as torchaudio accepts
-        from_file, _ = compat.load_with_soundfile(file)
+        from_file, _ = shims.load_with_soundfile(file)
     torch.testing.assert_close(from_file, expected, rtol=0, atol=0)
 
 
@@ -127,7 +127,7 @@ def test_a_failing_patch_is_logged_not_raised_into_the_import(monkeypatch, caplo
     def broken(module):
         raise KeyError("boom")
 
-    monkeypatch.setattr(compat, "patch_torchaudio", broken)
+    monkeypatch.setattr(shims, "patch_torchaudio", broken)
     module = types.ModuleType("torchaudio")
     with caplog.at_level("WARNING", logger="s3prl_laser._startup"):
         _startup.after_import(module)
@@ -138,5 +138,5 @@ def test_torchaudio_release_comes_from_its_metadata_when_the_module_has_no_versi
     from importlib import metadata
 
     module = types.ModuleType("torchaudio")  # what torchaudio is when its version.py failed to import
-    newer = compat._release(metadata.version("torchaudio")) >= compat.TORCHCODEC_ONLY_TORCHAUDIO
-    assert compat.patch_torchaudio(module) is (newer and compat._torchcodec_unusable() is not None)
+    newer = shims._release(metadata.version("torchaudio")) >= shims.TORCHCODEC_ONLY_TORCHAUDIO
+    assert shims.patch_torchaudio(module) is (newer and shims._torchcodec_unusable() is not None)

@@ -22,7 +22,7 @@ import torch
 import warm_processes
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 from s3prl_laser.training.heldout import BEST_METRIC, METRICS
 from s3prl_laser.training.parts import linear_warmup_decay
 
@@ -116,8 +116,8 @@ def test_run_trains_only_the_top_layers_and_writes_an_s3prl_checkpoint(
     out = tmp_path / "run"
     assert finetune(out, ckpt, demo_corpus, "steps=3", "save_every=2", upstream=upstream) == 0
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
-    assert [step for step, _ in checkpointing.list_checkpoints(out)] == [2, 3]
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    assert [step for step, _ in checkpoints.list_checkpoints(out)] == [2, 3]
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert {"model", "head", "optimizer", "scheduler", "step", "config", "rng", "data_position"} <= set(state)
     assert state["step"] == 3 and state["config"]["upstream"] == upstream
 
@@ -146,43 +146,43 @@ def test_resume_continues_exactly_from_the_runs_own_config(tmp_path, tiny_hubert
     args = ("steps=6", "save_every=3", "num_workers=1", "eval_every=2", "eval_clips=3")
     assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(checkpointing.checkpoint_path(straight, 3), checkpointing.checkpoint_path(resumed, 3))
+    shutil.copy(checkpoints.checkpoint_path(straight, 3), checkpoints.checkpoint_path(resumed, 3))
     shutil.copy(straight / "config.yaml", resumed / "config.yaml")
     # the interrupted run's best.pt may be from after step 3: the resumed run must redo it, not trust it
-    shutil.copy(checkpointing.best_path(straight), checkpointing.best_path(resumed))
+    shutil.copy(checkpoints.best_path(straight), checkpoints.best_path(resumed))
     caplog.clear()
     assert main(["--out", str(resumed), "--resume"]) == 0
     assert "--resume:" not in caplog.text  # nothing was changed
 
     a, b = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    last_a = checkpointing.load_checkpoint(checkpointing.checkpoint_path(straight, 6))
-    last_b = checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 6))
+    last_a = checkpoints.load_checkpoint(checkpoints.checkpoint_path(straight, 6))
+    last_b = checkpoints.load_checkpoint(checkpoints.checkpoint_path(resumed, 6))
     assert all(torch.equal(last_a["head"][k], last_b["head"][k]) for k in last_a["head"])
     assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"]
     assert torch.equal(last_a["rng"][0]["torch"], last_b["rng"][0]["torch"])
     assert last_b["config"] == last_a["config"] and last_b["config"]["lr"] == 1e-3  # not the preset lr
     assert last_a["validation"] == last_b["validation"] and last_a["validation"]["best_step"] is not None
-    best_a = checkpointing.load_checkpoint(checkpointing.best_path(straight))
-    best_b = checkpointing.load_checkpoint(checkpointing.best_path(resumed))
+    best_a = checkpoints.load_checkpoint(checkpoints.best_path(straight))
+    best_b = checkpoints.load_checkpoint(checkpoints.best_path(resumed))
     assert best_a["step"] == best_b["step"] and best_a["metrics"] == best_b["metrics"]
     assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
     # Without restoring the step-3 state the run would differ: the base model was changed by training.
     assert not all(torch.equal(a[name], base_weights(tiny_hubert_ckpt)[name]) for name in a)
 
     # Resuming the finished run says so, exits 0 and trains nothing.
-    written = checkpointing.checkpoint_path(resumed, 6).stat().st_mtime_ns
+    written = checkpoints.checkpoint_path(resumed, 6).stat().st_mtime_ns
     caplog.clear()
     assert main(["--out", str(resumed), "--resume"]) == 0
     assert "already finished (step 6 of 6)" in caplog.text
-    assert checkpointing.checkpoint_path(resumed, 6).stat().st_mtime_ns == written
+    assert checkpoints.checkpoint_path(resumed, 6).stat().st_mtime_ns == written
 
     # A key given on the command line wins, and its change is logged as one line "key: old -> new".
     caplog.clear()
     assert main(["--out", str(resumed), "--resume", "steps=7", "save_every=7"]) == 0
     changes = [line for line in caplog.messages if line.startswith("--resume:")]
     assert changes == ["--resume: steps: 6 -> 7", "--resume: save_every: 3 -> 7"]
-    assert [step for step, _ in checkpointing.list_checkpoints(resumed)] == [6, 7]
+    assert [step for step, _ in checkpoints.list_checkpoints(resumed)] == [6, 7]
     assert "steps: 7" in (resumed / "config.yaml").read_text()
 
 
@@ -221,7 +221,7 @@ def test_bad_inputs_are_skipped_counted_and_do_not_crash(tmp_path, tiny_hubert_c
     (tmp_path / "clips.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     assert finetune(out, tiny_hubert_ckpt, tmp_path / "clips.txt", "steps=4", "bucket_batches=1") == 0
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 4
     assert state["counters"]["unreadable"] >= 1 and state["counters"]["too_short"] >= 1
     assert state["counters"]["nonfinite"] >= 1
@@ -240,12 +240,12 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, tiny_hubert_c
     process.send_signal(signal.SIGTERM)
     log, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, log
-    path = checkpointing.latest_checkpoint(out)
+    path = checkpoints.latest_checkpoint(out)
     assert path is not None, log
-    step = checkpointing.load_checkpoint(path)["step"]
+    step = checkpoints.load_checkpoint(path)["step"]
     assert step >= 1 and not list((out / "checkpoints").glob("*.tmp"))
     assert main([*argv[:-2], f"steps={step + 1}", "--resume"]) == 0
-    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == step + 1
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))["step"] == step + 1
 
 
 def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, demo_corpus):
@@ -268,7 +268,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tmp_path, tiny_hubert_ckpt, dem
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all 2 ranks hold identical trainable weights" in result.stderr
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # dropout differs per rank
     assert state["step"] == 3 and state["pairs"] == 3 * 2 * 2 * 2  # each step: 2 x 2 pairs on each of 2 ranks
@@ -324,7 +324,7 @@ def test_out_of_memory_on_one_rank_is_a_step_skipped_by_both(tmp_path, tiny_hube
     for rank in (0, 1):
         assert f"[rank {rank}] WARNING s3prl_laser.finetune: step 2 skipped (oom batch)" in log, log
     assert "all 2 ranks hold identical trainable weights" in log
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 3 and state["counters"]["oom"] == 1
     assert state["data_position"] == {"epoch": 0, "batch": 4}  # 4 batches: 3 steps + the skipped one
     assert state["pairs"] == 3 * 2 * 2  # the skipped step trained on nothing
@@ -345,9 +345,9 @@ def test_a_resumed_run_goes_past_a_batch_that_always_runs_out_of_memory(
     monkeypatch.setattr(trainer, "local_step", always_out_of_memory_on_batch_1)
     out = tmp_path / "run"
     assert finetune(out, tiny_hubert_ckpt, demo_corpus, "steps=1") == 0  # stops before the failing batch
-    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["data_position"]["batch"] == 1
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))["data_position"]["batch"] == 1
     assert finetune(out, tiny_hubert_ckpt, demo_corpus, "steps=3", extra=["--resume"]) == 0
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 3 and state["counters"]["oom"] == 1 and state["data_position"]["batch"] == 4
 
 
@@ -382,7 +382,7 @@ def test_validation_keeps_the_best_checkpoint_and_warns_once_of_collapse(
     ratios = tensorboard_scalars(out / "tb")[f"val/{BEST_METRIC}"]
     assert sorted(ratios) == [2, 4, 6]
     assert "val=" in capsys.readouterr().err  # the progress bar shows the newest validation
-    best = checkpointing.load_checkpoint(checkpointing.best_path(out))
+    best = checkpoints.load_checkpoint(checkpoints.best_path(out))
     assert best["step"] == min(ratios, key=ratios.get)
     assert best["metrics"][BEST_METRIC] == pytest.approx(ratios[best["step"]], rel=1e-6)
     # <upstream>_laser_best.pt: the trainable weights of best.pt, everything else as in the last export
@@ -398,7 +398,7 @@ def test_validation_keeps_the_best_checkpoint_and_warns_once_of_collapse(
     assert finetune(guarded, tiny_hubert_ckpt, demo_corpus, *args, "collapse_threshold=3.0") == 0
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "collapse guard" in r.message]
     assert len(warnings) == 1 and "collapse_threshold=3.0 at step 2" in warnings[0].message
-    assert not checkpointing.best_path(guarded).exists() and not (guarded / "hubert_laser_best.pt").exists()
+    assert not checkpoints.best_path(guarded).exists() and not (guarded / "hubert_laser_best.pt").exists()
 
 
 def test_throughput_benchmark_runs(capsys, monkeypatch):
@@ -503,8 +503,8 @@ def test_a_batch_budget_splits_steps_into_micro_batches_with_the_unsplit_gradien
     largest = max(float(d.abs().max()) for d in moved.values())
     assert len(moved) > 10 and largest > 1e-5  # training moved the top layers
     assert max(float((a[n] - b[n]).abs().max()) for n in a) <= 1e-3 * largest
-    state_a = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "free"))
-    state_b = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(tmp_path / "split"))
+    state_a = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path / "free"))
+    state_b = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path / "split"))
     assert state_a["data_position"] == state_b["data_position"] and state_a["pairs"] == state_b["pairs"]
 
 
@@ -514,16 +514,16 @@ def test_resume_after_budget_split_steps_is_exact(tmp_path, tiny_hubert_ckpt, de
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert finetune(straight, tiny_hubert_ckpt, demo_corpus, *args) == 0
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(checkpointing.checkpoint_path(straight, 2), checkpointing.checkpoint_path(resumed, 2))
+    shutil.copy(checkpoints.checkpoint_path(straight, 2), checkpoints.checkpoint_path(resumed, 2))
     shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    assert checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 2))["data_position"] == {
+    assert checkpoints.load_checkpoint(checkpoints.checkpoint_path(resumed, 2))["data_position"] == {
         "epoch": 0, "batch": 2,
     }  # fmt: skip
     assert main(["--out", str(resumed), "--resume"]) == 0
     a, b = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    last_a = checkpointing.load_checkpoint(checkpointing.checkpoint_path(straight, 4))
-    last_b = checkpointing.load_checkpoint(checkpointing.checkpoint_path(resumed, 4))
+    last_a = checkpoints.load_checkpoint(checkpoints.checkpoint_path(straight, 4))
+    last_b = checkpoints.load_checkpoint(checkpoints.checkpoint_path(resumed, 4))
     assert last_a["data_position"] == last_b["data_position"] and last_a["pairs"] == last_b["pairs"] == 16
 
 
@@ -558,6 +558,6 @@ def test_torchrun_ranks_that_cut_their_batches_differently_stay_in_sync(
     average = sum(passes[0]) / len(passes[0])
     assert f"runs as {average:.2f} micro-batches on average in epoch 0" in log  # rank 0's start-up line
     assert "all 2 ranks hold identical trainable weights" in log and "skipped" not in log
-    state = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 5 and state["pairs"] == 5 * 4 * 2
     assert state["data_position"] == {"epoch": 1, "batch": 0}

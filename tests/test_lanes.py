@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from s3prl_laser import stacks as lanes
+from s3prl_laser import stacks
 from s3prl_laser.stacks import LANES
 
 pytestmark = pytest.mark.espnet_lane
@@ -217,7 +217,7 @@ def test_a_torchaudio_that_cannot_load_is_one_message_with_the_fix(tmp_path):
 )
 def test_the_fix_names_the_torchaudio_built_for_the_installed_torch(monkeypatch, torch_version, fix):
     versions = {"torch": torch_version, "torchaudio": "2.11.1"}
-    monkeypatch.setattr(lanes, "_version", versions.get)
-    message = lanes.torchaudio_message(OSError("undefined symbol: x"))
+    monkeypatch.setattr(stacks, "_version", versions.get)
+    message = stacks.torchaudio_message(OSError("undefined symbol: x"))
     assert f"torchaudio 2.11.1 cannot be imported with torch {torch_version}" in message
     assert message.split("Fix: ")[1].startswith(fix)

@@ -18,8 +18,8 @@ import yaml
 from test_finetune import FAST, final_weights, tensorboard_scalars
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
-from s3prl_laser.training import parts as laser_model
+from s3prl_laser.training import checkpoints
+from s3prl_laser.training import parts as training_parts
 from s3prl_laser.training.config import (
     APPLIED,
     REFUSED,
@@ -51,7 +51,7 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 def interrupted_at(run: Path, step: int) -> Path:
     """``run`` as if it had been killed right after its checkpoint of ``step``."""
-    for later, path in checkpointing.list_checkpoints(run):
+    for later, path in checkpoints.list_checkpoints(run):
         if later > step:
             path.unlink()
     for name in ("hubert_laser.pt", "hubert_laser_best.pt"):
@@ -167,7 +167,7 @@ def test_resume_applies_lr_weight_decay_and_a_longer_schedule_for_real(run_copy,
     for step in (3, 4, 5, 6):
         assert lr[step] == pytest.approx(5e-4 * (2 / 3) * (6 - step) / 4), step
     for step in (5, 6):  # the two kept checkpoints
-        state = checkpointing.load_checkpoint(checkpointing.checkpoint_path(run, step))
+        state = checkpoints.load_checkpoint(checkpoints.checkpoint_path(run, step))
         (group,) = state["optimizer"]["param_groups"]
         assert group["initial_lr"] == 5e-4 and group["weight_decay"] == 0.1
         assert state["scheduler"]["base_lrs"] == [5e-4]
@@ -230,8 +230,8 @@ def test_resume_refuses_a_config_yaml_edited_away_from_its_checkpoint(run_copy, 
 
 def test_resume_refuses_another_number_of_processes(run_copy, monkeypatch, caplog):
     monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
-    newest = checkpointing.latest_checkpoint(run_copy)
-    state = checkpointing.load_checkpoint(newest)
+    newest = checkpoints.latest_checkpoint(run_copy)
+    state = checkpoints.load_checkpoint(newest)
     torch.save({**state, "world_size": 2, "rng": state["rng"] * 2}, newest)  # as 2 processes wrote it
     assert main(["--out", str(run_copy), "--resume", "steps=6"]) == 2
     line = one_line(caplog.text, "error: --resume:", newest, "2 process(es)", "this run has 1")
@@ -243,24 +243,24 @@ def test_resume_refuses_another_number_of_processes(run_copy, monkeypatch, caplo
 
 
 def test_a_damaged_best_checkpoint_is_set_aside_and_the_run_goes_on(run_copy, monkeypatch, caplog):
-    best = checkpointing.best_path(run_copy)
+    best = checkpoints.best_path(run_copy)
     data = best.read_bytes()
     best.write_bytes(data[: len(data) // 2])  # cut short by a disk fault
     assert main(["--out", str(run_copy), "--resume", "steps=5", "eval_every=1"]) == 0
     one_line(caplog.text, "WARNING", best, "is damaged", "renamed to best.pt.damaged")
     assert best.with_name("best.pt.damaged").read_bytes() == data[: len(data) // 2]
-    kept = checkpointing.load_checkpoint(best)  # best tracking started afresh: step 5 is the best so far
+    kept = checkpoints.load_checkpoint(best)  # best tracking started afresh: step 5 is the best so far
     assert kept["step"] == 5 and "best validation (step 5)" in caplog.text
 
     # damaged again by the time of the final export: the last export is written, the best one skipped
-    real_export = laser_model.export_upstream
+    real_export = training_parts.export_upstream
 
     def export_then_damage(parts, cfg, out):
         path = real_export(parts, cfg, out)
         best.write_bytes(b"PK\x03\x04" + bytes(100))
         return path
 
-    monkeypatch.setattr(laser_model, "export_upstream", export_then_damage)
+    monkeypatch.setattr(training_parts, "export_upstream", export_then_damage)
     caplog.clear()
     assert main(["--out", str(run_copy), "--resume", "steps=6", "eval_every=0"]) == 0
     one_line(caplog.text, "WARNING", best, "is damaged", "renamed to best.pt.damaged")
@@ -291,8 +291,8 @@ def test_a_new_run_never_writes_over_an_earlier_one(run_copy, monkeypatch, caplo
     caplog.clear()  # --overwrite: the earlier run's files go, the user's own stay; the new run starts at 0
     assert main(["--overwrite", *argv, "steps=2", "save_every=1", "warmup_steps=3", "eval_every=0"]) == 0
     one_line(caplog.text, "--overwrite: removed the earlier run in", run_copy, "checkpoints")
-    assert [step for step, _ in checkpointing.list_checkpoints(run_copy)] == [1, 2]
-    assert not checkpointing.best_path(run_copy).exists() and not (run_copy / "hubert_laser_best.pt").exists()
+    assert [step for step, _ in checkpoints.list_checkpoints(run_copy)] == [1, 2]
+    assert not checkpoints.best_path(run_copy).exists() and not (run_copy / "hubert_laser_best.pt").exists()
     assert (run_copy / "notes.txt").read_text() == "mine\n"
     assert re.search(r"steps: 2\n", (run_copy / "config.yaml").read_text())
     # the config of this run cannot leave its warm-up: one warning at the start, from our logger
@@ -306,7 +306,7 @@ def test_the_demo_replaces_its_own_earlier_run_only(run_copy, tmp_path, caplog):
     assert main(["--upstream", "hubert", "--demo", "--out", str(run_copy), "steps=2", "report_clips=2",
                  "eval_every=0"]) == 0  # fmt: skip
     one_line(caplog.text, "--demo: removed the earlier run in", run_copy)
-    assert [step for step, _ in checkpointing.list_checkpoints(run_copy)] == [2]
+    assert [step for step, _ in checkpoints.list_checkpoints(run_copy)] == [2]
     assert (run_copy / "demo_report.json").is_file()
     other = tmp_path / "mine"  # a run on other data is not the demo's to replace
     other.mkdir()

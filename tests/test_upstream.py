@@ -14,7 +14,7 @@ import torch
 
 from s3prl_laser import fixtures
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.models import fairseq_import as fairseq_checkpoint
+from s3prl_laser.models import fairseq_import
 from s3prl_laser.models.fairseq_import import RestrictedUnpickler, UnsafeCheckpointError
 from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 from s3prl_laser.models.upstream import BaseModel, load_base_model
@@ -436,4 +436,4 @@ def test_restricted_unpickler_whitelist():
     with pytest.raises(UnsafeCheckpointError, match="subprocess.Popen"):
         RestrictedUnpickler(io.BytesIO(b"csubprocess\nPopen\n.")).load()
     inert = RestrictedUnpickler(io.BytesIO(b"cfairseq.tasks\nSomeTask\n.")).load()
-    assert issubclass(inert, fairseq_checkpoint._Inert) and inert.origin == "fairseq.tasks.SomeTask"
+    assert issubclass(inert, fairseq_import._Inert) and inert.origin == "fairseq.tasks.SomeTask"

@@ -25,7 +25,7 @@ import warm_processes
 
 from s3prl_laser.export import main as export_main
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "downstream_recipes"
@@ -147,9 +147,9 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(
     # The run in `resumed` was killed after its step-6 checkpoint, which a disk fault then cut short.
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    shutil.copy(checkpointing.checkpoint_path(straight, 4), checkpointing.checkpoint_path(resumed, 4))
-    newest = checkpointing.checkpoint_path(resumed, 6)
-    truncated_copy(checkpointing.checkpoint_path(straight, 6), newest)
+    shutil.copy(checkpoints.checkpoint_path(straight, 4), checkpoints.checkpoint_path(resumed, 4))
+    newest = checkpoints.checkpoint_path(resumed, 6)
+    truncated_copy(checkpoints.checkpoint_path(straight, 6), newest)
     assert main(["--out", str(resumed), "--resume"]) == 0
     assert f"--resume: {newest} is damaged" in caplog.text and "Traceback" not in caplog.text
     assert (resumed / "checkpoints" / "step_0000006.pt.damaged").is_file()
@@ -159,8 +159,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_continues_exactly(
 
     broken = tmp_path / "broken"
     shutil.copytree(resumed, broken, ignore=shutil.ignore_patterns("*.damaged", "hubert_laser.pt"))
-    for step, path in checkpointing.list_checkpoints(broken):
-        truncated_copy(checkpointing.checkpoint_path(straight, step), path)
+    for step, path in checkpoints.list_checkpoints(broken):
+        truncated_copy(checkpoints.checkpoint_path(straight, step), path)
     code = main(["--out", str(broken), "--resume"])
     line = error_line(caplog.text, code, "no readable checkpoint", broken / "checkpoints")
     assert "step_0000004.pt" in line and "step_0000006.pt" in line
@@ -339,7 +339,7 @@ def test_a_stop_signal_on_one_rank_saves_and_exits_128_plus_signal_on_all(tmp_pa
     results, out = two_processes(tmp_path, tiny_hubert_ckpt, demo_corpus, "loss", "sigterm", 2)
     for code, output in results:
         assert code == 128 + signal.SIGTERM and "Traceback" not in output, output
-    steps = [step for step, _ in checkpointing.list_checkpoints(out)]
+    steps = [step for step, _ in checkpoints.list_checkpoints(out)]
     assert steps and steps[-1] < 8  # stopped early, after saving the step it was on
     assert not (out / "hubert_laser.pt").exists()  # an unfinished run exports nothing
-    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["world_size"] == 2
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))["world_size"] == 2

@@ -46,7 +46,7 @@ from s3prl_laser.data import (
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
 from s3prl_laser.objective.loss import LaserLoss, LaserLossOutput
 from s3prl_laser.objective.perturb import LaserPerturbation
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 from s3prl_laser.training.config import LaserConfig, from_dict, refused_changes, to_dict
 from s3prl_laser.training.parts import Parts, apply_optimizer_config, trainable_state
 from s3prl_laser.training.ranks import (
@@ -455,7 +455,7 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
     """Rank 0 writes the training checkpoint (all ranks' RNG states gathered into it); a failure to write it
     (a full disk) reaches every rank at once (:func:`~s3prl_laser.training.ranks.run_together`)."""
     check_ranks_in_sync(parts, env)
-    rng = checkpointing.capture_rng(env.device)
+    rng = checkpoints.capture_rng(env.device)
     if env.distributed:
         gathered = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
@@ -484,7 +484,7 @@ def save(parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: Dist
                 "collapse_warned": state.collapse_warned,
             },
         }
-        path = checkpointing.save_checkpoint(checkpoint, out, state.step)
+        path = checkpoints.save_checkpoint(checkpoint, out, state.step)
         logger.info("checkpoint: %s", path)
 
     run_together(env, f"writing the checkpoint of step {state.step}", write)
@@ -529,7 +529,7 @@ def resume(
     schedule take ``cfg``'s lr, weight decay, ``steps`` and warm-up (continuous at the resumed step)."""
     if found is None:
         logger.warning(
-            "--resume: no checkpoint in %s; starting from step 0", checkpointing.checkpoint_dir(out)
+            "--resume: no checkpoint in %s; starting from step 0", checkpoints.checkpoint_dir(out)
         )
         return
     path, checkpoint = found
@@ -547,7 +547,7 @@ def resume(
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     apply_optimizer_config(parts, cfg)
-    checkpointing.restore_rng(checkpoint["rng"][env.rank], env.device)
+    checkpoints.restore_rng(checkpoint["rng"][env.rank], env.device)
     state.step = checkpoint["step"]
     state.position = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batch"])
     state.counters = Counter(checkpoint["counters"])
@@ -576,11 +576,11 @@ def best_still_holds(out: Path, step: int) -> bool:
     removed, since the resumed run validates those steps again, and starting its search afresh gives the same
     best as the interrupted run had once it passes that step (the removed best beat every earlier one).
     """
-    best = checkpointing.read_best(out)
+    best = checkpoints.read_best(out)
     if best is None:
         return False
     if best["step"] > step:
-        path = checkpointing.best_path(out)
+        path = checkpoints.best_path(out)
         logger.info("--resume: %s is from after step %d; the resumed run validates again", path, step)
         path.unlink()
         return False
@@ -595,9 +595,9 @@ def read_newest_checkpoint(out: Path, env: DistEnv) -> tuple[Path, dict] | None:
     it is used: that is why two are kept. Raises ``UserInputError`` if none is readable.
     """
     damaged = []
-    for _, path in reversed(checkpointing.list_checkpoints(out)):
+    for _, path in reversed(checkpoints.list_checkpoints(out)):
         try:
-            checkpoint = checkpointing.load_checkpoint(path)
+            checkpoint = checkpoints.load_checkpoint(path)
             missing = [key for key in TRAINING_KEYS if key not in checkpoint]
             if missing:
                 raise DamagedCheckpointError(path, f"lacks {missing}: not a training checkpoint")
@@ -612,7 +612,7 @@ def read_newest_checkpoint(out: Path, env: DistEnv) -> tuple[Path, dict] | None:
         return path, checkpoint
     if damaged:
         raise UserInputError(
-            f"--resume: no readable checkpoint in {checkpointing.checkpoint_dir(out)} (damaged: "
+            f"--resume: no readable checkpoint in {checkpoints.checkpoint_dir(out)} (damaged: "
             f"{', '.join(p.name for p in damaged)}); remove them to start from step 0, or restore a copy"
         )
     return None

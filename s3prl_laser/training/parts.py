@@ -224,9 +224,9 @@ def export_best(parts: Parts, cfg: LaserConfig, out: Path) -> tuple[Path, int] |
     (warned and set aside by :func:`~s3prl_laser.training.checkpoints.read_best`).
     """
     from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
-    from s3prl_laser.training import checkpoints as checkpointing
+    from s3prl_laser.training import checkpoints
 
-    best = checkpointing.read_best(out)
+    best = checkpoints.read_best(out)
     if best is None:
         return None
     state = parts.base.state_for_s3prl(replace=best["model"])

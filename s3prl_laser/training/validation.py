@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.data import AudioItem
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 from s3prl_laser.training.config import LaserConfig, to_dict
 from s3prl_laser.training.heldout import (
     BEST_METRIC,
@@ -127,5 +127,5 @@ class Validator:
             "metrics": metrics,
             "config": to_dict(self.cfg),
         }
-        path = checkpointing.save_best(best, out)
+        path = checkpoints.save_best(best, out)
         logger.info("best so far (%s %.4f at step %d): %s", BEST_METRIC, state.best_value, state.step, path)
