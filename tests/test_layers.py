@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,16 @@ def test_the_check_catches_what_it_should(tmp_path, module, source, expected):
         assert problems == []
     else:
         assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_layer_zero_and_the_config_import_no_torch():
+    """Layer 0, the config (which every command's parser and checks use) and the fixtures command's module
+    are torch-free: their constants come from ``names``, not from modules that import torch."""
+    modules = ["names", "errors", "console", "stacks", "training.config", "fixtures", "models.tiny"]
+    code = "import sys\n" + "".join(f"import s3prl_laser.{m}\n" for m in modules)
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 's3prl')))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
