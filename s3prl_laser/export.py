@@ -52,7 +52,7 @@ from s3prl_laser.stacks import require_python, stack_problem
 if TYPE_CHECKING:  # torch, transformers and s3prl are imported where used: not before --help
     import torch
 
-UPSTREAMS = ("hubert", "wavlm")  # hf_convert.UPSTREAMS, without importing torch for --help
+UPSTREAMS = ("hubert", "wavlm", "wav2vec2", "data2vec")  # s3prl_format.UPSTREAMS, without torch for --help
 
 VERIFY_SECONDS = (1.0, 1.37)  # lengths of the verification waveforms (an odd one included)
 VERIFY_TOLERANCE = 1e-5  # largest ||hf - s3prl|| / ||s3prl|| accepted by --verify (<= 4e-7 measured, CPU)

@@ -8,7 +8,7 @@
   ``huggingface_hub.snapshot_download`` (or found in its cache), then read like a folder;
 - one of s3prl's own names (:data:`S3PRL_NAMES`: ``wavlm_base_plus``, ``hubert_large_ll60k``, ...),
   downloaded by s3prl's helper from the address s3prl's hub entry uses;
-- nothing: s3prl's default ``hubert_base`` / ``wavlm_base``.
+- nothing: s3prl's default ``hubert_base`` / ``wavlm_base`` / ``wav2vec2_base_960`` / ``data2vec_base_960``.
 
 :func:`model_size` tells a base-size model from a large one (24 layers, 1024 dims) without building it; the
 configuration picks the size's preset from it (:func:`s3prl_laser.training.config.resolve_config`).
@@ -40,6 +40,18 @@ S3PRL_NAMES = {
     "wavlm_base": ("wavlm", "base", DEFAULT_CKPT_URLS["wavlm"]),
     "wavlm_base_plus": ("wavlm", "base", _CONVERTED + "wavlm_base_plus.pt"),
     "wavlm_large": ("wavlm", "large", _CONVERTED + "wavlm_large.pt"),
+    # s3prl/upstream/wav2vec2/hubconf.py and data2vec/hubconf.py (their non-legacy, converted addresses)
+    "wav2vec2_base_960": ("wav2vec2", "base", DEFAULT_CKPT_URLS["wav2vec2"]),
+    "wav2vec2_large_960": ("wav2vec2", "large", _CONVERTED + "libri960_big.pt"),
+    "wav2vec2_large_ll60k": ("wav2vec2", "large", _CONVERTED + "wav2vec_vox_new.pt"),
+    "wav2vec2_large_lv60_cv_swbd_fsh": ("wav2vec2", "large", _CONVERTED + "w2v_large_lv_fsh_swbd_cv.pt"),
+    "wav2vec2_large_voxpopuli_100k": ("wav2vec2", "large", _CONVERTED + "wav2vec2_large_100k.pt"),
+    "xlsr_53": ("wav2vec2", "large", _CONVERTED + "xlsr_53_56k.pt"),
+    "xls_r_300m": ("wav2vec2", "large", _CONVERTED + "xlsr2_300m.pt"),
+    "xls_r_1b": ("wav2vec2", "large", _CONVERTED + "xlsr2_960m_1000k.pt"),
+    "xls_r_2b": ("wav2vec2", "large", _CONVERTED + "xlsr2_2B_1000k.pt"),
+    "data2vec_base_960": ("data2vec", "base", DEFAULT_CKPT_URLS["data2vec"]),
+    "data2vec_large_ll60k": ("data2vec", "large", _CONVERTED + "vox_pretrained.pt"),
 }
 SIZES = ("base", "large")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -85,7 +97,8 @@ def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
     (with its ``hf_origin``); a download that fails raises ``UserInputError`` saying what to pass instead.
     """
     if ckpt is None:
-        return read_checkpoint(_s3prl_download(f"{upstream}_base", DEFAULT_CKPT_URLS[upstream]))
+        url = DEFAULT_CKPT_URLS[upstream]
+        return read_checkpoint(_s3prl_download(next(n for n, v in S3PRL_NAMES.items() if v[2] == url), url))
     ckpt = str(ckpt)
     if ckpt in S3PRL_NAMES:
         family, _, url = S3PRL_NAMES[ckpt]
@@ -160,5 +173,5 @@ def _layers_and_dim(ckpt: str) -> tuple[int, int]:
         config = read_json(path / "config.json")
         return int(config["num_hidden_layers"]), int(config["hidden_size"])
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    cfg = state.get("model_cfg") or state["cfg"]  # HuBERT converted / WavLM
+    cfg = state.get("model_cfg") or state["cfg"]  # HuBERT, wav2vec2, data2vec converted / WavLM
     return int(cfg["encoder_layers"]), int(cfg["encoder_embed_dim"])

@@ -1,0 +1,128 @@
+"""wav2vec 2.0 and data2vec-audio with s3prl's own model code (``s3prl/upstream/{wav2vec2,data2vec}/``).
+
+Both families use s3prl's "converted" checkpoint format, the one its stock ``wav2vec2_local`` /
+``data2vec_local`` entries read: ``{"task_cfg": dict, "model_cfg": dict, "model_weight": state_dict}``
+(HuBERT's converted format has the same three keys plus ``dictionaries_symbols``). data2vec's
+``model_weight`` also holds ``"_ema"`` (the teacher's weights, which s3prl's loader deletes before loading
+the student; its ``final_proj`` head is removed from the model first).
+
+- :func:`family_of` tells the three converted families apart by content, not by keys alone.
+- :func:`build_model` builds s3prl's ``Wav2Vec2Model`` / ``Data2VecAudioModel`` from such a dict, after
+  :func:`check_settings` has refused what LASER's forward pass
+  (:class:`s3prl_laser.models.upstream.BaseModel`, which reproduces s3prl's expert step by step) does not
+  reproduce, naming the setting.
+- :func:`writable_weights` turns the tuned weights back into what the stock loader reads.
+
+Example:
+    >>> state = read_checkpoint("tiny_wav2vec2.pt")  # doctest: +SKIP
+    >>> model, config, normalize = build_model("wav2vec2", state, "tiny_wav2vec2.pt")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from s3prl_laser.errors import UserInputError
+
+FAMILIES = ("wav2vec2", "data2vec")
+CKPT_KEYS = ("task_cfg", "model_cfg", "model_weight")
+EMA_KEY = "_ema"  # data2vec: the EMA teacher's weights in model_weight; s3prl's loader deletes the entry
+# Keys only data2vec's model config has (Data2VecAudioConfig over Wav2Vec2Config).
+_DATA2VEC_ONLY = ("average_top_k_layers", "ema_decay", "ema_end_decay", "instance_norm_target_layer")
+
+
+def family_of(state: dict) -> str | None:
+    """``"hubert"``, ``"wavlm"``, ``"wav2vec2"`` or ``"data2vec"`` for an s3prl-format dict; ``None`` if none.
+
+    HuBERT's converted format carries ``dictionaries_symbols``; data2vec's ``model_weight`` an ``_ema`` entry
+    or its model config data2vec's own keys; WavLM's format is ``cfg`` + ``model``.
+    """
+    if all(k in state for k in CKPT_KEYS):
+        if "dictionaries_symbols" in state:
+            return "hubert"
+        weights, cfg = state["model_weight"], state["model_cfg"]
+        if isinstance(weights, dict) and EMA_KEY in weights:
+            return "data2vec"
+        if isinstance(cfg, dict) and (
+            str(cfg.get("_name", "")).startswith("data2vec") or any(k in cfg for k in _DATA2VEC_ONLY)
+        ):
+            return "data2vec"
+        return "wav2vec2"
+    if "cfg" in state and "model" in state:
+        return "wavlm"
+    return None
+
+
+def _configs(upstream: str, state: dict, where: str):
+    from s3prl.upstream.utils import merge_with_parent
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config
+
+    for key in ("task_cfg", "model_cfg"):
+        if not isinstance(state[key], dict) or not state[key]:
+            got = type(state[key]).__name__
+            raise UserInputError(f"{where}: {key!r} must be a non-empty dict, got {got}")
+    if upstream == "data2vec":
+        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig as model_config_class
+    else:
+        model_config_class = Wav2Vec2Config
+    return merge_with_parent(AudioPretrainingConfig, state["task_cfg"]), merge_with_parent(
+        model_config_class, state["model_cfg"]
+    )
+
+
+def check_settings(upstream: str, model_cfg, where: str) -> None:
+    """Refuse, by name, the settings LASER's forward pass does not reproduce exactly as s3prl's expert.
+
+    ``layer_type`` other than "transformer" (conformer layers), ``quantize_input=True`` (the encoder would
+    read quantised CNN features), ``crop_seq_to_multiple`` other than 1 (frames cropped after the CNN, so
+    the frame count is not the CNN's formula).
+    """
+
+    def refuse(setting: str, why: str) -> UserInputError:
+        return UserInputError(f"{where}: {setting} is not supported for {upstream}: {why}")
+
+    layer_type = str(getattr(model_cfg, "layer_type", "transformer"))
+    if layer_type != "transformer":
+        raise refuse(f"layer_type={layer_type!r}", "LASER's forward pass runs transformer layers only")
+    if getattr(model_cfg, "quantize_input", False):
+        raise refuse("quantize_input=True", "the encoder would read quantised features, which LASER skips")
+    crop = int(getattr(model_cfg, "crop_seq_to_multiple", 1))
+    if crop != 1:
+        raise refuse(
+            f"crop_seq_to_multiple={crop}", "frames cut after the CNN break the frame count of each clip"
+        )
+
+
+def build_model(upstream: str, state: dict, where: str):
+    """s3prl's model for ``state`` with its weights: ``(model, config_to_keep, normalize)``.
+
+    ``config_to_keep`` is what :meth:`BaseModel.state_for_s3prl` writes back besides the weights.
+    """
+    task_cfg, model_cfg = _configs(upstream, state, where)
+    check_settings(upstream, model_cfg, where)
+    weights = dict(state["model_weight"])
+    if upstream == "data2vec":
+        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioModel
+
+        model = Data2VecAudioModel(model_cfg)
+        model.remove_pretraining_modules()  # as s3prl's loader: no final_proj, no EMA teacher
+        weights.pop(EMA_KEY, None)
+        weights = {k: v for k, v in weights.items() if not k.startswith("final_proj.")}
+    else:
+        from s3prl.upstream.wav2vec2.wav2vec2_model import Wav2Vec2Model
+
+        model = Wav2Vec2Model(model_cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise UserInputError(
+            f"{where}: the weights do not fit s3prl's {upstream} model ({first[-1].strip()})"
+        ) from None
+    config = {k: state[k] for k in ("task_cfg", "model_cfg") if k in state}
+    return model, config, bool(task_cfg.normalize)
+
+
+def writable_weights(upstream: str, weights: dict) -> dict:
+    """The ``model_weight`` that s3prl's stock loader reads: data2vec's needs an ``_ema`` entry to delete."""
+    if upstream == "data2vec":
+        return {**weights, EMA_KEY: {}}
+    return weights
