@@ -126,3 +126,78 @@ def writable_weights(upstream: str, weights: dict) -> dict:
     if upstream == "data2vec":
         return {**weights, EMA_KEY: {}}
     return weights
+
+
+# ------------------------------------------------------------------------------- transformers' classes
+HF_MODEL_TYPES = {"wav2vec2": "wav2vec2", "data2vec-audio": "data2vec"}  # config.json model_type -> ours
+HF_BARE_CLASSES = {"wav2vec2": "Wav2Vec2Model", "data2vec": "Data2VecAudioModel"}
+
+
+def hf_settings(config, upstream: str, refuse) -> dict:
+    """The s3prl model-config entries of a transformers ``Wav2Vec2Config``/``Data2VecAudioConfig`` that differ
+    from HuBERT's mapping (:func:`s3prl_laser.models.hf_import.s3prl_config`), refusing what s3prl lacks.
+
+    ``refuse(setting, why)`` builds the error. data2vec's positional embedding is ``num_conv_pos_embeddings``
+    convolutions of kernel ``conv_pos_kernel_size``; s3prl builds ``pos_conv_depth`` of kernel
+    ``max(3, conv_pos // pos_conv_depth)``.
+    """
+    if getattr(config, "adapter_attn_dim", None):
+        raise refuse(f"adapter_attn_dim={config.adapter_attn_dim}", "s3prl's layers have no attention adapters")
+    if upstream == "wav2vec2":
+        return {}
+    depth, kernel = int(config.num_conv_pos_embeddings), int(config.conv_pos_kernel_size)
+    if kernel < 3:
+        raise refuse(f"conv_pos_kernel_size={kernel}", "s3prl's positional convolutions have kernels >= 3")
+    return {"conv_pos": kernel * depth, "pos_conv_depth": depth, "extractor_mode": "layer_norm",
+            "layer_norm_first": False}  # fmt: skip
+
+
+def empty_state(upstream: str, model_cfg: dict, normalize: bool, sample_rate: int) -> dict:
+    """s3prl's converted dict for a model built from ``model_cfg`` (weights to be overwritten)."""
+    import dataclasses
+
+    import torch
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config, Wav2Vec2Model
+
+    task_cfg = AudioPretrainingConfig(normalize=normalize, sample_rate=sample_rate)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if upstream == "data2vec":
+            from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig, Data2VecAudioModel
+
+            cfg = Data2VecAudioConfig(**model_cfg)
+            model = Data2VecAudioModel(cfg)
+            model.remove_pretraining_modules()
+        else:
+            cfg = Wav2Vec2Config(**model_cfg)
+            model = Wav2Vec2Model(cfg)
+    weights = dict(model.state_dict())
+    return {
+        "task_cfg": dataclasses.asdict(task_cfg),
+        "model_cfg": {k: getattr(v, "value", v) for k, v in dataclasses.asdict(cfg).items()},
+        "model_weight": weights,
+    }
+
+
+def hf_config(upstream: str, model_cfg: dict, common: dict, where: str):
+    """The transformers config of an s3prl wav2vec2/data2vec model; ``common``: the settings HuBERT's
+    mapping (:func:`s3prl_laser.models.hf_export.hf_config`) gives. Refuses what transformers cannot hold."""
+    from transformers import Data2VecAudioConfig, Wav2Vec2Config
+
+    depth = int(model_cfg.get("pos_conv_depth", 1))
+    if upstream == "wav2vec2":
+        if depth != 1:
+            raise UserInputError(
+                f"{where}: pos_conv_depth={depth} is not supported: transformers' wav2vec2 has one "
+                "positional convolution"
+            )
+        return Wav2Vec2Config(**common)
+    if model_cfg["extractor_mode"] != "layer_norm" or model_cfg["layer_norm_first"]:
+        raise UserInputError(
+            f"{where}: extractor_mode={model_cfg['extractor_mode']!r}, layer_norm_first="
+            f"{model_cfg['layer_norm_first']} is not supported: transformers' data2vec-audio has a layer-norm "
+            "CNN and post-LN layers (extractor_mode='layer_norm', layer_norm_first=False)"
+        )
+    kernel = max(3, int(model_cfg["conv_pos"]) // depth)
+    common = {k: v for k, v in common.items() if k not in ("feat_extract_norm", "do_stable_layer_norm")}
+    return Data2VecAudioConfig(**{**common, "num_conv_pos_embeddings": depth, "conv_pos_kernel_size": kernel})
