@@ -1,4 +1,5 @@
-"""Tiny transformers HuBERT/WavLM/wav2vec2/data2vec-audio folders, built with transformers' own classes, for the import tests.
+"""Tiny transformers HuBERT/WavLM/wav2vec2/data2vec-audio folders
+(Wav2Vec2Model, Data2VecAudioModel), built with transformers' own classes, for the import tests.
 
 Layouts: ``base`` (post-LN, group-norm CNN, no conv bias: HuBERT/WavLM Base) and ``large`` (pre-LN
 ``do_stable_layer_norm``, layer-norm CNN with conv bias: the Large models), shrunk to 4 layers of 64 dims with

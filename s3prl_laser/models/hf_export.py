@@ -155,10 +155,9 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
     if upstream is not None and found != upstream:
         raise UserInputError(f"{path}: --upstream {upstream} given, but the checkpoint keys say {found}")
     if found != "wavlm":
+        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
         from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config
-
-        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig
 
         model_class, task_class = {
             "hubert": (HubertConfig, HubertPretrainingConfig),

@@ -142,7 +142,7 @@ def hf_settings(config, upstream: str, refuse) -> dict:
     ``max(3, conv_pos // pos_conv_depth)``.
     """
     if getattr(config, "adapter_attn_dim", None):
-        raise refuse(f"adapter_attn_dim={config.adapter_attn_dim}", "s3prl's layers have no attention adapters")
+        raise refuse(f"adapter_attn_dim={config.adapter_attn_dim}", "s3prl's layers have no adapters")
     if upstream == "wav2vec2":
         return {}
     depth, kernel = int(config.num_conv_pos_embeddings), int(config.conv_pos_kernel_size)
@@ -195,8 +195,8 @@ def hf_config(upstream: str, model_cfg: dict, common: dict, where: str):
     if model_cfg["extractor_mode"] != "layer_norm" or model_cfg["layer_norm_first"]:
         raise UserInputError(
             f"{where}: extractor_mode={model_cfg['extractor_mode']!r}, layer_norm_first="
-            f"{model_cfg['layer_norm_first']} is not supported: transformers' data2vec-audio has a layer-norm "
-            "CNN and post-LN layers (extractor_mode='layer_norm', layer_norm_first=False)"
+            f"{model_cfg['layer_norm_first']} is not supported: transformers' data2vec-audio has a "
+            "layer-norm CNN and post-LN layers (extractor_mode='layer_norm', layer_norm_first=False)"
         )
     kernel = max(3, int(model_cfg["conv_pos"]) // depth)
     common = {k: v for k, v in common.items() if k not in ("feat_extract_norm", "do_stable_layer_norm")}
