@@ -14,6 +14,7 @@ import torch
 import warm_processes
 from hf_folders import build_hf_folder
 from test_hf_import import transformers_states, waveforms
+from test_upstream import fake_fairseq  # noqa: F401 (a fixture, used through request.getfixturevalue)
 
 from s3prl_laser import export, fixtures
 from s3prl_laser.finetune import main
@@ -126,3 +127,55 @@ def test_a_checkpoint_of_another_converted_family_is_named(tmp_path, demo_corpus
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in output, output
     assert "looks like a wav2vec2 checkpoint; pass --upstream wav2vec2" in output, output
+
+
+@pytest.mark.parametrize(("family", "cfg_kind"), [("wav2vec2", "dictconfig"), ("wav2vec2", "args"),
+                                                  ("data2vec", "container")])  # fmt: skip
+def test_fairseq_checkpoint_is_read_without_fairseq(family, cfg_kind, tmp_path, request):
+    """An original fairseq checkpoint (cfg as a DictConfig or a container, or legacy args) gives the model
+    that s3prl's stock entry builds from the converted file of the same weights."""
+    import argparse
+
+    import s3prl.hub
+    from omegaconf import OmegaConf
+
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+    from s3prl_laser.models.upstream import load_base_model
+
+    converted = torch.load(request.getfixturevalue(f"tiny_{family}_ckpt"), weights_only=True)
+    _, choices, save = request.getfixturevalue("fake_fairseq")
+    name = {"wav2vec2": "wav2vec2", "data2vec": "data2vec_audio"}[family]
+    model_cfg = {**converted["model_cfg"], "_name": name}
+    if family == "wav2vec2":
+        model_cfg["extractor_mode"] = choices.DEFAULT  # a ChoiceEnum member, as fairseq pickles it
+    task_cfg = {**converted["task_cfg"], "_name": "audio_pretraining", "data": "/data"}
+    args, cfg = None, None
+    if cfg_kind == "args":
+        args = argparse.Namespace(**{**task_cfg, **model_cfg, "arch": name, "seed": 1})
+    elif cfg_kind == "dictconfig":
+        cfg = OmegaConf.create({"common": {"seed": 1}, "model": model_cfg, "task": task_cfg})
+    else:
+        cfg = {"common": {"seed": 1, "legacy": argparse.Namespace(x=1)}, "model": model_cfg, "task": task_cfg}
+    fairseq_state = {"args": args, "cfg": cfg, "model": converted["model_weight"], "criterion": None,
+                     "optimizer_history": [{"num_updates": 400000}], "task_state": {}, "extra_state": {},
+                     "last_optimizer_state": {"state": {}}}  # fmt: skip
+    path = save(fairseq_state, tmp_path / f"{family}_fairseq.pt")
+    with pytest.raises(Exception, match="Unsupported global|weights_only"):
+        torch.load(path, weights_only=True)  # the file really needs more than weights_only allows
+
+    model = load_base_model(family, path).eval()
+    assert "fairseq" not in sys.modules
+    out = save_s3prl_checkpoint(model.state_for_s3prl(), tmp_path / "converted.pt")
+    wavs = waveforms(LENGTHS)
+    batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+    with torch.no_grad():
+        base = request.getfixturevalue(f"tiny_{family}_ckpt")
+        reference = getattr(s3prl.hub, f"{family}_local")(ckpt=str(base)).eval()(wavs)["hidden_states"]
+        ours = model.hidden_states(batch, torch.tensor(LENGTHS))
+        reloaded = getattr(s3prl.hub, f"{family}_local")(ckpt=str(out)).eval()(wavs)["hidden_states"]
+    for a, b, c in zip(ours, reference, reloaded, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+    other = {"wav2vec2": "data2vec", "data2vec": "wav2vec2"}[family]
+    with pytest.raises(ValueError, match=f"a fairseq {name} checkpoint, not {other}"):
+        load_base_model(other, path)

@@ -59,9 +59,12 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
     where = str(ckpt)
     state = read_source(upstream, ckpt)
     if is_fairseq_checkpoint(state):
-        if upstream != "hubert":
-            raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
-        state = convert_fairseq_hubert(state, where)
+        if upstream in wav2vec2.FAMILIES:
+            state = wav2vec2.convert_fairseq(upstream, state, where)
+        elif upstream != "hubert":
+            raise UserInputError(f"{where} is a fairseq checkpoint; WavLM is not read in that format")
+        else:
+            state = convert_fairseq_hubert(state, where)
     check_keys(upstream, state, where)
     if upstream == "hubert":
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig

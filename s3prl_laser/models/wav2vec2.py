@@ -121,6 +121,52 @@ def build_model(upstream: str, state: dict, where: str):
     return model, config, bool(task_cfg.normalize)
 
 
+def convert_fairseq(upstream: str, state: dict, where: str) -> dict:
+    """An original fairseq wav2vec 2.0 / data2vec checkpoint (read without fairseq by the restricted unpickler
+    of :mod:`s3prl_laser.models.fairseq_import`) in s3prl's converted format.
+
+    Does what ``s3prl/upstream/{wav2vec2,data2vec}/convert.py`` does with fairseq installed:
+    ``task_cfg = cfg["task"]``, ``model_cfg = cfg["model"]`` (old checkpoints such as ``wav2vec_small.pt``:
+    both from the flat ``args``), ``model_weight = state["model"]``. The model's ``_name`` (``arch`` in old
+    checkpoints) must be the family's.
+    """
+    from torch import Tensor
+
+    from s3prl_laser.models.fairseq_import import _to_plain, _unwrap
+
+    if state.get("cfg") is not None:
+        cfg = _unwrap(state["cfg"])
+        if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
+            found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+            raise UserInputError(
+                f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
+            )
+        task_cfg, model_cfg = (_to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
+        name = str(model_cfg.get("_name", ""))
+    elif state.get("args") is not None:
+        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig
+        from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig
+
+        args = dict(state["args"])
+        task_cfg, model_cfg = (
+            {k: _to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
+            for dc in (AudioPretrainingConfig, Data2VecAudioConfig)
+        )
+        name = str(args.get("arch", ""))
+    else:
+        raise UserInputError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+    found = "data2vec" if name.startswith("data2vec") else "hubert" if name.startswith("hubert") else name
+    if not name.startswith(upstream) and found != upstream:
+        raise UserInputError(
+            f"{where}: a fairseq {name or 'unnamed'} checkpoint, not {upstream}; pass its family's --upstream"
+        )
+    weights = state["model"]
+    bad = [k for k, v in weights.items() if not isinstance(v, Tensor) and k != EMA_KEY]
+    if bad:
+        raise UserInputError(f"{where}: model weights that are not tensors: {bad[:5]}")
+    return {"task_cfg": task_cfg, "model_cfg": model_cfg, "model_weight": dict(weights)}
+
+
 def writable_weights(upstream: str, weights: dict) -> dict:
     """The ``model_weight`` that s3prl's stock loader reads: data2vec's needs an ``_ema`` entry to delete."""
     if upstream == "data2vec":
