@@ -256,7 +256,9 @@ def test_missing_and_wrong_files(tiny_hubert_ckpt, tiny_wavlm_ckpt, tmp_path):
     with pytest.raises(ValueError, match="model_cfg.*found.*cfg"):
         load_base_model("hubert", tiny_wavlm_ckpt)
     with pytest.raises(ValueError, match="upstream must be one of"):
-        load_base_model("wav2vec2", tiny_hubert_ckpt)
+        load_base_model("conformer", tiny_hubert_ckpt)
+    with pytest.raises(ValueError, match="like a hubert checkpoint; pass --upstream hubert"):
+        load_base_model("wav2vec2", tiny_hubert_ckpt)  # the same three keys: told apart by content
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="found \\['something'\\]"):
         load_base_model("hubert", tmp_path / "other.pt")
