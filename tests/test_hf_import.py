@@ -241,7 +241,9 @@ def test_large_layout_freezes_all_but_the_top_two_layers_and_final_norm(folders)
 def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monkeypatch):
     """Each s3prl name fetches the address s3prl's own hub entry fetches; a failed download is one line."""
     import s3prl.hub
+    import s3prl.upstream.data2vec.hubconf as data2vec_hubconf
     import s3prl.upstream.hubert.hubconf as hubert_hubconf
+    import s3prl.upstream.wav2vec2.hubconf as wav2vec2_hubconf
     import s3prl.upstream.wavlm.hubconf as wavlm_hubconf
     from s3prl.util import download
 
@@ -260,7 +262,7 @@ def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monke
         asked.append(url)
         raise OSError("Name or service not known")
 
-    for module in (hubert_hubconf, wavlm_hubconf):
+    for module in (hubert_hubconf, wavlm_hubconf, wav2vec2_hubconf, data2vec_hubconf):
         monkeypatch.setattr(module, "_urls_to_filepaths", fetch)
     monkeypatch.setattr(download, "_urls_to_filepaths", offline)
     for name, (family, _, _) in S3PRL_NAMES.items():
