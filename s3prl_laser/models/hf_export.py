@@ -1,4 +1,8 @@
-"""Convert s3prl HuBERT/WavLM checkpoints into Hugging Face ``transformers`` models.
+"""Convert s3prl HuBERT/WavLM/wav2vec2/data2vec checkpoints into Hugging Face ``transformers`` models.
+
+wav2vec 2.0 and data2vec (s3prl's converted format) become ``Wav2Vec2Model`` / ``Data2VecAudioModel``; their
+config mapping is :func:`s3prl_laser.models.wav2vec2.hf_config`. The rest of this text describes HuBERT and
+WavLM, whose options these families share.
 
 Inputs are the two checkpoint formats s3prl reads (and that ``s3prl_laser.finetune`` writes):
 
