@@ -1,8 +1,8 @@
 """Read a Hugging Face ``transformers`` HuBERT/WavLM/wav2vec2/data2vec-audio folder into s3prl's own format.
 
 wav2vec 2.0 (``Wav2Vec2Model``, its wrappers, base and pre-LN large layouts) and data2vec-audio
-(``Data2VecAudioModel``) become s3prl's converted format (``task_cfg``, ``model_cfg``, ``model_weight``); their
-family-specific settings are mapped and refused in :mod:`s3prl_laser.models.wav2vec2`.
+(``Data2VecAudioModel``) become s3prl's converted format (``task_cfg``, ``model_cfg``, ``model_weight``);
+their family-specific settings are mapped and refused in :mod:`s3prl_laser.models.wav2vec2`.
 
 The reverse of :mod:`s3prl_laser.models.hf_export`. A folder written by ``save_pretrained`` (``config.json``,
 the weights as ``model.safetensors`` or ``pytorch_model.bin``, sharded or not, and
