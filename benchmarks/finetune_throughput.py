@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--upstreams", nargs="+", default=list(UPSTREAMS), choices=UPSTREAMS)
+    parser.add_argument("--upstreams", nargs="+", default=["hubert", "wavlm"], choices=UPSTREAMS)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel set-up, caches)")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the preset's)")
@@ -97,6 +97,12 @@ def build_checkpoint(upstream: str, path: Path, tiny: bool, seed: int) -> Path:
         return fixtures.build_tiny(upstream, path, seed=seed)
     if upstream == "hubert":
         return save_s3prl_checkpoint(fixtures.tiny_hubert_state(seed, final_dim=256, **BASE_ARCH), path)
+    if upstream == "wav2vec2":  # wav2vec2_base_960's quantizer: 2 groups of 320 codes, final_dim 256
+        state = fixtures.tiny_wav2vec2_state(seed, final_dim=256, latent_vars=320, **BASE_ARCH)
+        return save_s3prl_checkpoint(state, path)
+    if upstream == "data2vec":  # data2vec base: 5 positional convolutions of kernel 19
+        state = fixtures.tiny_data2vec_state(seed, **{**BASE_ARCH, "conv_pos": 95, "pos_conv_depth": 5})
+        return save_s3prl_checkpoint(state, path)
     return save_s3prl_checkpoint(fixtures.tiny_wavlm_state(seed, **BASE_ARCH), path)
 
 

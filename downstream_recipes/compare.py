@@ -2,7 +2,8 @@
 
 Each ``result.json`` (written by ``superb_asr.sh`` / ``superb_pr.sh``) is
 ``{"task": "ASR"|"PR", "upstream": NAME, "metric": "WER"|"PER", "value": percent}``. The upstream name
-gives the row: ``hubert*`` -> HuBERT, ``wavlm*`` -> WavLM; names ending in ``_laser`` are the
+gives the row: ``hubert*`` -> HuBERT, ``wavlm*`` -> WavLM, ``wav2vec2*``/``xls_r*`` -> wav2vec 2.0,
+``data2vec*`` -> data2vec (no paper numbers for the last two); names ending in ``_laser`` are the
 LASER-tuned model, the others the base model. Lower is better for both metrics.
 
 Command line (files, or folders searched recursively for ``result.json``)::
@@ -36,10 +37,15 @@ METRICS = {"PR": "PER", "ASR": "WER"}
 VARIANTS = ("base", "LASER")
 
 
+# s3prl name prefix -> row title (XLS-R is wav2vec 2.0; the paper has rows for the first two only)
+FAMILIES = (("hubert", "HuBERT"), ("wavlm", "WavLM"), ("wav2vec2", "wav2vec 2.0"), ("xls_r", "wav2vec 2.0"),
+            ("xlsr", "wav2vec 2.0"), ("data2vec", "data2vec"))  # fmt: skip
+
+
 def model_of(upstream: str) -> tuple[str, str]:
     """``(family, variant)`` of an s3prl upstream name, e.g. ``wavlm_laser`` -> ``("WavLM", "LASER")``."""
     name = upstream.lower()
-    family = "HuBERT" if name.startswith("hubert") else "WavLM" if name.startswith("wavlm") else upstream
+    family = next((title for prefix, title in FAMILIES if name.startswith(prefix)), upstream)
     return family, "LASER" if name.endswith("_laser") else "base"
 
 

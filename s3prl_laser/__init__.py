@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def register() -> tuple[str, ...]:
-    """Put ``hubert_laser`` and ``wavlm_laser`` on ``s3prl.hub`` (imports torch and s3prl).
+    """Put the LASER entries (``hubert_laser``, ``wav2vec2_laser``, ...) on ``s3prl.hub`` (imports torch).
 
     The installed start-up hook does this by itself when ``s3prl.hub`` is first imported; call this
     when embedding s3prl where the hook is not installed (e.g. the package is only on ``PYTHONPATH``).
@@ -17,7 +17,7 @@ def register() -> tuple[str, ...]:
 
         >>> import s3prl_laser, s3prl.hub
         >>> s3prl_laser.register()
-        ('hubert_laser', 'wavlm_laser')
+        ('hubert_laser', 'wavlm_laser', 'wav2vec2_laser', 'data2vec_laser')
         >>> "hubert_laser" in s3prl.hub.options()
         True
     """

@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ckpt",
         help="base upstream: s3prl/fairseq checkpoint, transformers folder or hub id, or an s3prl name "
-        "such as wavlm_base_plus (default: s3prl's hubert_base/wavlm_base)",
+        "such as wavlm_base_plus or xls_r_300m (default: s3prl's base model of the family)",
     )
     parser.add_argument("--out", help="run directory (default: runs/<upstream>_laser)")
     parser.add_argument(
@@ -128,7 +128,9 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.training.validation import Validator
 
     if args.upstream is None and not (args.resume and args.out):
-        raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
+        raise UserInputError(
+            "give --upstream (hubert, wavlm, wav2vec2 or data2vec), or --resume --out RUN to continue a run"
+        )
     if args.resume and args.overwrite:
         raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
     out = Path(args.out or f"runs/{args.upstream}_laser")

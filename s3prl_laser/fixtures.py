@@ -1,4 +1,5 @@
-"""Offline fixtures: tiny random-init HuBERT/WavLM checkpoints in s3prl's formats, and the demo corpus.
+"""Offline fixtures: tiny random-init HuBERT/WavLM/wav2vec 2.0/data2vec checkpoints in s3prl's formats, and
+the demo corpus.
 
 The tiny models are built with s3prl's OWN model classes and config dataclasses by
 :mod:`s3prl_laser.models.tiny` (see there for the architecture and the formats); this command writes them,
@@ -6,7 +7,7 @@ and its module gives the builders' names too (``s3prl_laser.fixtures.build_tiny_
 
 Command line (for users and recipes)::
 
-    python -m s3prl_laser.fixtures --hubert tiny_hubert.pt --wavlm tiny_wavlm.pt
+    python -m s3prl_laser.fixtures --hubert tiny_hubert.pt --wavlm tiny_wavlm.pt --wav2vec2 tiny_wav2vec2.pt
 
 Example:
     >>> from s3prl_laser.fixtures import build_tiny_hubert
@@ -25,7 +26,9 @@ from s3prl_laser.models.tiny import (  # noqa: F401  (the builders' names, given
     build_tiny,
     build_tiny_hubert,
     build_tiny_wavlm,
+    tiny_data2vec_state,
     tiny_hubert_state,
+    tiny_wav2vec2_state,
     tiny_wavlm_state,
 )
 from s3prl_laser.stacks import require_python, stack_problem
@@ -48,10 +51,12 @@ def demo_corpus_root() -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m s3prl_laser.fixtures",
-        description="Write tiny random-init HuBERT/WavLM checkpoints in s3prl's own formats.",
+        description="Write tiny random-init HuBERT/WavLM/wav2vec2/data2vec checkpoints in s3prl's formats.",
     )
     parser.add_argument("--hubert", type=Path, help="output path of the tiny HuBERT (converted format)")
     parser.add_argument("--wavlm", type=Path, help="output path of the tiny WavLM (cfg + model)")
+    parser.add_argument("--wav2vec2", type=Path, help="output path of the tiny wav2vec 2.0 (converted)")
+    parser.add_argument("--data2vec", type=Path, help="output path of the tiny data2vec-audio (converted)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     return parser
 
@@ -62,15 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := stack_problem()) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.hubert is None and args.wavlm is None:
-        get_args_parser().error("give --hubert and/or --wavlm")
+    families = {"hubert": "HuBERT", "wavlm": "WavLM", "wav2vec2": "wav2vec 2.0", "data2vec": "data2vec-audio"}
+    if all(getattr(args, family) is None for family in families):
+        get_args_parser().error("give --hubert, --wavlm, --wav2vec2 and/or --data2vec")
     from s3prl_laser.console import setup_console
 
     setup_console(logging.INFO, fmt="%(levelname)s %(name)s: %(message)s")  # other libraries' chatter: DEBUG
-    if args.hubert is not None:
-        print(f"tiny HuBERT: {build_tiny_hubert(args.hubert, seed=args.seed)}")
-    if args.wavlm is not None:
-        print(f"tiny WavLM: {build_tiny_wavlm(args.wavlm, seed=args.seed)}")
+    for family, title in families.items():
+        if (path := getattr(args, family)) is not None:
+            print(f"tiny {title}: {build_tiny(family, path, seed=args.seed)}")
     return 0
 
 

@@ -6,10 +6,10 @@ take these from here, so ``--help`` needs no torch and a new family is added in 
 Example:
     >>> from s3prl_laser.names import UPSTREAMS, laser_entry
     >>> [laser_entry(upstream) for upstream in UPSTREAMS]
-    ['hubert_laser', 'wavlm_laser']
+    ['hubert_laser', 'wavlm_laser', 'wav2vec2_laser', 'data2vec_laser']
 """
 
-UPSTREAMS = ("hubert", "wavlm")  # the base model families, as s3prl names its experts
+UPSTREAMS = ("hubert", "wavlm", "wav2vec2", "data2vec")  # the base model families, as s3prl names its experts
 LOSS_TYPES = ("softdtw_lav", "softdtw")  # LASER's loss (with the temporal regulariser), plain soft-DTW
 
 

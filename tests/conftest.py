@@ -64,6 +64,20 @@ def tiny_wavlm_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wav2vec2_ckpt(tmp_path_factory) -> Path:
+    from s3prl_laser.fixtures import build_tiny
+
+    return build_tiny("wav2vec2", tmp_path_factory.mktemp("tiny_wav2vec2") / "tiny_wav2vec2.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data2vec_ckpt(tmp_path_factory) -> Path:
+    from s3prl_laser.fixtures import build_tiny
+
+    return build_tiny("data2vec", tmp_path_factory.mktemp("tiny_data2vec") / "tiny_data2vec.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_corpus() -> Path:
     from s3prl_laser.fixtures import demo_corpus_root
 

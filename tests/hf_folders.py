@@ -1,4 +1,5 @@
-"""Tiny transformers HuBERT/WavLM folders, built with transformers' own classes, for the import tests.
+"""Tiny transformers HuBERT/WavLM/wav2vec2/data2vec-audio folders
+(Wav2Vec2Model, Data2VecAudioModel), built with transformers' own classes, for the import tests.
 
 Layouts: ``base`` (post-LN, group-norm CNN, no conv bias: HuBERT/WavLM Base) and ``large`` (pre-LN
 ``do_stable_layer_norm``, layer-norm CNN with conv bias: the Large models), shrunk to 4 layers of 64 dims with
@@ -23,11 +24,24 @@ LAYOUTS = {
 }
 
 
-def tiny_config(family: str, layout: str, **overrides):
-    """A tiny ``HubertConfig``/``WavLMConfig`` of ``layout`` ("base" or "large")."""
-    from transformers import HubertConfig, WavLMConfig
+BARE_CLASSES = {"hubert": "HubertModel", "wavlm": "WavLMModel", "wav2vec2": "Wav2Vec2Model",
+                "data2vec": "Data2VecAudioModel"}  # fmt: skip
 
-    cls = HubertConfig if family == "hubert" else WavLMConfig
+
+def tiny_config(family: str, layout: str, **overrides):
+    """A tiny ``HubertConfig``/``WavLMConfig``/``Wav2Vec2Config``/``Data2VecAudioConfig`` of ``layout``.
+
+    data2vec-audio has one layout (layer-norm CNN, post-LN) and a positional embedding of several
+    convolutions (base: 5 of kernel 19; tiny: 3 of kernel 5).
+    """
+    import transformers
+
+    if family == "data2vec":
+        if layout != "base":
+            raise ValueError("data2vec-audio has the base layout only")
+        tiny = {**TINY, "num_conv_pos_embeddings": 3, "conv_pos_kernel_size": 5}
+        return transformers.Data2VecAudioConfig(**tiny, conv_bias=False, **overrides)
+    cls = getattr(transformers, BARE_CLASSES[family].replace("Model", "Config"))
     extra = {"num_buckets": 32, "max_bucket_distance": 100} if family == "wavlm" else {}
     return cls(**TINY, **LAYOUTS[layout], **extra, **overrides)
 
@@ -43,7 +57,7 @@ def build_hf_folder(folder: Path, family: str, layout: str, cls_name: str | None
     import transformers
 
     config = tiny_config(family, layout, **overrides)
-    name = cls_name or ("HubertModel" if family == "hubert" else "WavLMModel")
+    name = cls_name or BARE_CLASSES[family]
     torch.manual_seed(seed)
     model = getattr(transformers, name)(config).eval()
     with torch.no_grad():

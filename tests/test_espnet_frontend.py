@@ -1,11 +1,11 @@
-"""``hubert_laser`` / ``wavlm_laser`` inside ESPnet's s3prl frontend (``espnet2/asr/frontend/s3prl.py``).
+"""The ``<family>_laser`` entries inside ESPnet's s3prl frontend (``espnet2/asr/frontend/s3prl.py``).
 
 ESPnet builds its frontend in its own interpreter, never calling ``s3prl_laser.register()``: the names must
 come from the installed start-up hook. Two tests, each in a child process:
 
 - on every lane, the frontend's construction and forward repeated step by step, compared with s3prl's stock
-  ``hubert_local`` / ``wavlm_local`` on the same file, which ESPnet users load the same way (CI's ESPnet
-  lane, which has the same s3prl as the current lane, runs the real frontend below instead);
+  ``<family>_local`` (hubert, wavlm, wav2vec2, data2vec) on the same file, which ESPnet users load the same
+  way (CI's ESPnet lane, which has the same s3prl as the current lane, runs the real frontend below instead);
 - on the ESPnet lane (``make LANE=espnet test``; markers ``espnet``, deselected where ESPnet is not
   installed, and ``espnet_lane``), ESPnet's real ``S3prlFrontend``, chosen by ``frontend: s3prl`` through
   ``ASRTask``'s frontend choices and built from the YAML of docs/recipes.md ("In ESPnet"), forward and
@@ -21,6 +21,7 @@ import pytest
 import warm_processes
 
 REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("hubert", "wavlm", "wav2vec2", "data2vec")
 
 FRONTEND = r"""
 import json, sys
@@ -77,10 +78,10 @@ print(json.dumps(report))
 """
 
 
-def test_laser_entries_work_as_espnet_builds_and_calls_them(tiny_hubert_ckpt, tiny_wavlm_ckpt, tmp_path):
+def test_laser_entries_work_as_espnet_builds_and_calls_them(request, tmp_path):
     cases = [
-        ("hubert_laser", "hubert_local", str(tiny_hubert_ckpt)),
-        ("wavlm_laser", "wavlm_local", str(tiny_wavlm_ckpt)),
+        (f"{family}_laser", f"{family}_local", str(request.getfixturevalue(f"tiny_{family}_ckpt")))
+        for family in FAMILIES
     ]
     done = warm_processes.run(
         [sys.executable, "-c", FRONTEND, json.dumps(cases)],
@@ -106,10 +107,10 @@ import copy, json, sys
 import torch, yaml
 from espnet2.tasks.asr import frontend_choices
 
-config, ckpt = yaml.safe_load(sys.argv[1]), sys.argv[2]
+config, ckpts = yaml.safe_load(sys.argv[1]), json.loads(sys.argv[2])
 
 
-def build(upstream):
+def build(upstream, ckpt):
     # what ASRTask.build_model does with the config's frontend and frontend_conf
     conf = copy.deepcopy(config["frontend_conf"])
     conf["frontend_conf"].update(upstream=upstream, path_or_url=ckpt)
@@ -119,8 +120,8 @@ def build(upstream):
 torch.manual_seed(0)
 wavs, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
 report = {}
-for upstream in ("hubert_laser", "hubert_local"):
-    frontend = build(upstream)
+for upstream, ckpt in ckpts:
+    frontend = build(upstream, ckpt)
     feats, feats_lens = frontend(wavs, lens)
     feats.square().mean().backward()
     report[upstream] = {
@@ -142,18 +143,21 @@ def espnet_yaml() -> str:
 
 @pytest.mark.espnet
 @pytest.mark.espnet_lane
-def test_espnets_own_s3prl_frontend_runs_hubert_laser_like_hubert_local(tiny_hubert_ckpt, tmp_path):
+@pytest.mark.parametrize("family", ["hubert", "wav2vec2", "data2vec"])
+def test_espnets_own_s3prl_frontend_runs_laser_like_local(family, request, tmp_path):
     import torch
 
     config = espnet_yaml()
     assert "upstream: hubert_laser" in config and "frontend: s3prl" in config
+    ckpt = str(request.getfixturevalue(f"tiny_{family}_ckpt"))
     done = warm_processes.run(
-        [sys.executable, "-c", REAL_FRONTEND, config, str(tiny_hubert_ckpt)],
+        [sys.executable, "-c", REAL_FRONTEND, config,
+         json.dumps([(f"{family}_laser", ckpt), (f"{family}_local", ckpt)])],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    laser, local = report["hubert_laser"], report["hubert_local"]
+    laser, local = report[f"{family}_laser"], report[f"{family}_local"]
     assert laser["class"] == "espnet2.asr.frontend.s3prl.S3prlFrontend"
     assert laser["lens"] == local["lens"] == [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
     assert laser["output_size"] == local["output_size"] == 64

@@ -241,7 +241,7 @@ def _tamper(path, tmp_path, edit):
         ("wavlm", lambda s: s["cfg"].update(gru_rel_pos=False), "gru_rel_pos"),
         ("wavlm", lambda s: s["cfg"].update(encoder_attention_heads=3), "encoder_attention_heads"),
         ("wavlm", lambda s: s["model"].update(extra=torch.zeros(1)), "'extra'"),
-        ("wavlm", lambda s: s.pop("cfg"), "not an s3prl HuBERT/WavLM checkpoint"),
+        ("wavlm", lambda s: s.pop("cfg"), "not an s3prl HuBERT/WavLM/wav2vec2/data2vec checkpoint"),
         ("hubert", lambda s: s.update(args=Namespace(x=1)), "weights_only"),
     ],
 )

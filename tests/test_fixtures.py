@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from s3prl_laser import fixtures
+from s3prl_laser.models.wav2vec2 import family_of
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = {"train-clean-100": (4, 10), "dev-clean": (2, 5), "test-clean": (2, 5)}  # speakers, utts/speaker
@@ -49,6 +50,8 @@ def hub():
     [
         ("tiny_hubert_ckpt", {"task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"}),
         ("tiny_wavlm_ckpt", {"cfg", "model"}),
+        ("tiny_wav2vec2_ckpt", {"task_cfg", "model_cfg", "model_weight"}),
+        ("tiny_data2vec_ckpt", {"task_cfg", "model_cfg", "model_weight"}),
     ],
 )
 def test_checkpoint_is_plain_and_in_s3prl_format(ckpt_fixture, keys, request):
@@ -58,7 +61,8 @@ def test_checkpoint_is_plain_and_in_s3prl_format(ckpt_fixture, keys, request):
 
 
 @pytest.mark.parametrize(
-    ("entry", "ckpt_fixture"), [("hubert_local", "tiny_hubert_ckpt"), ("wavlm_local", "tiny_wavlm_ckpt")]
+    ("entry", "ckpt_fixture"),
+    [(f"{family}_local", f"tiny_{family}_ckpt") for family in ("hubert", "wavlm", "wav2vec2", "data2vec")],
 )
 def test_stock_s3prl_loader_reads_tiny_model(entry, ckpt_fixture, request, hub):
     expert = getattr(hub, entry)(ckpt=str(request.getfixturevalue(ckpt_fixture))).eval()
@@ -85,13 +89,19 @@ def test_base_like_configs(tiny_hubert_ckpt, tiny_wavlm_ckpt):
     assert wavlm["cfg"]["relative_position_embedding"] and wavlm["cfg"]["gru_rel_pos"]
 
 
-@pytest.mark.parametrize("state_fn", [fixtures.tiny_hubert_state, fixtures.tiny_wavlm_state])
+@pytest.mark.parametrize(
+    "state_fn",
+    [fixtures.tiny_hubert_state, fixtures.tiny_wavlm_state, fixtures.tiny_wav2vec2_state,
+     fixtures.tiny_data2vec_state],
+)  # fmt: skip
 def test_seed_reproduces_weights_and_leaves_global_rng_alone(state_fn):
-    weights_key = "model_weight" if state_fn is fixtures.tiny_hubert_state else "model"
+    weights_key = "model" if state_fn is fixtures.tiny_wavlm_state else "model_weight"
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    a, b, c = state_fn(seed=0)[weights_key], state_fn(seed=0)[weights_key], state_fn(seed=1)[weights_key]
+    a, b, c = (
+        {k: v for k, v in state_fn(seed=seed)[weights_key].items() if k != "_ema"} for seed in (0, 0, 1)
+    )
     torch.testing.assert_close(torch.rand(3), expected_next)
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -116,9 +126,12 @@ def test_overrides_are_routed_and_checked(tmp_path, hub):
 
 def test_cli_writes_both_checkpoints(tmp_path):
     assert fixtures.main(["--hubert", str(tmp_path / "a" / "h.pt"), "--wavlm", str(tmp_path / "w.pt")]) == 0
+    assert fixtures.main(["--wav2vec2", str(tmp_path / "v.pt"), "--data2vec", str(tmp_path / "d.pt")]) == 0
+    for name, family in (("v.pt", "wav2vec2"), ("d.pt", "data2vec")):
+        assert family_of(torch.load(tmp_path / name, weights_only=True)) == family
     assert set(torch.load(tmp_path / "a" / "h.pt", weights_only=True)) >= {"model_cfg", "model_weight"}
     assert set(torch.load(tmp_path / "w.pt", weights_only=True)) == {"cfg", "model"}
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "h.pt", "w.pt"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "d.pt", "h.pt", "v.pt", "w.pt"]  # no temps
     with pytest.raises(SystemExit):
         fixtures.main([])
 

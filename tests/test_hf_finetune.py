@@ -18,7 +18,8 @@ FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "l
 @pytest.mark.parametrize(
     ("family", "layout", "cls_name"),
     [("hubert", "base", "HubertModel"), ("hubert", "large", "HubertForCTC"),
-     ("wavlm", "base", "WavLMModel"), ("wavlm", "large", "WavLMForCTC")],
+     ("wavlm", "base", "WavLMModel"), ("wavlm", "large", "WavLMForCTC"),
+     ("wav2vec2", "large", "Wav2Vec2ForCTC")],  # pre-LN, as XLS-R, MMS and large-lv60
 )  # fmt: skip
 def test_finetune_from_a_folder_loads_in_s3prl_and_exports_as_the_same_class(
     tmp_path, demo_corpus, family, layout, cls_name

@@ -20,7 +20,8 @@ from s3prl_laser.errors import UserInputError
 from s3prl_laser.models.hf_import import hf_folder_to_s3prl
 from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 
-CASES = [(family, layout) for family in ("hubert", "wavlm") for layout in ("base", "large")]
+CASES = [(family, layout) for family in ("hubert", "wavlm", "wav2vec2") for layout in ("base", "large")]
+CASES.append(("data2vec", "base"))  # data2vec-audio has one layout
 TOLERANCE = 1e-5  # float32, max abs difference of any hidden state
 
 
@@ -125,8 +126,10 @@ def test_feature_extractor_pipeline_matches_the_hub_entry(folders, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "layout", "cls_name"),
-    [("hubert", "base", "HubertModel"), ("wavlm", "large", "WavLMForCTC"), ("hubert", "large", "HubertForCTC")],  # noqa: E501
-)
+    [("hubert", "base", "HubertModel"), ("wavlm", "large", "WavLMForCTC"),
+     ("hubert", "large", "HubertForCTC"), ("wav2vec2", "base", "Wav2Vec2ForPreTraining"),
+     ("wav2vec2", "large", "Wav2Vec2ForCTC"), ("data2vec", "base", "Data2VecAudioModel")],
+)  # fmt: skip
 def test_round_trip_to_ours_and_back_keeps_every_tensor(tmp_path, family, layout, cls_name):
     """transformers folder -> s3prl checkpoint -> export: same class, same config, every tensor identical."""
     import transformers
@@ -238,7 +241,9 @@ def test_large_layout_freezes_all_but_the_top_two_layers_and_final_norm(folders)
 def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monkeypatch):
     """Each s3prl name fetches the address s3prl's own hub entry fetches; a failed download is one line."""
     import s3prl.hub
+    import s3prl.upstream.data2vec.hubconf as data2vec_hubconf
     import s3prl.upstream.hubert.hubconf as hubert_hubconf
+    import s3prl.upstream.wav2vec2.hubconf as wav2vec2_hubconf
     import s3prl.upstream.wavlm.hubconf as wavlm_hubconf
     from s3prl.util import download
 
@@ -257,7 +262,7 @@ def test_s3prl_names_download_what_s3prl_entries_download_and_fail_clearly(monke
         asked.append(url)
         raise OSError("Name or service not known")
 
-    for module in (hubert_hubconf, wavlm_hubconf):
+    for module in (hubert_hubconf, wavlm_hubconf, wav2vec2_hubconf, data2vec_hubconf):
         monkeypatch.setattr(module, "_urls_to_filepaths", fetch)
     monkeypatch.setattr(download, "_urls_to_filepaths", offline)
     for name, (family, _, _) in S3PRL_NAMES.items():

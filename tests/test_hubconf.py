@@ -1,7 +1,7 @@
-"""The ``hubert_laser`` / ``wavlm_laser`` entries: s3prl's upstream contract and equality with stock loaders.
+"""The ``<family>_laser`` entries: s3prl's upstream contract and equality with stock loaders.
 
-References are independent of our code: s3prl's own ``hubert_local`` / ``wavlm_local`` entries on the
-same file, and the frame count of the base CNN stack computed from its (kernel, stride) list.
+References are independent of our code: s3prl's own ``<family>_local`` entries (hubert, wavlm, wav2vec2,
+data2vec) on the same file, and the frame count of the base CNN stack computed from its (kernel, stride) list.
 """
 
 import argparse
@@ -18,9 +18,11 @@ SAMPLE_RATE = 16000
 # (kernel, stride) of the base HuBERT/WavLM CNN, which the tiny fixtures keep.
 BASE_CNN = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
 TINY_LAYERS = 4  # tiny fixtures: 4 transformer layers -> 5 hidden states
-ENTRIES = {
-    "hubert_laser": ("hubert_local", "tiny_hubert_ckpt", "build_tiny_hubert"),
-    "wavlm_laser": ("wavlm_local", "tiny_wavlm_ckpt", "build_tiny_wavlm"),
+ENTRIES = {  # our entry -> (s3prl's stock entry, the tiny checkpoint's fixture, family)
+    "hubert_laser": ("hubert_local", "tiny_hubert_ckpt", "hubert"),
+    "wavlm_laser": ("wavlm_local", "tiny_wavlm_ckpt", "wavlm"),
+    "wav2vec2_laser": ("wav2vec2_local", "tiny_wav2vec2_ckpt", "wav2vec2"),
+    "data2vec_laser": ("data2vec_local", "tiny_data2vec_ckpt", "data2vec"),
 }
 
 
@@ -97,7 +99,7 @@ def test_ckpt_picks_the_file(entry, tmp_path):
     from s3prl_laser import fixtures
 
     name, laser, stock, ckpt = entry
-    other = getattr(fixtures, ENTRIES[name][2])(tmp_path / "other.pt", seed=1)
+    other = fixtures.build_tiny(ENTRIES[name][2], tmp_path / "other.pt", seed=1)
     wavs = mixed_batch()
     with torch.no_grad():
         ours = laser(ckpt=other).eval()(wavs)["hidden_states"][-1]
@@ -124,7 +126,7 @@ def test_default_home_is_the_user_cache(tmp_path, monkeypatch):
     assert hubconf.default_ckpt_path("wavlm_laser") == tmp_path / ".cache" / "s3prl_laser" / "wavlm_laser.pt"
 
 
-@pytest.mark.parametrize(("name", "upstream"), [("hubert_laser", "hubert"), ("wavlm_laser", "wavlm")])
+@pytest.mark.parametrize(("name", "upstream"), [(name, family) for name, (_, _, family) in ENTRIES.items()])
 def test_missing_file_names_the_path_and_the_finetune_command(name, upstream, tmp_path, monkeypatch):
     monkeypatch.setenv("S3PRL_LASER_HOME", str(tmp_path / "home"))
     with pytest.raises(FileNotFoundError) as default_error:
@@ -143,6 +145,17 @@ def test_wrong_format_is_refused(tiny_hubert_ckpt):
         hubconf.wavlm_laser(ckpt=tiny_hubert_ckpt)
 
 
+@pytest.mark.parametrize(
+    ("name", "ckpt", "found"),
+    [("wav2vec2_laser", "tiny_hubert_ckpt", "hubert"), ("data2vec_laser", "tiny_wav2vec2_ckpt", "wav2vec2"),
+     ("wav2vec2_laser", "tiny_data2vec_ckpt", "data2vec")],  # fmt: skip
+)
+def test_converted_formats_sharing_keys_are_told_apart(name, ckpt, found, request):
+    """HuBERT, wav2vec2 and data2vec files all hold task_cfg/model_cfg/model_weight: the family decides."""
+    with pytest.raises(ValueError, match=rf"is not a checkpoint in .* format \(a {found} checkpoint"):
+        getattr(hubconf, name)(ckpt=request.getfixturevalue(ckpt))
+
+
 def test_pickles_are_refused_even_under_force_no_weights_only(tiny_hubert_ckpt, tmp_path, monkeypatch):
     state = torch.load(tiny_hubert_ckpt, weights_only=True)
     state["task_cfg"] = argparse.Namespace(**state["task_cfg"])  # what s3prl's runner checkpoints hold
@@ -158,7 +171,7 @@ def test_s3prl_upstream_sees_the_entries(tiny_wavlm_ckpt):
 
     import s3prl_laser
 
-    assert s3prl_laser.register() == ("hubert_laser", "wavlm_laser")
+    assert s3prl_laser.register() == ("hubert_laser", "wavlm_laser", "wav2vec2_laser", "data2vec_laser")
     assert {"hubert_laser", "wavlm_laser"} <= set(s3prl.hub.options())
     upstream = S3PRLUpstream("wavlm_laser", path_or_url=str(tiny_wavlm_ckpt)).eval()
     assert upstream.num_layers == TINY_LAYERS + 1

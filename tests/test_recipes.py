@@ -279,7 +279,8 @@ def test_pr_recipe_end_to_end(tiny_wavlm_ckpt, demo_corpus, tmp_path):
 
 
 def test_compare_tabulates_and_plots_against_the_paper(recipes, tmp_path):
-    results = {"hubert_local": 10.0, "hubert_laser": 9.0, "wavlm_laser": 5.0}
+    results = {"hubert_local": 10.0, "hubert_laser": 9.0, "wavlm_laser": 5.0, "xls_r_300m": 8.0,
+               "wav2vec2_laser": 7.0}  # fmt: skip
     for upstream, value in results.items():
         (tmp_path / "runs" / upstream).mkdir(parents=True)
         result = {"task": "ASR", "upstream": upstream, "metric": "WER", "value": value}
@@ -292,6 +293,9 @@ def test_compare_tabulates_and_plots_against_the_paper(recipes, tmp_path):
     ]  # fmt: skip
     wavlm = next(line for line in table if line.startswith("| WavLM | ASR"))
     assert [c.strip() for c in wavlm.strip("|").split("|")][3:6] == ["–", "5.00", "–"]
+    wav2vec2 = next(line for line in table if line.startswith("| wav2vec 2.0 | ASR"))  # no paper row
+    cells = [c.strip() for c in wav2vec2.strip("|").split("|")][3:]
+    assert cells == ["8.00", "7.00", "-12.5 %", "–", "–", "–"]
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PTH_NAME = "s3prl_laser_startup.pth"
-ENTRIES = ("hubert_laser", "wavlm_laser")
+ENTRIES = ("hubert_laser", "wavlm_laser", "wav2vec2_laser", "data2vec_laser")
 HEAVY = ("torch", "s3prl", "triton", "torchaudio", "numpy")
 
 

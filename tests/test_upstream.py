@@ -20,7 +20,7 @@ from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
 from s3prl_laser.models.upstream import BaseModel, load_base_model
 
 LENGTHS = [8111, 6161, 3521, 400]  # 25, 19, 10, 1 frames: odd and even, down to one receptive field
-ENTRIES = {"hubert": "hubert_local", "wavlm": "wavlm_local"}
+ENTRIES = {family: f"{family}_local" for family in ("hubert", "wavlm", "wav2vec2", "data2vec")}  # s3prl's
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def hub():
     return s3prl.hub
 
 
-@pytest.fixture(params=["hubert", "wavlm"])
-def case(request, tiny_hubert_ckpt, tiny_wavlm_ckpt):
-    return request.param, {"hubert": tiny_hubert_ckpt, "wavlm": tiny_wavlm_ckpt}[request.param]
+@pytest.fixture(params=sorted(ENTRIES))
+def case(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_ckpt")
 
 
 def batch(lengths=LENGTHS, seed=0, fill=0.0):
@@ -257,7 +257,9 @@ def test_missing_and_wrong_files(tiny_hubert_ckpt, tiny_wavlm_ckpt, tmp_path):
     with pytest.raises(ValueError, match="model_cfg.*found.*cfg"):
         load_base_model("hubert", tiny_wavlm_ckpt)
     with pytest.raises(ValueError, match="upstream must be one of"):
-        load_base_model("wav2vec2", tiny_hubert_ckpt)
+        load_base_model("conformer", tiny_hubert_ckpt)
+    with pytest.raises(ValueError, match="like a hubert checkpoint; pass --upstream hubert"):
+        load_base_model("wav2vec2", tiny_hubert_ckpt)  # the same three keys: told apart by content
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="found \\['something'\\]"):
         load_base_model("hubert", tmp_path / "other.pt")

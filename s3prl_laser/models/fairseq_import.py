@@ -50,7 +50,7 @@ class _Inert:
     """Stand-in for an object of a class we do not import (fairseq ``Dictionary``, omegaconf nodes, enums).
 
     Building it runs no code of the original class: it only keeps the constructor arguments and the
-    pickled state, which :func:`_to_plain` / :func:`_dictionary_symbols` read.
+    pickled state, which :func:`to_plain` / :func:`_dictionary_symbols` read.
     """
 
     origin = "?"
@@ -144,21 +144,21 @@ def restricted_pickle_module() -> types.ModuleType:
     return module
 
 
-def _to_plain(obj, where: str):
+def to_plain(obj, where: str):
     """Containers, strings, numbers and tensors only (what ``torch.load(weights_only=True)`` reads back).
 
     omegaconf containers and nodes become dicts/lists/values, enum stand-ins their value.
     """
     if isinstance(obj, _Inert):
         if obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):  # containers and nodes
-            return _to_plain(obj.state.get("_content", obj.state.get("_val")), where)
+            return to_plain(obj.state.get("_content", obj.state.get("_val")), where)
         if len(obj.args) == 1 and obj.state is None:  # an enum member: Enum(value)
-            return _to_plain(obj.args[0], where)
+            return to_plain(obj.args[0], where)
         raise UserInputError(f"{where}: cannot turn a pickled {obj.origin} into plain data")
     if isinstance(obj, dict):
-        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in obj.items()}
+        return {str(k): to_plain(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return type(obj)(to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, str | int | float | bool | type(None) | Tensor):
         return obj
     if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalar
@@ -182,7 +182,7 @@ def is_fairseq_checkpoint(state: dict) -> bool:
     return "model" in state and "task_state" in state and has_config
 
 
-def _unwrap(obj):
+def unwrap(obj):
     """One level of an omegaconf container stand-in: its content (a dict or list of nodes)."""
     if isinstance(obj, _Inert) and obj.origin.startswith("omegaconf.") and isinstance(obj.state, dict):
         return obj.state.get("_content")
@@ -197,20 +197,20 @@ def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
     ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
     """
     if state.get("cfg") is not None:
-        cfg = _unwrap(state["cfg"])
+        cfg = unwrap(state["cfg"])
         if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
             found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
             raise UserInputError(
                 f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
             )
-        task_cfg, model_cfg = (_to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
+        task_cfg, model_cfg = (to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
     elif state.get("args") is not None:
         # Legacy checkpoints keep one flat Namespace; keep the entries s3prl's config dataclasses know.
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
 
         args = dict(state["args"])
         task_cfg, model_cfg = (
-            {k: _to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
+            {k: to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
             for dc in (HubertPretrainingConfig, HubertConfig)
         )
     else:

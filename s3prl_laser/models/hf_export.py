@@ -1,4 +1,8 @@
-"""Convert s3prl HuBERT/WavLM checkpoints into Hugging Face ``transformers`` models.
+"""Convert s3prl HuBERT/WavLM/wav2vec2/data2vec checkpoints into Hugging Face ``transformers`` models.
+
+wav2vec 2.0 and data2vec (s3prl's converted format) become ``Wav2Vec2Model`` / ``Data2VecAudioModel``; their
+config mapping is :func:`s3prl_laser.models.wav2vec2.hf_config`. The rest of this text describes HuBERT and
+WavLM, whose options these families share.
 
 Inputs are the two checkpoint formats s3prl reads (and that ``s3prl_laser.finetune`` writes):
 
@@ -50,6 +54,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import UserInputError
+from s3prl_laser.models import wav2vec2
 from s3prl_laser.models.s3prl_format import CKPT_KEYS, read_checkpoint
 from s3prl_laser.names import UPSTREAMS
 
@@ -65,7 +70,8 @@ EXTRACTOR_MODES = {"default": "group", "layer_norm": "layer"}
 MAX_REPEAT = 64  # largest "* n" accepted in conv_feature_layers (fairseq uses <= 4)
 
 # s3prl state-dict keys that HubertModel has no place for (pre-training heads).
-DROPPED_PREFIXES = ("final_proj.", "label_embs_concat", "target_glu.")
+# wav2vec2's quantizer and target projection are not part of Wav2Vec2Model either (of ...ForPreTraining).
+DROPPED_PREFIXES = ("final_proj.", "label_embs_concat", "target_glu.", "quantizer.", "project_q.")
 
 # (s3prl key pattern, transformers key template); applied to the first match. The "weight_norm"
 # placeholder is resolved against the key names the transformers model actually uses.
@@ -81,6 +87,7 @@ _KEY_RULES = (
     (r"post_extract_proj\.(weight|bias)", r"feature_projection.projection.\1"),
     (r"mask_emb", r"masked_spec_embed"),
     (r"encoder\.pos_conv\.0\.bias", r"encoder.pos_conv_embed.conv.bias"),
+    (r"encoder\.pos_conv\.(\d+)\.0\.(weight|bias)", r"encoder.pos_conv_embed.layers.\1.conv.\2"),  # data2vec
     (r"encoder\.pos_conv\.0\.weight_g", r"encoder.pos_conv_embed.conv.weight_norm.g"),
     (r"encoder\.pos_conv\.0\.weight_v", r"encoder.pos_conv_embed.conv.weight_norm.v"),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
@@ -129,13 +136,13 @@ def detect_upstream(state: dict, path: str | Path = "<checkpoint>") -> str:
     """
     if not isinstance(state, dict):
         raise UserInputError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
-    if all(k in state for k in HUBERT_KEYS):
-        return "hubert"
-    if all(k in state for k in WAVLM_KEYS):
-        return "wavlm"
+    found = wav2vec2.family_of(state)
+    if found is not None:
+        return found
     raise UserInputError(
-        f"{path}: not an s3prl HuBERT/WavLM checkpoint; top-level keys are {sorted(state)}. "
-        f"HuBERT needs {list(HUBERT_KEYS)}, WavLM needs {list(WAVLM_KEYS)}."
+        f"{path}: not an s3prl HuBERT/WavLM/wav2vec2/data2vec checkpoint; top-level keys are "
+        f"{sorted(state)}. HuBERT needs {list(HUBERT_KEYS)}, WavLM needs {list(WAVLM_KEYS)}, wav2vec2 and "
+        f"data2vec need {list(wav2vec2.CKPT_KEYS)}."
     )
 
 
@@ -152,15 +159,23 @@ def load_s3prl_checkpoint(path: str | Path, upstream: str | None = None) -> S3pr
     found = detect_upstream(state, path)
     if upstream is not None and found != upstream:
         raise UserInputError(f"{path}: --upstream {upstream} given, but the checkpoint keys say {found}")
-    if found == "hubert":
+    if found != "wavlm":
+        from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig
         from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
+        from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config
 
-        model_cfg = _merge_dataclass(HubertConfig, state["model_cfg"], path, "model_cfg")
-        task_cfg = _merge_dataclass(HubertPretrainingConfig, state["task_cfg"], path, "task_cfg")
+        model_class, task_class = {
+            "hubert": (HubertConfig, HubertPretrainingConfig),
+            "wav2vec2": (Wav2Vec2Config, AudioPretrainingConfig),
+            "data2vec": (Data2VecAudioConfig, AudioPretrainingConfig),
+        }[found]
+        model_cfg = _merge_dataclass(model_class, state["model_cfg"], path, "model_cfg")
+        task_cfg = _merge_dataclass(task_class, state["task_cfg"], path, "task_cfg")
+        weights = {k: v for k, v in state["model_weight"].items() if k != wav2vec2.EMA_KEY}
         return S3prlCheckpoint(
-            "hubert",
+            found,
             model_cfg,
-            dict(state["model_weight"]),
+            weights,
             bool(task_cfg["normalize"]),
             int(task_cfg["sample_rate"]),
             str(path),
@@ -289,6 +304,8 @@ def hf_config(ckpt: S3prlCheckpoint):
     )
     if ckpt.upstream == "hubert":
         return HubertConfig(**common, feat_proj_layer_norm=True, conv_pos_batch_norm=False)
+    if ckpt.upstream in wav2vec2.FAMILIES:
+        return wav2vec2.hf_config(ckpt.upstream, cfg, common, where)
     for option in ("relative_position_embedding", "gru_rel_pos"):
         if not cfg.get(option, False):
             raise UserInputError(
@@ -364,12 +381,13 @@ def to_hf_model(ckpt: S3prlCheckpoint):
     s3prl keys that were left out (HuBERT's pre-training heads). A model imported from a transformers folder
     (``ckpt.hf_origin``) becomes that folder's class with its config and head weights again.
     """
-    from transformers import HubertModel, WavLMModel
+    import transformers
 
     if ckpt.hf_origin is not None:
         return _origin_model(ckpt)
     config = hf_config(ckpt)
-    model = (HubertModel if ckpt.upstream == "hubert" else WavLMModel)(config)
+    classes = {"hubert": "HubertModel", "wavlm": "WavLMModel", **wav2vec2.HF_BARE_CLASSES}
+    model = getattr(transformers, classes[ckpt.upstream])(config)
     model.s3prl_dropped_keys = _load_encoder(ckpt, model)
     return model.eval()
 

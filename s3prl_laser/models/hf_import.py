@@ -1,4 +1,8 @@
-"""Read a Hugging Face ``transformers`` HuBERT/WavLM folder into s3prl's own checkpoint format.
+"""Read a Hugging Face ``transformers`` HuBERT/WavLM/wav2vec2/data2vec-audio folder into s3prl's own format.
+
+wav2vec 2.0 (``Wav2Vec2Model``, its wrappers, base and pre-LN large layouts) and data2vec-audio
+(``Data2VecAudioModel``) become s3prl's converted format (``task_cfg``, ``model_cfg``, ``model_weight``);
+their family-specific settings are mapped and refused in :mod:`s3prl_laser.models.wav2vec2`.
 
 The reverse of :mod:`s3prl_laser.models.hf_export`. A folder written by ``save_pretrained`` (``config.json``,
 the weights as ``model.safetensors`` or ``pytorch_model.bin``, sharded or not, and
@@ -40,11 +44,14 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
+from s3prl_laser.models import wav2vec2
 from s3prl_laser.models.hf_export import HF_ORIGIN_KEY, map_key
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = {"hubert": "hubert", "wavlm": "wavlm"}  # config.json model_type -> our upstream name
+# config.json model_type -> our upstream name
+MODEL_TYPES = {"hubert": "hubert", "wavlm": "wavlm", **wav2vec2.HF_MODEL_TYPES}
+BARE_CLASSES = {"hubert": "HubertModel", "wavlm": "WavLMModel", **wav2vec2.HF_BARE_CLASSES}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_accurate", "relu": "relu"}  # inverse of hf_export's
@@ -97,7 +104,7 @@ def load_hf_model(folder: str | Path):
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise MissingFileError(f"{folder}: no weights; expected one of {', '.join(WEIGHT_FILES)}")
     config = transformers.AutoConfig.from_pretrained(folder)
-    name = (config.architectures or [f"{'Hubert' if upstream == 'hubert' else 'WavLM'}Model"])[0]
+    name = (config.architectures or [BARE_CLASSES[upstream]])[0]
     cls = getattr(transformers, name, None)
     if cls is None or cls.config_class is not type(config):
         raise UserInputError(
@@ -128,10 +135,9 @@ def s3prl_config(config, upstream: str, where: str) -> dict:
     def refuse(setting: str, why: str):
         return UserInputError(f"{where}: {setting} is not supported: {why}")
 
-    if config.feat_extract_norm not in FEATURE_NORMS:
-        raise refuse(
-            f"feat_extract_norm={config.feat_extract_norm!r}", f"expected one of {sorted(FEATURE_NORMS)}"
-        )
+    feat_extract_norm = getattr(config, "feat_extract_norm", "layer")  # data2vec-audio: always "layer"
+    if feat_extract_norm not in FEATURE_NORMS:
+        raise refuse(f"feat_extract_norm={feat_extract_norm!r}", f"expected one of {sorted(FEATURE_NORMS)}")
     if config.feat_extract_activation != "gelu":
         raise refuse(f"feat_extract_activation={config.feat_extract_activation!r}", "s3prl's CNN uses gelu")
     if config.hidden_act not in ACTIVATIONS:
@@ -151,7 +157,7 @@ def s3prl_config(config, upstream: str, where: str) -> dict:
         )
     layers = list(zip(config.conv_dim, config.conv_kernel, config.conv_stride, strict=True))
     cfg = {
-        "extractor_mode": FEATURE_NORMS[config.feat_extract_norm],
+        "extractor_mode": FEATURE_NORMS[feat_extract_norm],
         "conv_feature_layers": repr([tuple(int(v) for v in layer) for layer in layers]),
         "conv_bias": bool(config.conv_bias),
         "encoder_layers": int(config.num_hidden_layers),
@@ -159,7 +165,7 @@ def s3prl_config(config, upstream: str, where: str) -> dict:
         "encoder_ffn_embed_dim": int(config.intermediate_size),
         "encoder_attention_heads": int(config.num_attention_heads),
         "activation_fn": ACTIVATIONS[config.hidden_act],
-        "layer_norm_first": bool(config.do_stable_layer_norm),
+        "layer_norm_first": bool(getattr(config, "do_stable_layer_norm", False)),
         "conv_pos": int(config.num_conv_pos_embeddings),
         "conv_pos_groups": int(config.num_conv_pos_embedding_groups),
         "dropout": float(config.hidden_dropout),
@@ -168,6 +174,8 @@ def s3prl_config(config, upstream: str, where: str) -> dict:
         "dropout_input": float(config.feat_proj_dropout),
         "encoder_layerdrop": float(config.layerdrop),
     }
+    if upstream in wav2vec2.FAMILIES:
+        cfg |= wav2vec2.hf_settings(config, upstream, refuse)
     if upstream == "wavlm":
         cfg |= {"relative_position_embedding": True, "gru_rel_pos": True,
                 "num_buckets": int(config.num_buckets), "max_distance": int(config.max_bucket_distance)}
@@ -219,8 +227,10 @@ def hf_folder_to_s3prl(folder: str | Path, upstream: str | None = None) -> dict:
     encoder = {k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}
     head = {k: v for k, v in hf_state.items() if not k.startswith(prefix)}
     state = _s3prl_state(found, model_cfg, normalize)
-    weights = state["model_weight" if found == "hubert" else "model"]
+    weights = state["model" if found == "wavlm" else "model_weight"]
     _fill_weights(weights, encoder, where)
+    if found in wav2vec2.FAMILIES:
+        state["model_weight"] = wav2vec2.writable_weights(found, weights)
     state[HF_ORIGIN_KEY] = {
         "class": type(model).__name__,
         "config_json": model.config.to_json_string(use_diff=False),
@@ -232,6 +242,8 @@ def hf_folder_to_s3prl(folder: str | Path, upstream: str | None = None) -> dict:
 
 def _s3prl_state(upstream: str, model_cfg: dict, normalize: bool) -> dict:
     """A checkpoint dict of s3prl's model built from ``model_cfg`` (weights to be overwritten)."""
+    if upstream in wav2vec2.FAMILIES:
+        return wav2vec2.empty_state(upstream, model_cfg, normalize, S3PRL_SAMPLE_RATE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if upstream == "hubert":

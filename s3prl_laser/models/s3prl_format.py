@@ -24,17 +24,22 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import DamagedCheckpointError, MissingFileError, UnsafeCheckpointError, UserInputError
+from s3prl_laser.models import wav2vec2
 from s3prl_laser.models.fairseq_import import restricted_pickle_module
-from s3prl_laser.names import UPSTREAMS
 
-# s3prl's hubert_base / wavlm_base entries (s3prl/upstream/{hubert,wavlm}/hubconf.py) download these.
+# s3prl's hubert_base / wavlm_base / wav2vec2_base_960 / data2vec_base_960 entries
+# (s3prl/upstream/<family>/hubconf.py) download these.
 DEFAULT_CKPT_URLS = {
     "hubert": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",
     "wavlm": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_base.pt",
+    "wav2vec2": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wav2vec_small.pt",
+    "data2vec": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/audio_base_ls.pt",
 }
 CKPT_KEYS = {
     "hubert": ("task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"),
     "wavlm": ("cfg", "model"),
+    "wav2vec2": wav2vec2.CKPT_KEYS,
+    "data2vec": wav2vec2.CKPT_KEYS,
 }
 
 
@@ -149,9 +154,9 @@ def _damaged(path: Path, reason: object) -> DamagedCheckpointError:
 def check_keys(upstream: str, state: dict, where: str) -> None:
     expected = CKPT_KEYS[upstream]
     missing = [k for k in expected if k not in state]
-    if missing:
-        other = next((u for u in UPSTREAMS if u != upstream and all(k in state for k in CKPT_KEYS[u])), None)
-        hint = f" (it looks like a {other} checkpoint)" if other else ""
+    found = wav2vec2.family_of(state)
+    if missing or found != upstream:
+        hint = f" (it looks like a {found} checkpoint; pass --upstream {found})" if found else ""
         raise UserInputError(
             f"{where} is not an s3prl {upstream} checkpoint{hint}: expected keys {list(expected)}, "
             f"found {sorted(state)}"

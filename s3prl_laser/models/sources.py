@@ -9,7 +9,7 @@
   ``huggingface_hub.snapshot_download`` (or found in its cache), then read like a folder;
 - one of s3prl's own names (:data:`S3PRL_NAMES`: ``wavlm_base_plus``, ``hubert_large_ll60k``, ...),
   downloaded by s3prl's helper from the address s3prl's hub entry uses;
-- nothing: s3prl's default ``hubert_base`` / ``wavlm_base``.
+- nothing: s3prl's default ``hubert_base`` / ``wavlm_base`` / ``wav2vec2_base_960`` / ``data2vec_base_960``.
 
 :func:`model_size` tells a base-size model from a large one (24 layers, 1024 dims) without building it; the
 configuration picks the size's preset from it (:func:`s3prl_laser.training.config.resolve_config`).
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.errors import MissingFileError, UserInputError
+from s3prl_laser.models import wav2vec2
 from s3prl_laser.models.fairseq_import import convert_fairseq_hubert, is_fairseq_checkpoint
 from s3prl_laser.models.hf_import import WEIGHT_FILES, hf_folder_to_s3prl, is_hf_folder, read_json
 from s3prl_laser.models.s3prl_format import DEFAULT_CKPT_URLS, check_checkpoint_file, read_checkpoint
@@ -42,6 +43,18 @@ S3PRL_NAMES = {
     "wavlm_base": ("wavlm", "base", DEFAULT_CKPT_URLS["wavlm"]),
     "wavlm_base_plus": ("wavlm", "base", _CONVERTED + "wavlm_base_plus.pt"),
     "wavlm_large": ("wavlm", "large", _CONVERTED + "wavlm_large.pt"),
+    # s3prl/upstream/wav2vec2/hubconf.py and data2vec/hubconf.py (their non-legacy, converted addresses)
+    "wav2vec2_base_960": ("wav2vec2", "base", DEFAULT_CKPT_URLS["wav2vec2"]),
+    "wav2vec2_large_960": ("wav2vec2", "large", _CONVERTED + "libri960_big.pt"),
+    "wav2vec2_large_ll60k": ("wav2vec2", "large", _CONVERTED + "wav2vec_vox_new.pt"),
+    "wav2vec2_large_lv60_cv_swbd_fsh": ("wav2vec2", "large", _CONVERTED + "w2v_large_lv_fsh_swbd_cv.pt"),
+    "wav2vec2_large_voxpopuli_100k": ("wav2vec2", "large", _CONVERTED + "wav2vec2_large_100k.pt"),
+    "xlsr_53": ("wav2vec2", "large", _CONVERTED + "xlsr_53_56k.pt"),
+    "xls_r_300m": ("wav2vec2", "large", _CONVERTED + "xlsr2_300m.pt"),
+    "xls_r_1b": ("wav2vec2", "large", _CONVERTED + "xlsr2_960m_1000k.pt"),
+    "xls_r_2b": ("wav2vec2", "large", _CONVERTED + "xlsr2_2B_1000k.pt"),
+    "data2vec_base_960": ("data2vec", "base", DEFAULT_CKPT_URLS["data2vec"]),
+    "data2vec_large_ll60k": ("data2vec", "large", _CONVERTED + "vox_pretrained.pt"),
 }
 SIZES = ("base", "large")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -84,12 +97,13 @@ def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
     """The s3prl-format checkpoint dict of ``ckpt`` (see the module doc for what it may name).
 
     A transformers folder or hub id gives the dict of :func:`s3prl_laser.models.hf_import.hf_folder_to_s3prl`
-    (with its ``hf_origin``), an original fairseq HuBERT file that of
-    :func:`s3prl_laser.models.fairseq_import.convert_fairseq_hubert`; a download that fails raises
+    (with its ``hf_origin``), an original fairseq file that of
+    :func:`from_fairseq`; a download that fails raises
     ``UserInputError`` saying what to pass instead.
     """
     if ckpt is None:
-        return read_checkpoint(_s3prl_download(f"{upstream}_base", DEFAULT_CKPT_URLS[upstream]))
+        url = DEFAULT_CKPT_URLS[upstream]
+        return read_checkpoint(_s3prl_download(next(n for n, v in S3PRL_NAMES.items() if v[2] == url), url))
     ckpt = str(ckpt)
     if ckpt in S3PRL_NAMES:
         family, _, url = S3PRL_NAMES[ckpt]
@@ -104,11 +118,14 @@ def read_source(upstream: str, ckpt: str | os.PathLike | None) -> dict:
 
 
 def from_fairseq(upstream: str, state: dict, where: str) -> dict:
-    """``state`` in s3prl's format: an original fairseq HuBERT checkpoint converted, anything else as is."""
+    """``state`` in s3prl's format: an original fairseq HuBERT, wav2vec 2.0 or data2vec checkpoint converted,
+    anything else as is."""
     if not is_fairseq_checkpoint(state):
         return state
+    if upstream in wav2vec2.FAMILIES:
+        return wav2vec2.convert_fairseq(upstream, state, where)
     if upstream != "hubert":
-        raise UserInputError(f"{where} is a fairseq checkpoint; only HuBERT is read in that format")
+        raise UserInputError(f"{where} is a fairseq checkpoint; WavLM is not read in that format")
     return convert_fairseq_hubert(state, where)
 
 
@@ -173,5 +190,5 @@ def _layers_and_dim(ckpt: str) -> tuple[int, int]:
         config = read_json(path / "config.json")
         return int(config["num_hidden_layers"]), int(config["hidden_size"])
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    cfg = state.get("model_cfg") or state["cfg"]  # HuBERT converted / WavLM
+    cfg = state.get("model_cfg") or state["cfg"]  # HuBERT, wav2vec2, data2vec converted / WavLM
     return int(cfg["encoder_layers"]), int(cfg["encoder_embed_dim"])

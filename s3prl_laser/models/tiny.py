@@ -1,4 +1,5 @@
-"""Tiny random-init HuBERT/WavLM checkpoints in s3prl's formats, built with s3prl's own classes.
+"""Tiny random-init HuBERT/WavLM/wav2vec 2.0/data2vec checkpoints in s3prl's formats, built with s3prl's own
+classes.
 
 The base models' architecture shrunk (4 transformer layers, 64-dim embeddings, 4 heads, FFN 128, 32-channel
 CNN) but the same CNN kernels and strides as base: receptive field 400 samples, stride 320 samples (50
@@ -9,6 +10,8 @@ them unchanged, and every file loads with ``torch.load(path, weights_only=True)`
 - HuBERT "converted" format (``s3prl/upstream/hubert/convert.py``):
   ``{"task_cfg": dict, "model_cfg": dict, "model_weight": state_dict, "dictionaries_symbols": [[str]]}``
 - WavLM format (``s3prl/upstream/wavlm/expert.py``): ``{"cfg": dict, "model": state_dict}``
+- wav2vec 2.0 / data2vec "converted" format (``s3prl/upstream/{wav2vec2,data2vec}/convert.py``):
+  ``{"task_cfg": dict, "model_cfg": dict, "model_weight": state_dict}`` (data2vec's with an ``_ema`` entry)
 
 They live in ``models/`` because they build s3prl's model classes; the command that writes them is
 ``python -m s3prl_laser.fixtures``, which also gives these names.
@@ -133,6 +136,70 @@ def tiny_wavlm_state(seed: int = 0, **overrides) -> dict:
     }
 
 
+TINY_W2V_QUANTIZER = {"latent_vars": 8, "latent_groups": 2, "final_dim": 16}  # base: 320 x 2, 256
+TINY_DATA2VEC_POS = {"conv_pos": 15, "pos_conv_depth": 3}  # base: 95, 5 (kernel 95 // 5 = 19; tiny: 5)
+
+
+def _converted_state(task_cfg, model_cfg, model) -> dict:
+    """s3prl's converted format of wav2vec2/data2vec: ``{"task_cfg", "model_cfg", "model_weight"}``."""
+    return {
+        "task_cfg": dataclasses.asdict(task_cfg),
+        "model_cfg": {k: getattr(v, "value", v) for k, v in dataclasses.asdict(model_cfg).items()},
+        "model_weight": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def tiny_wav2vec2_state(seed: int = 0, **overrides) -> dict:
+    """Build a tiny random-init wav2vec 2.0 (with its quantizer, as base) in s3prl's converted format.
+
+    ``overrides`` are ``Wav2Vec2Config`` / ``AudioPretrainingConfig`` fields (``normalize=True``,
+    ``layer_norm_first=True`` for the pre-LN large layout, ...).
+    """
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config, Wav2Vec2Model
+
+    fields = {
+        "model": {f.name for f in dataclasses.fields(Wav2Vec2Config)},
+        "task": {f.name for f in dataclasses.fields(AudioPretrainingConfig)},
+    }
+    routed = _split_overrides(overrides, fields)
+    task_cfg = AudioPretrainingConfig(**{"normalize": False, **routed["task"]})
+    model_cfg = Wav2Vec2Config(
+        **{**BASE_TRAINING, "mask_prob": 0.65, "quantize_targets": True, **TINY_W2V_QUANTIZER, **TINY_ARCH,
+           **routed["model"]}  # fmt: skip
+    )
+    return _converted_state(task_cfg, model_cfg, _seeded_build(seed, lambda: Wav2Vec2Model(model_cfg)))
+
+
+def tiny_data2vec_state(seed: int = 0, **overrides) -> dict:
+    """Build a tiny random-init data2vec-audio student in s3prl's converted format (``_ema`` included).
+
+    Like data2vec base: layer-norm CNN (``extractor_mode="layer_norm"``), a positional convolution of
+    several layers. ``overrides`` are ``Data2VecAudioConfig`` / ``AudioPretrainingConfig`` fields.
+    """
+    from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig, Data2VecAudioModel
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig
+
+    fields = {
+        "model": {f.name for f in dataclasses.fields(Data2VecAudioConfig)},
+        "task": {f.name for f in dataclasses.fields(AudioPretrainingConfig)},
+    }
+    routed = _split_overrides(overrides, fields)
+    task_cfg = AudioPretrainingConfig(**{"normalize": False, **routed["task"]})
+    model_cfg = Data2VecAudioConfig(
+        **{**BASE_TRAINING, "extractor_mode": "layer_norm", "average_top_k_layers": 2, **TINY_ARCH,
+           **TINY_DATA2VEC_POS, **routed["model"]}  # fmt: skip
+    )
+
+    def build():
+        model = Data2VecAudioModel(model_cfg)
+        model.remove_pretraining_modules()
+        return model
+
+    state = _converted_state(task_cfg, model_cfg, _seeded_build(seed, build))
+    state["model_weight"]["_ema"] = {}  # s3prl's loader deletes this entry (the EMA teacher) before loading
+    return state
+
+
 def build_tiny_hubert(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Write a tiny random-init HuBERT checkpoint (s3prl converted format) to ``path``; return the path.
 
@@ -158,6 +225,11 @@ def build_tiny_wavlm(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
 
 
 def build_tiny(upstream: str, path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
-    """:func:`build_tiny_hubert` or :func:`build_tiny_wavlm`, picked by ``upstream`` ("hubert" or "wavlm")."""
-    build = build_tiny_hubert if upstream == "hubert" else build_tiny_wavlm
-    return build(path, seed=seed, **overrides)
+    """A tiny random-init checkpoint of ``upstream`` (hubert, wavlm, wav2vec2, data2vec) in s3prl's format."""
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint  # torch: not before --help
+
+    states = {"hubert": tiny_hubert_state, "wavlm": tiny_wavlm_state, "wav2vec2": tiny_wav2vec2_state,
+              "data2vec": tiny_data2vec_state}  # fmt: skip
+    if upstream not in states:
+        raise ValueError(f"upstream must be one of {sorted(states)}, got {upstream!r}")
+    return save_s3prl_checkpoint(states[upstream](seed, **overrides), path)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s3prl_laser.errors import UserInputError
+from s3prl_laser.models import wav2vec2
 from s3prl_laser.models.hf_import import HF_ORIGIN_KEY
 from s3prl_laser.models.s3prl_format import check_keys
 from s3prl_laser.models.sources import read_source
@@ -71,6 +72,9 @@ def load_base_model(upstream: str, ckpt: str | os.PathLike | None = None) -> Bas
         keys = ("task_cfg", "model_cfg", "dictionaries_symbols", HF_ORIGIN_KEY)
         config = {k: state[k] for k in keys if k in state}
         normalize = bool(task_cfg.normalize)
+    elif upstream in wav2vec2.FAMILIES:
+        model, config, normalize = wav2vec2.build_model(upstream, state, where)
+        config.update({k: state[k] for k in (HF_ORIGIN_KEY,) if k in state})
     else:
         from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
 
@@ -207,7 +211,8 @@ class BaseModel(nn.Module):
     def _stages(self) -> list[_Stage]:
         """The forward pass as stages; each reads and updates the running state ``s`` (a dict)."""
         m, enc = self.model, self.model.encoder
-        is_hubert = self.upstream == "hubert"
+        is_w2v = self.upstream in wav2vec2.FAMILIES
+        is_hubert = self.upstream != "wavlm"  # HuBERT, wav2vec2, data2vec: wav2vec2's encoder and layers
 
         def cnn(s):
             wavs, lengths = s["wavs"], s["wav_lengths"]
@@ -220,7 +225,12 @@ class BaseModel(nn.Module):
 
         def features(s):
             x = m.layer_norm(s.pop("x").transpose(1, 2))
-            s["padding_mask"] = m.forward_padding_mask(x, s.pop("wav_padding_mask"))
+            wav_padding_mask = s.pop("wav_padding_mask")
+            if is_w2v:  # wav2vec2/data2vec: frames at or past the CNN formula's count of each clip
+                frames = self.frame_lengths(s["wav_lengths"])
+                s["padding_mask"] = torch.arange(x.size(1), device=x.device)[None, :] >= frames[:, None]
+            else:
+                s["padding_mask"] = m.forward_padding_mask(x, wav_padding_mask)
             if m.post_extract_proj is not None:
                 x = m.post_extract_proj(x)
             s["x"] = m.dropout_input(x)  # [B, F, D]
@@ -340,5 +350,7 @@ class BaseModel(nn.Module):
                 raise ValueError(f"replace: {name!r} is not a parameter of shape {tuple(tensor.shape)} here")
             weights[key] = tensor.detach().to("cpu", copy=True)
         state = copy.deepcopy(self.config)
-        state["model_weight" if self.upstream == "hubert" else "model"] = weights
+        if self.upstream in wav2vec2.FAMILIES:
+            weights = wav2vec2.writable_weights(self.upstream, weights)
+        state["model" if self.upstream == "wavlm" else "model_weight"] = weights
         return state

@@ -1,11 +1,14 @@
-"""The ``hubert_laser`` and ``wavlm_laser`` upstream entries, in s3prl's hubconf style.
+"""The ``hubert_laser``, ``wavlm_laser``, ``wav2vec2_laser`` and ``data2vec_laser`` upstream entries, in
+s3prl's hubconf style.
 
 Each entry is a plain public function returning s3prl's own upstream expert for a LASER-tuned
 checkpoint in s3prl's format (HuBERT "converted": ``task_cfg``, ``model_cfg``, ``model_weight``,
-``dictionaries_symbols``; WavLM: ``cfg``, ``model``), which is what ``python -m s3prl_laser.finetune``
+``dictionaries_symbols``; WavLM: ``cfg``, ``model``; wav2vec 2.0 and data2vec "converted": ``task_cfg``,
+``model_cfg``, ``model_weight``), which is what ``python -m s3prl_laser.finetune``
 writes. The expert returns ``{"hidden_states": [x_0, ..., x_L]}`` (each ``[B, T, D]``, CNN output
 after projection plus one state per transformer layer, ``T = ceil(samples / 320)``) and reports a
-downsample rate of 320, exactly like s3prl's stock ``hubert_local`` / ``wavlm_local``.
+downsample rate of 320, exactly like s3prl's stock ``hubert_local`` / ``wavlm_local`` / ``wav2vec2_local`` /
+``data2vec_local``.
 
 Checkpoint lookup: ``ckpt`` (``run_downstream.py -k FILE``) when given, else
 ``$S3PRL_LASER_HOME/<entry>.pt`` with ``S3PRL_LASER_HOME`` defaulting to ``~/.cache/s3prl_laser``.
@@ -30,12 +33,15 @@ Example::
 import os
 from pathlib import Path
 
+from s3prl.upstream.data2vec.expert import UpstreamExpert as _Data2VecExpert
 from s3prl.upstream.hubert.expert import UpstreamExpert as _HubertExpert
+from s3prl.upstream.wav2vec2.expert import UpstreamExpert as _Wav2Vec2Expert
 from s3prl.upstream.wavlm.expert import UpstreamExpert as _WavLMExpert
 
 from s3prl_laser.console import foreign_warnings_at_debug
 from s3prl_laser.errors import MissingFileError, UserInputError
 from s3prl_laser.models.s3prl_format import CKPT_KEYS, read_checkpoint
+from s3prl_laser.models.wav2vec2 import family_of
 
 HOME_ENV = "S3PRL_LASER_HOME"
 DEFAULT_HOME = "~/.cache/s3prl_laser"
@@ -44,6 +50,8 @@ DEFAULT_HOME = "~/.cache/s3prl_laser"
 _FORMATS = {
     "hubert_laser": ("hubert", CKPT_KEYS["hubert"], "s3prl HuBERT (converted)"),
     "wavlm_laser": ("wavlm", CKPT_KEYS["wavlm"], "s3prl WavLM"),
+    "wav2vec2_laser": ("wav2vec2", CKPT_KEYS["wav2vec2"], "s3prl wav2vec 2.0 (converted)"),
+    "data2vec_laser": ("data2vec", CKPT_KEYS["data2vec"], "s3prl data2vec (converted)"),
 }
 
 
@@ -73,9 +81,11 @@ def checked_ckpt(name: str, ckpt: str | os.PathLike | None) -> str:
         )
     state = read_checkpoint(path, allow_fairseq=False)
     missing = [key for key in keys if key not in state]
-    if missing:
+    found = family_of(state)
+    if missing or found != upstream:
+        what = f"missing keys {missing}" if missing else f"a {found} checkpoint"
         raise UserInputError(
-            f"{name}: {path} is not a checkpoint in {format_name} format (missing keys {missing}; "
+            f"{name}: {path} is not a checkpoint in {format_name} format ({what}; "
             f"expected {list(keys)}). Pass the file that "
             f"`python -m s3prl_laser.finetune --upstream {upstream}` writes."
         )
@@ -102,6 +112,14 @@ class WavLMLaserExpert(_QuietExpert, _WavLMExpert):
     """s3prl's WavLM expert (``hidden_states``: L + 1 tensors ``[B, T, D]``), quiet as above."""
 
 
+class Wav2Vec2LaserExpert(_QuietExpert, _Wav2Vec2Expert):
+    """s3prl's wav2vec 2.0 expert (``hidden_states``: L + 1 tensors ``[B, T, D]``), quiet as above."""
+
+
+class Data2VecLaserExpert(_QuietExpert, _Data2VecExpert):
+    """s3prl's data2vec expert (``hidden_states``: L + 1 tensors ``[B, T, D]``), quiet as above."""
+
+
 def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> HubertLaserExpert:
     """LASER-tuned HuBERT as an s3prl upstream: s3prl's HuBERT expert on ``ckpt`` (see module doc).
 
@@ -114,3 +132,13 @@ def hubert_laser(ckpt: str | os.PathLike | None = None, **kwds) -> HubertLaserEx
 def wavlm_laser(ckpt: str | os.PathLike | None = None, **kwds) -> WavLMLaserExpert:
     """LASER-tuned WavLM as an s3prl upstream: s3prl's WavLM expert on ``ckpt`` (see module doc)."""
     return WavLMLaserExpert(checked_ckpt("wavlm_laser", ckpt), **kwds)
+
+
+def wav2vec2_laser(ckpt: str | os.PathLike | None = None, **kwds) -> Wav2Vec2LaserExpert:
+    """LASER-tuned wav2vec 2.0 (XLS-R, MMS, ...) as an s3prl upstream: s3prl's wav2vec2 expert on ``ckpt``."""
+    return Wav2Vec2LaserExpert(checked_ckpt("wav2vec2_laser", ckpt), **kwds)
+
+
+def data2vec_laser(ckpt: str | os.PathLike | None = None, **kwds) -> Data2VecLaserExpert:
+    """LASER-tuned data2vec-audio as an s3prl upstream: s3prl's data2vec expert on ``ckpt``."""
+    return Data2VecLaserExpert(checked_ckpt("data2vec_laser", ckpt), **kwds)

@@ -10,7 +10,7 @@ Example::
 
     >>> from s3prl_laser.plugin.registration import register
     >>> register()
-    ('hubert_laser', 'wavlm_laser')
+    ('hubert_laser', 'wavlm_laser', 'wav2vec2_laser', 'data2vec_laser')
 """
 
 from types import ModuleType
@@ -19,7 +19,7 @@ from s3prl_laser.names import LASER_ENTRIES as ENTRY_NAMES
 
 
 def register_into(hub: ModuleType) -> tuple[str, ...]:
-    """Set ``hub.hubert_laser`` and ``hub.wavlm_laser``; returns the names set. Idempotent."""
+    """Set ``hub.<name>`` for each of :data:`ENTRY_NAMES`; returns the names set. Idempotent."""
     from s3prl_laser.plugin import hubconf
 
     for name in ENTRY_NAMES:
