@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from s3prl_laser.errors import UserInputError
     from s3prl_laser.training.ranks import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+    from s3prl_laser.training.runlock import release_run_lock
 
     env = None
     try:
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("error: %s", error)
         return 1
     finally:  # any other exception (a bug) keeps its traceback
+        release_run_lock()
         if env is not None:
             teardown_distributed(env)
 
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.training.parts import build_model, export_best, export_upstream, seeded_head
     from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
     from s3prl_laser.training.ranks import StopSignals, barrier, join_process_group
+    from s3prl_laser.training.runlock import take_run_lock
     from s3prl_laser.training.validation import Validator
 
     if args.upstream is None and not (args.resume and args.out):
@@ -138,6 +141,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     found = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
+    else:
+        cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
+    join_process_group(env, cfg.dist_timeout_s)
+    take_run_lock(out, env)  # one writer per --out: refused on every rank while another run holds it
+    if args.resume:
         for change in changes:
             logger.info("--resume: %s", change)
         done = finished_step(cfg, out)
@@ -148,9 +156,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if found is not None:
             check_resumable(*found, cfg, env)
     else:
-        cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
-    join_process_group(env, cfg.dist_timeout_s)
     if not args.resume:
         if replace is not None and env.is_main:
             removed = remove_run(out)

@@ -1,0 +1,129 @@
+"""One writer per run folder: real processes racing for one ``--out`` (an ``sbatch`` typed twice, a requeued
+``--resume`` beside the live job), and a holder killed with SIGKILL whose lock must not block the next run.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import warm_processes
+
+from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training.runlock import LOCK_NAME
+
+FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "lr=1e-3"]
+REFUSED = re.compile(
+    r"(?m)error: --out (\S+) is in use by another run \(host [^,]+, pid (\d+), SLURM job (\S+), since "
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; lock file \S+\): wait for it to end, or choose another --out$"
+)
+
+
+def command(out, ckpt, data, *keys):
+    args = ["-m", "s3prl_laser.finetune", "--upstream", "hubert", "--ckpt", str(ckpt), "--data", str(data)]
+    return [sys.executable, *args, "--out", str(out), *FAST, *keys]
+
+
+def start(cmd, job):
+    env = {**os.environ, "SLURM_JOB_ID": job}
+    return warm_processes.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for(condition, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert condition(), process.communicate(timeout=60)[0] if process.poll() is not None else "timed out"
+
+
+def refusal(log: str) -> re.Match:
+    lines = [line for line in log.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in log, log
+    match = REFUSED.search(lines[0])
+    assert match is not None, lines[0]
+    return match
+
+
+def test_two_new_runs_started_at_once_into_one_out_one_trains_the_other_exits_2(
+    tmp_path, tiny_hubert_ckpt, demo_corpus
+):
+    out = tmp_path / "run"
+    cmd = command(out, tiny_hubert_ckpt, demo_corpus, "steps=2", "eval_every=0")
+    first, second = start(cmd, "1001"), start(cmd, "1002")
+    logs = [process.communicate(timeout=300)[0] for process in (first, second)]
+    runs = zip((first, second), logs, strict=True)
+    codes = sorted((process.returncode, log, process.pid) for process, log in runs)
+    assert [code for code, _, _ in codes] == [0, 2], logs
+    (_, _, winner), (_, log, _) = codes
+    match = refusal(log)
+    assert int(match.group(2)) == winner and match.group(3) == ("1001" if winner == first.pid else "1002")
+    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == 2
+    assert not (out / LOCK_NAME).exists()  # a run that ends removes its lock file
+
+
+def test_resume_beside_a_live_run_exits_2_naming_it_and_leaves_its_checkpoints(
+    tmp_path, tiny_hubert_ckpt, demo_corpus
+):
+    out = tmp_path / "run"
+    live = start(command(out, tiny_hubert_ckpt, demo_corpus, "steps=100000", "save_every=1"), "2001")
+    try:
+        wait_for(lambda: len(checkpointing.list_checkpoints(out)) >= 1, live)
+        holder = json.loads((out / LOCK_NAME).read_text())
+        assert holder["pid"] == live.pid and holder["slurm_job"] == "2001"
+        second = warm_processes.run(
+            [sys.executable, "-m", "s3prl_laser.finetune", "--out", str(out), "--resume"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "SLURM_JOB_ID": "2002"},
+        )  # fmt: skip
+        assert second.returncode == 2, second.stdout + second.stderr
+        match = refusal(second.stdout + second.stderr)
+        assert int(match.group(2)) == live.pid and match.group(3) == "2001"
+        assert live.poll() is None  # the live run goes on
+    finally:
+        live.send_signal(signal.SIGTERM)
+        log = live.communicate(timeout=120)[0]
+    assert live.returncode == 128 + signal.SIGTERM, log
+    steps = [step for step, _ in checkpointing.list_checkpoints(out)]
+    assert steps and all(checkpointing.load_checkpoint(path)["step"] == step
+                         for step, path in checkpointing.list_checkpoints(out))  # fmt: skip
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    out = tmp_path / "run"
+    dead = start(command(out, tiny_hubert_ckpt, demo_corpus, "steps=100000", "save_every=1"), "3001")
+    wait_for(lambda: len(checkpointing.list_checkpoints(out)) >= 1, dead)
+    dead.kill()  # SIGKILL: no handler runs, the lock file stays behind naming the dead process
+    dead.communicate(timeout=60)
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == dead.pid
+    step = checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"]
+    result = warm_processes.run(
+        [sys.executable, "-m", "s3prl_laser.finetune", "--out", str(out), "--resume", f"steps={step + 1}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == step + 1
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.fault_injection
+def test_torchrun_refused_by_a_held_lock_exits_2_on_every_rank(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    out = tmp_path / "run"
+    live = start(command(out, tiny_hubert_ckpt, demo_corpus, "steps=100000", "save_every=100000"), "4001")
+    try:
+        wait_for(lambda: (out / LOCK_NAME).is_file() and (out / "config.yaml").is_file(), live)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        cmd += ["-m", "s3prl_laser.finetune", "--out", str(out), "--resume", "--device", "cpu"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.communicate(timeout=120)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and not re.search(r'File "[^"]*s3prl_laser/', log), log  # none of ours
+    for rank in (0, 1):
+        assert f"[rank {rank}] ERROR s3prl_laser.finetune: error: --out {out} is in use by another" in log
+    assert len(REFUSED.findall("\n".join(line.split(": ", 1)[-1] for line in log.splitlines()))) == 2, log
+    exits = re.findall(r"exitcode\s*:\s*(-?\d+)", log)
+    assert exits and set(exits) == {"2"}, log  # every rank exits 2, none is killed by torchrun
