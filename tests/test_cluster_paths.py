@@ -146,3 +146,30 @@ def test_train_folders_with_odd_spellings_still_train(tmp_path, demo_corpus):
     items = find_audio(tmp_path / "corpus")
     assert len(items) == 3
     refuse_held_out(items, tmp_path / "corpus")  # no error: nothing held out
+
+
+def test_under_umask_002_every_file_of_a_run_and_an_export_is_group_readable(
+    tmp_path, tiny_hubert_ckpt, demo_corpus
+):
+    """A group-shared folder: under ``umask 002`` what a run and an export write is 664 (folders 775), as a
+    plain ``open()`` gives; files written as a temporary file and renamed were 600 (teammates could not read
+    the model)."""
+    from s3prl_laser.export import main as export
+
+    previous = os.umask(0o002)
+    try:
+        out = tmp_path / "run"
+        argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus)]
+        keys = [*FAST[:-1], "steps=2", "eval_every=1", "eval_clips=2", "save_every=1"]
+        assert main([*argv, "--out", str(out), *keys]) == 0
+        assert export(["--ckpt", str(out / "hubert_laser.pt"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    written = [p for folder in (out, tmp_path / "hf") for p in [folder, *folder.rglob("*")]]
+    names = {p.name for p in written}
+    assert {"hubert_laser.pt", "hubert_laser_best.pt", "best.pt", "config.yaml", "model.safetensors"} <= names
+    assert any(name.startswith("step_") for name in names)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    expected = {p: "0o775" if (tmp_path / p).is_dir() else "0o664" for p in modes}
+    wrong = {p: mode for p, mode in modes.items() if mode != expected[p]}
+    assert not wrong, wrong
