@@ -55,6 +55,30 @@ def test_paths_in_a_config_yaml_are_read_against_its_folder_and_urls_are_kept(tm
     assert cfg.ckpt == os.path.join(os.path.expanduser("~"), "base.pt")
 
 
+def test_a_ckpt_folder_named_in_a_config_yaml_is_read_against_its_folder_not_taken_for_a_hub_id(
+    tmp_path, monkeypatch
+):
+    """``ckpt: models/wavlm`` (an owner/name shape) beside the YAML was kept as a hub id and downloaded."""
+    from hf_folders import build_hf_folder
+
+    from s3prl_laser.models.sources import check_source
+    from s3prl_laser.training.paths import absolute_paths
+
+    (tmp_path / "configs").mkdir()
+    folder = build_hf_folder(tmp_path / "configs" / "models" / "wavlm", "wavlm", "base")
+    (tmp_path / "configs" / "run.yaml").write_text("ckpt: models/wavlm\ndata: corpus\n")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = resolve_config("wavlm", "../configs/run.yaml")
+    assert cfg.ckpt == str(folder) and cfg.data == str(tmp_path / "configs" / "corpus")
+    check_source(cfg.ckpt)  # a transformers folder: config.json found
+    base = tmp_path / "configs"  # an id with no such folder there stays an id, and so does an s3prl name
+    for name in ("microsoft/wavlm-base-plus", "wavlm_base_plus", "https://x.org/m.pt"):
+        assert absolute_paths({"ckpt": name}, base) == {"ckpt": name}
+    (base / "wavlm_base_plus").mkdir()  # a folder of that name beside the YAML is what it names
+    assert absolute_paths({"ckpt": "wavlm_base_plus"}, base) == {"ckpt": str(base / "wavlm_base_plus")}
+
+
 def test_a_relative_manifest_from_another_folder_lists_absolute_clips(tmp_path, demo_corpus, monkeypatch):
     from s3prl_laser.data import find_audio
 
