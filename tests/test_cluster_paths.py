@@ -130,7 +130,8 @@ def refused(tmp_path: Path, ckpt: Path, data: Path, caplog) -> str:
     argv = ["--upstream", "hubert", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), *FAST]
     assert main([*argv, "steps=1"]) == 2  # (a run that trains on it ends with 0 after one step)
     err = caplog.text
-    assert "dev/test split folders" in err and "allow_held_out_splits" in err and "Traceback" not in err
+    assert "are LibriSpeech dev/test audio" in err and "allow_held_out_splits" in err
+    assert "Traceback" not in err
     assert not out.exists()
     return err
 
@@ -197,3 +198,60 @@ def test_under_umask_002_every_file_of_a_run_and_an_export_is_group_readable(
     expected = {p: "0o775" if (tmp_path / p).is_dir() else "0o664" for p in modes}
     wrong = {p: mode for p, mode in modes.items() if mode != expected[p]}
     assert not wrong, wrong
+
+
+def corpus_copy(demo_corpus: Path, root: Path) -> Path:
+    """A LibriSpeech root of real files (not links) in ``root``: the demo's train-clean-100 and test-clean."""
+    for split in ("train-clean-100", "test-clean"):
+        shutil.copytree(demo_corpus / split, root / split)
+    return root
+
+
+def test_a_test_clean_file_hard_linked_into_train_is_refused_naming_its_split(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, caplog
+):
+    """A test-clean file hard-linked into train-clean-100 under a training clip's name: no folder and no
+    link says test-clean, only its identity (device and inode)."""
+    root = corpus_copy(demo_corpus, tmp_path / "LibriSpeech")
+    source = sorted((root / "test-clean").rglob("*.flac"))[0]
+    linked = root / "train-clean-100" / "1001" / "10010" / "1001-10010-9000.flac"
+    os.link(source, linked)
+    clips = sorted((root / "train-clean-100").rglob("*.flac"))
+    (tmp_path / "list.txt").write_text("\n".join(map(str, clips)) + "\n")
+    out = tmp_path / "run"
+    for data in (root, tmp_path / "list.txt"):  # the root, and a manifest of its training clips
+        caplog.clear()
+        argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(data)]
+        assert main([*argv, "--out", str(out), *FAST, "steps=1"]) == 2
+        [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert f"(first: {linked}: it is the same file as {source} of test-clean (a hard link))" in line, line
+        assert "allow_held_out_splits=true" in line and not out.exists()
+
+
+def test_a_copy_named_as_a_test_clean_utterance_is_refused_wherever_it_lies(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, caplog
+):
+    """A test-clean file copied into a training folder keeps its LibriSpeech id: speaker 1089 is a
+    test-clean speaker (the shipped list), and so is one that the corpus' own SPEAKERS.TXT names."""
+    from s3prl_laser.data import held_out_speakers
+
+    speakers = held_out_speakers()
+    assert [sum(split == name for split in speakers.values()) for name in
+            ("dev-clean", "dev-other", "test-clean", "test-other")] == [40, 32, 40, 33]  # fmt: skip
+    root = corpus_copy(demo_corpus, tmp_path / "LibriSpeech")
+    clip = sorted((root / "train-clean-100").rglob("*.flac"))[0]
+    copy = tmp_path / "elsewhere" / "1089-134686-0000.flac"  # outside any split folder
+    copy.parent.mkdir()
+    shutil.copy(clip, copy)
+    (tmp_path / "list.txt").write_text(f"{clip}\n{copy}\n")
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--data", str(tmp_path / "list.txt"), *FAST, "steps=1"]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"1 of 2 clips are LibriSpeech dev/test audio (first: {copy}: its name is utterance " in line
+    assert "1089-134686-0000 of test-clean speaker 1089)" in line, line
+    # a speaker that only the corpus' own SPEAKERS.TXT lists as dev-other
+    (root / "SPEAKERS.TXT").write_text(";ID |SEX| SUBSET |MINUTES| NAME\n1001 | F | dev-other | 25 | A\n")
+    caplog.clear()
+    assert main([*argv, "--data", str(root), *FAST, "steps=1"]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "of dev-other speaker 1001)" in line, line
