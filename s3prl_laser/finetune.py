@@ -20,7 +20,9 @@ upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) a
 
 One run per ``--out``: a new run into a folder that holds one is refused (continue it with ``--resume``,
 or choose another ``--out``); ``--overwrite`` removes that run's files first, and ``--demo`` replaces an
-earlier demo run by itself. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
+earlier demo run by itself. One process writes a run folder at a time: rank 0 holds a lock on
+``OUT/run.lock`` (:mod:`s3prl_laser.training.runlock`), and a second run or ``--resume`` there exits 2 naming
+the holder. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
 ``--upstream``, ``--data`` and ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value``
 changes a key only when given (each change is logged as ``key: old -> new``); a key that would change the
 model's shape or which data a step sees is refused (:data:`s3prl_laser.training.config.RESUME_RULES`), and so
