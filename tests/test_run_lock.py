@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,7 +104,9 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, tiny_hubert_ckpt, d
         [sys.executable, "-m", "s3prl_laser.finetune", "--out", str(out), "--resume", f"steps={step + 1}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert f"taking over the lock of a run that ended (host {socket.gethostname()}, pid {dead.pid}, " in log
     assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == step + 1
     assert not (out / LOCK_NAME).exists()
 

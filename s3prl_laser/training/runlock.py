@@ -133,6 +133,9 @@ def try_lock(out: Path) -> RunLock:
         if _same_file(fd, path):  # not a lock file that its last holder removed just before we locked it
             break
         os.close(fd)
+    left = os.pread(fd, 4096, 0).decode(errors="replace")
+    if left.strip():  # a holder that ended without removing the file: killed, or its node lost
+        logger.info("--out %s: taking over the lock of a run that ended (%s)", out, describe_holder(left))
     os.ftruncate(fd, 0)
     os.pwrite(fd, (holder_line() + "\n").encode(), 0)
     os.fsync(fd)
