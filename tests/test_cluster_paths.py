@@ -19,7 +19,7 @@ FAST = ["batch_size=2", "max_seconds=1.0", "num_workers=0", "warmup_steps=1", "l
 
 
 def index_paths(out: Path) -> list[str]:
-    lines = (out / INDEX_NAME).read_text().splitlines()[1:]
+    lines = [line for line in (out / INDEX_NAME).read_text().splitlines() if not line.startswith("#")]
     return [line.split("\t")[0] for line in lines]
 
 
