@@ -121,7 +121,7 @@ def try_lock(out: Path) -> RunLock:
                 )  # fmt: skip
                 return RunLock(out, None, [])
             try:
-                text = os.pread(fd, 4096, 0).decode(errors="replace")
+                text = _holder_text(fd) if error.errno in _BUSY else ""
             finally:
                 os.close(fd)
             if error.errno not in _BUSY:
@@ -140,6 +140,17 @@ def try_lock(out: Path) -> RunLock:
     os.pwrite(fd, (holder_line() + "\n").encode(), 0)
     os.fsync(fd)
     return RunLock(out, fd, created)
+
+
+def _holder_text(fd: int, tries: int = 20) -> str:
+    """The holder's line in the lock file; a holder that has just taken the lock writes it a moment later,
+    so an empty file is read again a few times (50 ms apart)."""
+    for _ in range(tries):
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        if text.strip():
+            return text
+        time.sleep(0.05)
+    return text
 
 
 def take_run_lock(out: Path, env: DistEnv) -> None:
