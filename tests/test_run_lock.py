@@ -52,17 +52,31 @@ def refusal(log: str) -> re.Match:
 def test_two_new_runs_started_at_once_into_one_out_one_trains_the_other_exits_2(
     tmp_path, tiny_hubert_ckpt, demo_corpus
 ):
+    """Both start with an empty ``--out``: the folder check alone let both train and write. Each would train
+    for ever, so the one that stops stopped because of the other, which still holds the lock."""
     out = tmp_path / "run"
-    cmd = command(out, tiny_hubert_ckpt, demo_corpus, "steps=2", "eval_every=0")
-    first, second = start(cmd, "1001"), start(cmd, "1002")
-    logs = [process.communicate(timeout=300)[0] for process in (first, second)]
-    runs = zip((first, second), logs, strict=True)
-    codes = sorted((process.returncode, log, process.pid) for process, log in runs)
-    assert [code for code, _, _ in codes] == [0, 2], logs
-    (_, _, winner), (_, log, _) = codes
-    match = refusal(log)
-    assert int(match.group(2)) == winner and match.group(3) == ("1001" if winner == first.pid else "1002")
-    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(out))["step"] == 2
+    cmd = command(out, tiny_hubert_ckpt, demo_corpus, "steps=100000", "save_every=100000", "eval_every=0")
+    processes = [start(cmd, "1001"), start(cmd, "1002")]
+    try:
+        deadline = time.monotonic() + 240
+        while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stopped = [p for p in processes if p.poll() is not None]
+        assert len(stopped) == 1, "after 240 s both runs still train in one --out"
+        [loser], [winner] = stopped, [p for p in processes if p is not stopped[0]]
+        log = loser.communicate(timeout=60)[0]
+        assert loser.returncode == 2, log
+        match = refusal(log)
+        assert int(match.group(2)) == winner.pid, log
+        assert match.group(3) == ("1001" if winner is processes[0] else "1002")
+        assert winner.poll() is None  # the run that holds the folder goes on
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        logs = [process.communicate(timeout=120)[0] for process in processes]
+    assert winner.returncode == 128 + signal.SIGTERM, logs
+    assert checkpointing.latest_checkpoint(out) is not None  # the winner's, saved on SIGTERM
     assert not (out / LOCK_NAME).exists()  # a run that ends removes its lock file
 
 
