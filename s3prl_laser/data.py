@@ -13,7 +13,8 @@ seeded by ``(seed, epoch, index)``, so a batch is the same whichever worker buil
 A clip that cannot be read, or is shorter than ``min_samples`` (before or after perturbation), is skipped
 with a warning and counted in ``PairBatch.skipped``; it never stops the run. Training refuses clips under
 LibriSpeech ``dev-*``/``test-*`` split folders, whichever way they were found: through links to folders or
-files, and spelled in any case or with ``_`` (:func:`refuse_held_out`).
+files, and spelled in any case or with ``_``; and dev/test audio elsewhere, by identity: a hard link of a
+dev/test file, or a file named as an utterance of a dev/test speaker (:func:`refuse_held_out`).
 
 Example::
 
@@ -171,24 +172,128 @@ def is_held_out(path: str, real_folder: Callable[[str], str] = os.path.realpath)
     return any((split_of(candidate) or "").startswith(HELD_OUT_PREFIXES) for candidate in (path, real))
 
 
+_UTTERANCE = re.compile(r"^(\d+)-(\d+)-(\d+)$")  # LibriSpeech's SPEAKER-CHAPTER-UTT file names
+
+
+@functools.lru_cache(maxsize=1)
+def held_out_speakers() -> dict[str, str]:
+    """LibriSpeech's dev/test speakers: ``{speaker id: split}``, shipped with the package (public facts of
+    the corpus; see ``assets/librispeech_heldout_speakers.txt``)."""
+    import importlib.resources
+
+    asset = importlib.resources.files("s3prl_laser") / "assets" / "librispeech_heldout_speakers.txt"
+    text = asset.read_text()
+    speakers = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            split, _, ids = line.partition(":")
+            speakers.update(dict.fromkeys(ids.split(), split.strip()))
+    return speakers
+
+
+def _speakers_file(root: Path) -> dict[str, str]:
+    """The dev/test speakers that a LibriSpeech root's own ``SPEAKERS.TXT`` lists (``ID | SEX | SUBSET |
+    ...``); none when it has none."""
+    try:
+        text = (root / "SPEAKERS.TXT").read_text(errors="replace")
+    except OSError:
+        return {}
+    speakers = {}
+    for line in text.splitlines():
+        fields = [field.strip() for field in line.split("|")]
+        if len(fields) >= 3 and fields[0].isdigit() and fields[2].startswith(HELD_OUT_PREFIXES):
+            speakers[fields[0]] = fields[2]
+    return speakers
+
+
+def _nearby_roots(items: Sequence[AudioItem], source: str | os.PathLike) -> list[Path]:
+    """LibriSpeech roots whose dev/test audio the clips could be hard links of: ``source`` if it is one,
+    and the folder above each split folder that holds a clip (``LS`` of ``LS/train-clean-100/...``)."""
+    roots = set()
+    source = Path(source)
+    if source.is_dir() and (root := librispeech_root(source)) is not None:
+        roots.add(root)
+    folders = {os.path.dirname(item.path) for item in items}
+    for folder in folders:
+        parts = folder.split(os.sep)
+        for depth in range(len(parts) - 1, 0, -1):
+            if _SPLIT_NAME.match(parts[depth].lower().replace("_", "-")):
+                roots.add(Path(os.sep.join(parts[:depth]) or os.sep))
+                break
+    return sorted(roots)
+
+
+def _held_out_files(roots: list[Path]) -> dict[tuple[int, int], str]:
+    """``{(st_dev, st_ino): path}`` of the dev/test audio under ``roots`` that has other names (hard links:
+    more than one link); a file with one link cannot be a clip elsewhere."""
+    found = {}
+    for root in roots:
+        try:
+            splits = [p for p in root.iterdir() if p.is_dir() and _is_held_out_split(p.name)]
+        except OSError:
+            continue
+        for split in splits:
+            for path in _audio_files(split):
+                stat = path.stat()
+                if stat.st_nlink > 1:
+                    found[(stat.st_dev, stat.st_ino)] = str(path)
+    return found
+
+
+def _is_held_out_split(name: str) -> bool:
+    name = name.lower().replace("_", "-")
+    return bool(_SPLIT_NAME.match(name)) and name.startswith(HELD_OUT_PREFIXES)
+
+
+def held_out_reason(
+    path: str, speakers: dict[str, str], linked: dict[tuple[int, int], str], real_folder=os.path.realpath
+) -> str | None:
+    """Why ``path`` is LibriSpeech dev/test audio (None if it is not): it lies under a dev/test split folder
+    (:func:`is_held_out`), it is the same file as a dev/test file (``linked``: hard links), or its name is a
+    LibriSpeech utterance id of a dev/test speaker (``speakers``: a copy keeps its name)."""
+    if is_held_out(path, real_folder):
+        real = os.path.realpath(path)
+        split = split_of(path) if (split_of(path) or "").startswith(HELD_OUT_PREFIXES) else split_of(real)
+        return f"it lies under {split}" + ("" if real == path else f" (it is {real})")
+    if linked:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        if stat is not None and stat.st_nlink > 1 and (same := linked.get((stat.st_dev, stat.st_ino))):
+            return f"it is the same file as {same} of {split_of(same)} (a hard link)"
+    match = _UTTERANCE.match(os.path.splitext(os.path.basename(path))[0])
+    if match and match.group(1) in speakers:
+        speaker = match.group(1)
+        return f"its name is utterance {match.group(0)} of {speakers[speaker]} speaker {speaker}"
+    return None
+
+
 def refuse_held_out(items: Sequence[AudioItem], source: str | os.PathLike) -> None:
-    """Raise ``UserInputError`` if any clip lies under a ``dev-*``/``test-*`` split folder
-    (:func:`is_held_out`: by the folders it really is in, links resolved, whatever their spelling).
+    """Raise ``UserInputError`` if any clip is LibriSpeech dev/test audio, however it is reached: under a
+    ``dev-*``/``test-*`` split folder (links resolved, any spelling), the same file as one there (a hard
+    link), or a file named as an utterance of a dev/test speaker (a copy), wherever it lies
+    (:func:`held_out_reason`).
 
     Training on the audio that SUPERB scores on would inflate every downstream result. The message names
-    the first such file and the config key that allows it on purpose (``allow_held_out_splits``).
+    the first such clip, the split it belongs to, and the config key that allows it on purpose
+    (``allow_held_out_splits``).
     """
     real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)  # a corpus has few folders
-    held_out = [item.path for item in items if is_held_out(item.path, real_folder)]
+    roots = _nearby_roots(items, source)
+    speakers = dict(held_out_speakers())
+    for root in roots:
+        speakers.update(_speakers_file(root))
+    linked = _held_out_files(roots)
+    reasons = ((item.path, held_out_reason(item.path, speakers, linked, real_folder)) for item in items)
+    held_out = [(path, reason) for path, reason in reasons if reason is not None]
     if held_out:
-        first = held_out[0]
-        real = os.path.realpath(first)
-        shown = first if real == first else f"{first}, which is {real}"
+        first, reason = held_out[0]
         raise UserInputError(
-            f"--data {source}: {len(held_out)} of {len(items)} clips lie under LibriSpeech dev/test split "
-            f"folders (first: {shown}); SUPERB scores on these splits, so training on them "
-            "contaminates the evaluation. Point --data at the training audio only, or set "
-            "allow_held_out_splits=true if you mean it"
+            f"--data {source}: {len(held_out)} of {len(items)} clips are LibriSpeech dev/test audio (first: "
+            f"{first}: {reason}); SUPERB scores on these splits, so training on them contaminates the "
+            "evaluation. Point --data at the training audio only, or set allow_held_out_splits=true if you "
+            "mean it"
         )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,10 +76,30 @@ def export_to_hf(ckpt: str | Path, out_dir: str | Path, upstream: str | None = N
     state = load_s3prl_checkpoint(ckpt, upstream)
     model = to_hf_model(state)
     out_dir = Path(out_dir)
+    before = _files(out_dir)
     with quiet_loading():
         model.save_pretrained(out_dir, safe_serialization=True)
         feature_extractor(state, model.config).save_pretrained(out_dir)
+    honour_umask([path for path, key in _files(out_dir).items() if before.get(path) != key])
     return model.s3prl_dropped_keys
+
+
+def _files(folder: Path) -> dict[Path, tuple[int, int, int]]:
+    """The files in ``folder`` with what tells a rewritten one: inode, size, modification time."""
+    if not folder.is_dir():
+        return {}
+    return {p: (s.st_ino, s.st_size, s.st_mtime_ns) for p in folder.iterdir() if p.is_file()
+            for s in [p.stat()]}  # fmt: skip
+
+
+def honour_umask(paths: list[Path]) -> None:
+    """Give ``paths`` the permissions a plain ``open()`` would (``0o666`` less the umask): some writers
+    (transformers' ``save_pretrained``) leave ``0o600`` files, which a group-shared folder cannot use."""
+    from s3prl_laser.models.s3prl_format import current_umask
+
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def verify_waveforms(seconds=VERIFY_SECONDS, sample_rate: int = 16000, seed: int = 0) -> list[torch.Tensor]:

@@ -20,7 +20,9 @@ upstream in s3prl's own checkpoint format: ``<upstream>_laser.pt`` (last step) a
 
 One run per ``--out``: a new run into a folder that holds one is refused (continue it with ``--resume``,
 or choose another ``--out``); ``--overwrite`` removes that run's files first, and ``--demo`` replaces an
-earlier demo run by itself. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
+earlier demo run by itself. One process writes a run folder at a time: rank 0 holds a lock on
+``OUT/run.lock`` (:mod:`s3prl_laser.training.runlock`), and a second run or ``--resume`` there exits 2 naming
+the holder. ``--resume`` continues the run in ``--out`` from its own ``config.yaml``:
 ``--upstream``, ``--data`` and ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value``
 changes a key only when given (each change is logged as ``key: old -> new``); a key that would change the
 model's shape or which data a step sees is refused (:data:`s3prl_laser.training.config.RESUME_RULES`), and so
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from s3prl_laser.errors import UserInputError
     from s3prl_laser.training.ranks import PeerFailure, setup_distributed, setup_logging, teardown_distributed
+    from s3prl_laser.training.runlock import release_run_lock
 
     env = None
     try:
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("error: %s", error)
         return 1
     finally:  # any other exception (a bug) keeps its traceback
+        release_run_lock()
         if env is not None:
             teardown_distributed(env)
 
@@ -125,6 +129,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     from s3prl_laser.training.parts import build_model, export_best, export_upstream, seeded_head
     from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
     from s3prl_laser.training.ranks import StopSignals, barrier, join_process_group
+    from s3prl_laser.training.runlock import take_run_lock
     from s3prl_laser.training.validation import Validator
 
     if args.upstream is None and not (args.resume and args.out):
@@ -139,6 +144,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     found = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
+    else:
+        cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
+    join_process_group(env, cfg.dist_timeout_s)
+    take_run_lock(out, env)  # one writer per --out: refused on every rank while another run holds it
+    if args.resume:
         for change in changes:
             logger.info("--resume: %s", change)
         done = finished_step(cfg, out)
@@ -149,9 +159,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         if found is not None:
             check_resumable(*found, cfg, env)
     else:
-        cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
-    join_process_group(env, cfg.dist_timeout_s)
     if not args.resume:
         if replace is not None and env.is_main:
             removed = remove_run(out)

@@ -21,6 +21,11 @@ from pathlib import Path
 
 import pytest
 
+# The tests set what they depend on: the commands they start see which warnings other libraries raise (they
+# check where those go), whatever filter the shell that runs the suite sets (PYTHONWARNINGS=ignore there
+# would silence them in every child process).
+os.environ.pop("PYTHONWARNINGS", None)
+
 
 def pytest_collection_modifyitems(config, items):
     """Deselect ``triton_interpreter`` tests unless ``TRITON_INTERPRET=1``, ``espnet`` tests without ESPnet,

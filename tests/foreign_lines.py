@@ -29,9 +29,10 @@ def foreign_lines(text: str) -> list[str]:
 def screen_of(*args: str, debug: bool = False) -> str:
     """Run ``python ARGS`` in the repository; assert exit 0; return stdout + stderr.
 
-    ``S3PRL_LASER_LOG`` is unset, or ``debug`` with ``debug=True``.
+    ``S3PRL_LASER_LOG`` is unset, or ``debug`` with ``debug=True``; ``PYTHONWARNINGS`` is unset (the screen
+    checks see every warning other libraries raise).
     """
-    env = {key: value for key, value in os.environ.items() if key != "S3PRL_LASER_LOG"}
+    env = {k: v for k, v in os.environ.items() if k not in ("S3PRL_LASER_LOG", "PYTHONWARNINGS")}
     if debug:
         env["S3PRL_LASER_LOG"] = "debug"
     done = subprocess.run(

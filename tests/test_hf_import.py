@@ -209,6 +209,31 @@ def test_command_line_refusal_and_offline_hub_id_are_one_line_errors(tmp_path, d
     assert "HF_HUB_OFFLINE is set" in done.stderr and "--ckpt FOLDER" in done.stderr
 
 
+def test_weights_the_chosen_class_does_not_use_are_refused_naming_them_and_their_class(tmp_path, demo_corpus):
+    """A HubertForCTC folder whose config.json names the bare HubertModel: its CTC head (``lm_head.*``) was
+    dropped without a word (transformers' own notice is kept off the screen). A tensor that no class of the
+    config has (an adapter) is refused too. Named as the weights say, the folder loads with its head."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_hf_folder(tmp_path / "ctc", "hubert", "base", cls_name="HubertForCTC", vocab_size=12)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["HubertModel"]}))
+    done = run_finetune("--upstream", "hubert", "--ckpt", str(folder), "--data", str(demo_corpus),
+                        "--out", str(tmp_path / "run"), "steps=1")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert f"{folder}: 2 weight(s) that HubertModel (config.json architectures) does not use" in line
+    assert 'be dropped: lm_head.bias, lm_head.weight; HubertForCTC uses them: set "architectures"' in line
+    (folder / "config.json").write_text(json.dumps(config))  # HubertForCTC again: the head comes along
+    assert {"lm_head.weight", "lm_head.bias"} <= set(hf_folder_to_s3prl(folder)["hf_origin"]["head"])
+
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "adapter.proj.weight": torch.zeros(2, 2)}, folder / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(UserInputError, match=r"adapter\.proj\.weight; no model class of this config uses"):
+        hf_folder_to_s3prl(folder)
+
+
 def test_presets_follow_the_checkpoint_size(tmp_path):
     """Large (24 layers, 1024 dims) takes the family's large preset: the same recipe, its own budget."""
     from s3prl_laser.models.sources import model_size

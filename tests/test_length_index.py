@@ -125,3 +125,39 @@ def test_items_keep_their_order(tmp_path):
     items = [AudioItem(str(paths[2])), AudioItem(str(paths[0]), 5), AudioItem(str(paths[1]))]
     kept, _ = measure_lengths(items, jobs=3)
     assert [i.path for i in kept] == [i.path for i in items] and kept[1].num_samples == 5
+
+
+@pytest.mark.parametrize("cut", ["at a line end", "after a tab", "inside a path"])
+def test_an_index_cut_short_is_found_damaged_and_built_again(tmp_path, caplog, cut):
+    """A copy of the run folder stopped half-way: an index cut at a line end silently held fewer clips, one
+    cut after a tab gave a clip without a length (a TypeError traceback later)."""
+    corpus = tmp_path / "corpus"
+    paths = write_tree(corpus, [1600 + 100 * n for n in range(12)])
+    cfg = dataclasses.replace(resolve_config("hubert"), data=str(corpus))
+    out = tmp_path / "run"
+    whole = load_or_build_index(cfg, out, DistEnv())
+    index = out / INDEX_NAME
+    text = index.read_text()
+    sixth = text.splitlines(keepends=True)[6]
+    end = text.index(sixth) + {"at a line end": len(sixth), "after a tab": sixth.index("\t") + 1,
+                               "inside a path": 10}[cut]  # fmt: skip
+    index.write_text(text[:end])
+    caplog.set_level("INFO", logger="s3prl_laser")
+    again = load_or_build_index(cfg, out, DistEnv())
+    assert {i.path: i.num_samples for i in again} == header_lengths(paths) and again == whole
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"data: the length index {index} is damaged (cut short: it lacks its closing line); "
+                        "reading the lengths again"]  # fmt: skip
+    assert index.read_text() == text  # built again, whole
+
+
+def test_an_edited_index_is_found_damaged(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    write_tree(corpus, [1600] * 3)
+    cfg = dataclasses.replace(resolve_config("hubert"), data=str(corpus))
+    out = tmp_path / "run"
+    whole = load_or_build_index(cfg, out, DistEnv())
+    index = out / INDEX_NAME
+    index.write_text(index.read_text().replace("\t1600\n", "\t16000\n", 1))
+    assert load_or_build_index(cfg, out, DistEnv()) == whole
+    assert "checksum other than its closing line's" in caplog.text

@@ -86,6 +86,7 @@ def test_interpreted_triton_passes_its_self_check_and_a_broken_one_does_not(monk
     monkeypatch.setattr(selfcheck, "_verdicts", {})
     cpu = torch.device("cpu")
     assert selfcheck.checked(triton_backend, cpu, torch.float32) is triton_backend
+    assert selfcheck.checked(triton_backend, cpu, torch.float32, banded=True) is triton_backend
     assert not caplog.records
     real_backward = triton_backend.backward
 

@@ -343,3 +343,25 @@ def test_a_stop_signal_on_one_rank_saves_and_exits_128_plus_signal_on_all(tmp_pa
     assert steps and steps[-1] < 8  # stopped early, after saving the step it was on
     assert not (out / "hubert_laser.pt").exists()  # an unfinished run exports nothing
     assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))["world_size"] == 2
+
+
+def test_a_run_config_cut_inside_a_key_is_one_line_naming_it(tmp_path, tiny_hubert_ckpt, demo_corpus):
+    """A copy of the run folder stopped half-way through ``config.yaml``, inside a key: the YAML parser's
+    seven-line message was printed; one line names the file, where, and how to restore it."""
+    from s3prl_laser.training.config import resolve_config, write_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = resolve_config("hubert", extra={"ckpt": str(tiny_hubert_ckpt), "data": str(demo_corpus)})
+    write_config(cfg, out / "config.yaml")
+    text = (out / "config.yaml").read_text()
+    cut = text.index("\ngrad_clip:") + len("\ngrad_cl")
+    (out / "config.yaml").write_text(text[:cut])
+    command = [sys.executable, "-m", "s3prl_laser.finetune", "--out", str(out), "--resume"]
+    result = warm_processes.run(command, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    line = error_line(output, result.returncode, out / "config.yaml", "is damaged (cut short or edited")
+    assert len(output.strip().splitlines()) == 1, output
+    row = text[:cut].count("\n") + 1
+    assert f"line {row}, column 8: YAML syntax error, could not find expected ':'" in line, line  # grad_cl|
+    assert "restore it from a copy" in line and not (out / "run.lock").exists()

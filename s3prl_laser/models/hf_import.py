@@ -119,8 +119,43 @@ def load_hf_model(folder: str | Path):
             f"{folder}: the weights do not fill {name}: missing {missing}, "
             f"mismatched {info.get('mismatched_keys') or []}; it would run with random weights there"
         )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:  # weights the class has no place for: never dropped without a word
+        owner = class_using(config, unexpected, other_than=name)
+        keep = "no model class of this config uses them"
+        if owner:
+            keep = f'{owner} uses them: set "architectures": ["{owner}"] in config.json to load them with it'
+        more = f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""
+        raise UserInputError(
+            f"{folder}: {len(unexpected)} weight(s) that {name} (config.json architectures) does not use "
+            f"would be dropped: {', '.join(unexpected[:4])}{more}; {keep}, or save the model without them"
+        )
     prefix = "" if model is model.base_model else f"{model.base_model_prefix}."
     return model.float().eval(), prefix  # s3prl's models are float32, whatever the file holds
+
+
+def class_using(config, keys: list[str], other_than: str) -> str | None:
+    """The first transformers model class of ``config``'s type (other than ``other_than``) whose weights
+    include every one of ``keys``, as named in the folder or under the encoder's prefix; None if none does.
+    The candidates are built on the ``meta`` device: no memory, no weights."""
+    import transformers
+
+    family = type(config).__name__.removesuffix("Config")  # Hubert, WavLM: their classes share the name
+    for name in sorted(n for n in dir(transformers) if n.startswith(family) and n != other_than):
+        cls = getattr(transformers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            continue
+        if name.endswith("PreTrainedModel") or cls.config_class is not type(config):
+            continue
+        try:
+            with torch.device("meta"):
+                names = set(cls(config).state_dict())
+        except Exception:  # noqa: BLE001 - a class that cannot be built from this config does not use them
+            continue
+        prefix = f"{cls.base_model_prefix}."
+        if all(key in names or prefix + key in names for key in keys):
+            return name
+    return None
 
 
 def s3prl_config(config, upstream: str, where: str) -> dict:

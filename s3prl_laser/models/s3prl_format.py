@@ -46,7 +46,9 @@ CKPT_KEYS = {
 def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` with ``torch.save`` atomically: a temp file in the same folder, then ``os.replace``.
 
-    A reader never sees a half-written file, and an interrupted save leaves the old file intact.
+    A reader never sees a half-written file, and an interrupted save leaves the old file intact. The file
+    gets the permissions a plain ``open()`` would give it (``0o666`` less the umask: group-readable under
+    ``umask 002``), not the ``0o600`` of the temporary file it was written as.
 
     Example:
         >>> save_s3prl_checkpoint({"cfg": {}, "model": {}}, "/tmp/x.pt")  # doctest: +SKIP
@@ -57,11 +59,26 @@ def save_s3prl_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """This process' umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | os.PathLike, allow_fairseq: bool = True) -> dict:

@@ -48,7 +48,7 @@ def soft_dtw_from_cost(cost: torch.Tensor, gamma: float = 0.1, x_lengths: Length
     n = lengths_list(x_lengths, B, N, "x_lengths")
     m = lengths_list(y_lengths, B, M, "y_lengths")
     cost = cost.to(state_dtype(cost.dtype))
-    impl = resolve_backend(check_backend(backend), cost.device, cost.dtype)
+    impl = resolve_backend(check_backend(backend), cost.device, cost.dtype, bandwidth is not None)
     return SoftDTWFunction.apply(impl, gamma, n, m, band_widths(n, m, bandwidth), cost)
 
 
@@ -59,7 +59,7 @@ def _prepare(x, y, gamma, x_lengths, y_lengths, bandwidth, backend):
     n = lengths_list(x_lengths, B, x.shape[1], "x_lengths")
     m = lengths_list(y_lengths, B, y.shape[1], "y_lengths")
     dtype = state_dtype(torch.promote_types(x.dtype, y.dtype))
-    impl = resolve_backend(check_backend(backend), x.device, dtype)
+    impl = resolve_backend(check_backend(backend), x.device, dtype, bandwidth is not None)
     x, y = zero_padding(x.to(dtype), n), zero_padding(y.to(dtype), m)
     return x, y, gamma, n, m, bandwidth, impl
 

@@ -46,12 +46,14 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ModuleType:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    banded: bool = False) -> ModuleType:  # fmt: skip
     """Module implementing ``backend`` for ``dtype`` tensors on ``device``; ``ValueError`` if it cannot run
     there.
 
-    ``"auto"``: the Triton kernels for CUDA tensors, once they matched the reference on a small random case
-    in this process (:mod:`.selfcheck`; else one warning and the reference), the compiled CPU kernel
+    ``"auto"``: the Triton kernels for CUDA tensors, once they matched the reference on random cases (a
+    small one and a multi-tile one, with a band when ``banded``) in this process (:mod:`.selfcheck`; else
+    one warning and the reference), the compiled CPU kernel
     otherwise; when the CPU kernel cannot be built (no C compiler), ``"auto"`` logs one warning and uses
     the reference.
     """
@@ -67,7 +69,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         if backend == "auto":
             from .selfcheck import checked
 
-            return checked(triton_backend, device, dtype)
+            return checked(triton_backend, device, dtype, banded)
         return triton_backend
     if device.type != "cpu":
         raise ValueError(f"soft-DTW: backend={backend!r} has no kernel for {device} tensors; "

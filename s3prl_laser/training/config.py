@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,10 +376,20 @@ def resume_config(
     saved = Path(saved)
     if not saved.is_file():
         raise UserInputError(f"--resume: {saved} not found; is --out the folder of an earlier run?")
+    damaged = (
+        f"--resume: {saved} is damaged (cut short or edited: %s); restore it from a copy (the newest "
+        "checkpoints/step_*.pt holds the run's config under 'config'), or start a new run with another --out"
+    )
     try:
         values = _as_mapping(yaml.safe_load(saved.read_text()), str(saved))
-    except yaml.YAMLError as error:
-        raise UserInputError(f"--resume: {saved} is not valid YAML ({error})") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise UserInputError(damaged % f"{where}YAML syntax error, {error.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        raise UserInputError(damaged % f"not readable as YAML, {error.__class__.__name__}") from None
+    except UserInputError as error:  # not a mapping
+        raise UserInputError(damaged % error) from None
     before = from_dict(merge({}, values, str(saved)))
     if upstream is not None and upstream != before.upstream:
         raise UserInputError(f"--upstream {upstream}: the run in {saved.parent} is a {before.upstream} run")
@@ -420,8 +431,12 @@ def to_dict(cfg: LaserConfig) -> dict[str, Any]:
 
 
 def write_config(cfg: LaserConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (reloadable with ``--config``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (reloadable with ``--config``), atomically (a temporary file, then
+    a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -3,10 +3,12 @@
 A start needs each clip's length (for the length buckets and the batch budget): reading ~28.5k file headers
 takes seconds on a local disk and minutes on network storage. Rank 0 lists the audio and reads the headers
 (in parallel), refuses held-out audio, and writes ``OUT/data_index.tsv``: a manifest with lengths whose first
-line records what it was built from. Later starts (``--resume``, a new run in the same ``--out``) and the
-other ranks read that file instead. It is rebuilt when ``data``, ``data_subsets`` or ``sample_rate`` change,
-or when a manifest given as ``--data`` changed; new files in a data folder are not noticed: delete the index
-to rescan.
+line records what it was built from and whose last line the number of clips and a checksum of the lines
+between, so that an index cut short (a copy stopped half-way, at a line end or inside a line) or edited is
+found damaged, reported in one warning and built again. Later starts (``--resume``, a new run in the same
+``--out``) and the other ranks read that file instead. It is rebuilt when ``data``, ``data_subsets`` or
+``sample_rate`` change, or when a manifest given as ``--data`` changed; new files in a data folder are not
+noticed: delete the index to rescan.
 
 Example::
 
@@ -15,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +28,6 @@ from s3prl_laser.data import (
     describe_splits,
     find_audio,
     measure_lengths,
-    read_manifest,
     refuse_held_out,
 )
 from s3prl_laser.errors import UserInputError
@@ -36,6 +38,7 @@ logger = logging.getLogger("s3prl_laser.finetune")
 
 INDEX_NAME = "data_index.tsv"
 _HEADER = "# s3prl_laser length index: "
+_TRAILER = "# end of the length index: "
 
 
 def scan_jobs() -> int:
@@ -56,25 +59,44 @@ def index_key(cfg: LaserConfig) -> dict:
 
 def write_index(path: Path, items: list[AudioItem], key: dict) -> None:
     """Write ``path`` (atomically: a temporary file, then a rename) as a manifest with lengths."""
-    lines = [_HEADER + json.dumps(key)] + [f"{item.path}\t{item.num_samples}" for item in items]
+    entries = [f"{item.path}\t{item.num_samples}" for item in items]
+    trailer = {"clips": len(entries), "sha256": _checksum(entries)}
+    lines = [_HEADER + json.dumps(key), *entries, _TRAILER + json.dumps(trailer)]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
 
 
+def _checksum(entries: list[str]) -> str:
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def read_index(path: Path, key: dict) -> list[AudioItem] | None:
-    """The items of the index at ``path``, or None when there is none or it was built from other data."""
+    """The items of the index at ``path``, or None when there is none, it was built from other data, or it
+    is damaged (unreadable, cut short, edited: its last line does not match the lines before; one warning)."""
     if not path.is_file():
         return None
     try:
-        with path.open() as handle:
-            first = handle.readline()
-        if not first.startswith(_HEADER) or json.loads(first[len(_HEADER) :]) != key:
+        lines = path.read_text().splitlines()
+        if not lines or not lines[0].startswith(_HEADER) or json.loads(lines[0][len(_HEADER) :]) != key:
             return None
-        return read_manifest(path)
-    except (UnicodeDecodeError, json.JSONDecodeError, UserInputError):  # a damaged index: scan again
-        logger.warning("data: %s is damaged; reading the lengths again", path)
+        entries = lines[1:-1]
+        if not lines[-1].startswith(_TRAILER):
+            raise _Damaged("cut short: it lacks its closing line")
+        trailer = json.loads(lines[-1][len(_TRAILER) :])
+        if trailer != {"clips": len(entries), "sha256": _checksum(entries)}:
+            raise _Damaged(f"{len(entries)} clips and a checksum other than its closing line's: edited")
+        items = [AudioItem(entry_path, int(samples)) for entry_path, samples in
+                 (entry.rsplit("\t", 1) for entry in entries)]  # fmt: skip
+    except (_Damaged, OSError, ValueError, TypeError, AttributeError) as error:  # damaged: scan again
+        reason = str(error) if isinstance(error, _Damaged) else f"unreadable: {error.__class__.__name__}"
+        logger.warning("data: the length index %s is damaged (%s); reading the lengths again", path, reason)
         return None
+    return items
+
+
+class _Damaged(Exception):
+    pass
 
 
 def scan(cfg: LaserConfig, jobs: int) -> list[AudioItem]:

@@ -5,8 +5,8 @@ Every path a run stores (``data`` and ``ckpt`` in ``config.yaml``, the length in
 so that a resumed run and every rank read the same files from any working directory. A path is resolved
 against where it was written: a ``--data``/``--ckpt`` flag or a ``key=value`` override against the working
 directory of the command, a path inside a ``--config`` YAML against that YAML's folder (as a manifest's
-lines are against the manifest's folder). URLs (``scheme://...``), hub ids and s3prl names given as
-``ckpt`` are kept as they are.
+lines are against the manifest's folder). A ``ckpt`` that exists as a path there is that path; otherwise
+URLs (``scheme://...``), hub ids and s3prl names given as ``ckpt`` are kept as they are.
 
 Example::
 
@@ -66,12 +66,18 @@ def absolute_path(value: str, base: str | os.PathLike | None = None) -> str:
 
 
 def absolute_paths(values: dict, base: str | os.PathLike | None = None) -> dict:
-    """``values`` (config keys) with each string of :data:`PATH_KEYS` made absolute against ``base``; a
-    ``ckpt`` that names a download (an s3prl name or a hub id) is kept."""
+    """``values`` (config keys) with each string of :data:`PATH_KEYS` made absolute against ``base``
+    (default: the working directory). A ``ckpt`` is a path when it exists against ``base`` (``models/wavlm``
+    next to the YAML that names it), whatever it looks like; otherwise one that names a download (a URL, an
+    s3prl name or a hub id such as ``microsoft/wavlm-base-plus``) is kept as it is."""
     from s3prl_laser.models.sources import is_named_source
 
     def local(key: str, value) -> bool:
-        return key in PATH_KEYS and isinstance(value, str) and not (key == "ckpt" and is_named_source(value))
+        if key not in PATH_KEYS or not isinstance(value, str):
+            return False
+        if key != "ckpt" or "://" in value or os.path.exists(absolute_path(value, base)):
+            return True
+        return not is_named_source(value)
 
     return {key: absolute_path(value, base) if local(key, value) else value for key, value in values.items()}
 
