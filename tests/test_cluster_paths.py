@@ -252,6 +252,6 @@ def test_a_copy_named_as_a_test_clean_utterance_is_refused_wherever_it_lies(
     assert "of dev-other speaker 1001)" in line, line
     from s3prl_laser.data import held_out_speakers  # the shipped lists: LibriSpeech's dev/test speakers
 
-    speakers = held_out_speakers()
+    speakers = held_out_speakers()  # LibriSpeech paper, table 1: 40, 33, 40 and 33 speakers
     assert [sum(split == name for split in speakers.values()) for name in
-            ("dev-clean", "dev-other", "test-clean", "test-other")] == [40, 33, 40, 33]  # fmt: skip (LibriSpeech paper, table 1)
+            ("dev-clean", "dev-other", "test-clean", "test-other")] == [40, 33, 40, 33]  # fmt: skip
