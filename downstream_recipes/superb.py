@@ -291,7 +291,7 @@ def check_tree_imports(tree: Path, modules: list[str]) -> None:
                 importlib.import_module(name)
         except Exception as error:  # anything the tree's import raises: this stack cannot run it
             logging.getLogger(__name__).debug("import %s printed: %s", name, printed.getvalue())
-            if isinstance(error, ModuleNotFoundError) and error.name and not error.name.startswith("s3prl"):
+            if isinstance(error, ModuleNotFoundError) and (error.name or "s3prl").split(".")[0] != "s3prl":
                 fix = f"install it into this environment (pip install {error.name.split('.')[0]})"
             else:
                 fix = "use the s3prl tree docs/recipes.md names for this lane"

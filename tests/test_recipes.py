@@ -127,8 +127,9 @@ def test_overrides_set_existing_keys_only(recipes):
 def fake_s3prl_checkout(root: Path, corpus: dict) -> Path:
     """A checkout with the files PR needs; libriphone.yaml keeps SUPERB's structure with ``corpus``."""
     tree = root / "s3prl"
-    for path in ["run_downstream.py", "downstream/ctc/corpus/libriphone.py", "downstream/ctc/lexicon/lex.txt",
-                 "downstream/ctc/vocab/phoneme.txt"]:  # fmt: skip
+    code = ["run_downstream.py", "downstream/runner.py", "downstream/ctc/corpus/libriphone.py",
+            *(f"downstream/ctc/{name}.py" for name in ("expert", "data", "metric", "text"))]  # fmt: skip
+    for path in [*code, "downstream/ctc/lexicon/lex.txt", "downstream/ctc/vocab/phoneme.txt"]:
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         (tree / path).write_text("")
     config = {
@@ -299,7 +300,7 @@ def test_pr_recipe_end_to_end(upstream, request, demo_corpus, tmp_path):
     """SUPERB PR through s3prl's unchanged run_downstream from the v0.4.18 tree (read-only: nothing is
     written into it), a few steps on the demo corpus, on the LASER-tuned WavLM of the session's demo and a
     tiny HuBERT; PER recomputed from the hypothesis/reference files s3prl writes, references checked
-    against the corpus's own phone transcripts."""
+    against the transcripts spelled with the corpus's lexicon."""
     if upstream == "wavlm_laser":
         ckpt = request.getfixturevalue("wavlm_demo_run")[0] / "wavlm_laser.pt"
     else:
@@ -312,9 +313,13 @@ def test_pr_recipe_end_to_end(upstream, request, demo_corpus, tmp_path):
     assert foreign_lines(done.stdout + done.stderr) == []  # s3prl's runner's warnings stay in its log
     value = check_result(out, "PR", upstream, "PER")
     hyps, refs = read_ark(out / "exp" / "test-hyp.ark"), read_ark(out / "exp" / "test-ref.ark")
-    expected = dict(line.split(" ", 1) for line in (demo_corpus / "phonemes" / "test-clean.txt").read_text()
-                    .splitlines() if line.strip())  # fmt: skip
-    assert {utt: " ".join(phones) for utt, phones in refs.items()} == expected
+    lexicon = {}
+    for line in (demo_corpus / "phonemes" / "lexicon.txt").read_text().splitlines():
+        word, *phones = line.split()
+        lexicon.setdefault(word, phones)  # SUPERB PR's rule: the first pronunciation of a word
+    expected = {utt: [phone for word in words.split() for phone in lexicon[word]]
+                for utt, words in transcripts_of(demo_corpus, "test-clean").items()}  # fmt: skip
+    assert refs == expected
     import editdistance
 
     errors = sum(editdistance.eval(hyps[utt], ref) for utt, ref in refs.items())
