@@ -16,9 +16,11 @@
 4. parse s3prl's printed metric into ``OUT/result.json`` = ``{"task", "upstream", "metric", "value"}``,
    ``value`` in percent (s3prl prints PER as a fraction; it is multiplied by 100).
 
-The PyPI package of s3prl lacks PR's recipe files (ctc corpus modules, libriphone.yaml, lexicons,
-vocabulary); PR therefore needs ``--s3prl-src`` naming an s3prl source checkout, whose code then runs
-(``PYTHONPATH``). Without it the script stops and lists what is missing.
+s3prl's packages lack PR's recipe files (ctc corpus modules, libriphone.yaml, lexicons, vocabulary); PR
+therefore needs ``--s3prl-src`` naming an s3prl source checkout (v0.4.18 on every lane), whose code then
+runs (``PYTHONPATH``). Before training, one line and exit 2 if: a file PR needs is missing (``--lexicon`` /
+``--vocab`` replace the yaml's), the tree's PR modules do not import on this stack, or a lexicon phone is
+not in the vocabulary or a transcript word in no lexicon.
 
 Example::
 
@@ -217,6 +219,9 @@ def pr_recipe(args, tree: Path) -> dict:
     """The s3prl tree's libriphone.yaml with absolute lexicon and vocabulary paths (``--lexicon`` /
     ``--vocab`` when given, else the yaml's, in the tree), once every file SUPERB PR needs is found;
     else ``ValueError`` listing the missing ones and how to get an s3prl source checkout."""
+    for flag, path in [*(("--lexicon", path) for path in args.lexicon or []), ("--vocab", args.vocab)]:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     base = tree / PR_RECIPE
     missing = [tree / path for path in [PR_RECIPE, *PR_CODE] if not (tree / path).is_file()]
     config = yaml.safe_load(base.read_text()) if base.is_file() else None
@@ -250,6 +255,8 @@ def check_lexicons(librispeech: Path, lexicons: list[str], vocab: str) -> None:
     words = set()
     for lexicon in lexicons:
         for number, line in enumerate(Path(lexicon).read_text().splitlines(), start=1):
+            if not line.strip():
+                raise ValueError(f"{lexicon}:{number}: empty line (s3prl's libriphone corpus stops on it)")
             word, *pronunciation = line.split()
             unknown = [phone for phone in pronunciation if phone not in phones]
             if unknown:
@@ -271,8 +278,8 @@ def check_lexicons(librispeech: Path, lexicons: list[str], vocab: str) -> None:
 
 def check_tree_imports(tree: Path, modules: list[str]) -> None:
     """Import ``modules`` (for PR: ``PR_MODULES``, what ``-d ctc`` runs) from ``tree`` in this process, as
-    the runner will;
-    ``ValueError`` (one line: the module, the error, the fix) if the tree cannot run on this stack.
+    the runner will; ``ValueError`` (one line: the module, the error, the fix) if the tree cannot run on
+    this stack.
 
     The tree's ``s3prl`` goes first on ``sys.path``, so it shadows the installed distribution here as it
     does in the runner (``PYTHONPATH``); the start-up hook registers ``hubert_laser``/``wavlm_laser`` into

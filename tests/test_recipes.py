@@ -385,6 +385,12 @@ def test_pr_recipe_refuses_a_tree_that_cannot_run_before_training(demo_corpus, t
     stderr = check_refusal(done, out)
     assert stderr.count("\n") == 1 and "'ABOVE' is in no lexicon" in stderr, stderr
 
+    # the demo lexicon (no stress marks) with the tree's phone list (stressed vowels): --vocab forgotten
+    done = run_recipe("pr", *common, "--s3prl-src", str(S3PRL_SRC), "--lexicon", phones[1])
+    stderr = check_refusal(done, out)
+    assert stderr.count("\n") == 1 and "is not in the vocabulary" in stderr, stderr
+    assert "pass --vocab" in stderr
+
     # the tree as it is, without --lexicon: its libriphone.yaml names the 200k lexicon the tree lacks
     stderr = check_refusal(run_recipe("pr", *common, "--s3prl-src", str(S3PRL_SRC)), out)
     assert "librispeech-lexicon-200k-g2p.txt" in stderr and "pass --lexicon FILE" in stderr, stderr
