@@ -351,6 +351,7 @@ def check_refusal(done: subprocess.CompletedProcess, out: Path) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.espnet_lane
 @needs_s3prl_src
 def test_pr_recipe_refuses_a_tree_that_cannot_run_before_training(demo_corpus, tiny_hubert_ckpt, tmp_path):
