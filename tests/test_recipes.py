@@ -235,6 +235,7 @@ def word_error_rate(hyp_file: Path, ref_file: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.espnet_lane
 def test_asr_recipe_end_to_end(wavlm_demo_run, demo_corpus, tmp_path):
     """The demo fine-tune (as a user runs it, shortened: the session's WavLM demo), then SUPERB ASR on the
     LASER-tuned upstream."""
