@@ -298,9 +298,9 @@ def read_ark(path: Path) -> dict[str, list[str]]:
 @needs_s3prl_src
 @pytest.mark.parametrize("upstream", ["hubert_laser", "wavlm_laser"])
 def test_pr_recipe_end_to_end(upstream, request, demo_corpus, tmp_path):
-    """SUPERB PR through s3prl's unchanged run_downstream from the v0.4.18 tree (read-only: nothing is
-    written into it), a few steps on the demo corpus, on the LASER-tuned WavLM of the session's demo and a
-    tiny HuBERT; PER recomputed from the hypothesis/reference files s3prl writes, references checked
+    """SUPERB PR through s3prl's unchanged run_downstream from the v0.4.18 tree (used in place: the recipe
+    writes nothing into it), a few steps on the demo corpus, on the LASER-tuned WavLM of the session's demo
+    and a tiny HuBERT; PER recomputed from the hypothesis/reference files s3prl writes, references checked
     against the transcripts spelled with the corpus's lexicon."""
     if upstream == "wavlm_laser":
         ckpt = request.getfixturevalue("wavlm_demo_run")[0] / "wavlm_laser.pt"
