@@ -4,12 +4,15 @@ s3prl's ``run_downstream.py`` and ``downstream/runner.py`` (PyPI's 0.4.18 and ES
 ``from huggingface_hub import HfApi, HfFolder, Repository``, and its ASR/CTC datasets read audio with
 ``torchaudio.load``. huggingface_hub 1.0 removed ``HfFolder`` and ``Repository``; torchaudio 2.9 moved
 ``load`` onto torchcodec, which needs FFmpeg's shared libraries and is not a dependency of s3prl.
+s3prl 0.4.18's own tree (PR runs from it) also calls ``torchaudio.set_audio_backend`` and imports
+``torchaudio.sox_effects`` when ``s3prl.hub`` is imported; torchaudio 2.9 removed both.
 
 The start-up hook (:mod:`s3prl_laser._startup`) calls ``patch_huggingface_hub`` / ``patch_torchaudio``
 right after each library is first imported, whoever imports it. Each patch only fills a gap: it adds a
-name that is missing, or replaces ``torchaudio.load`` only where it cannot decode anything (torchaudio >=
-2.9 without a working torchcodec). A name that exists and works is never shadowed, so on the classic lane
-(huggingface_hub < 1, torchaudio 2.8) nothing changes.
+name that is missing (``HfFolder``, ``Repository``, ``set_audio_backend``, ``sox_effects``), or replaces
+``torchaudio.load`` only where it cannot decode anything (torchaudio >= 2.9 without a working torchcodec).
+A name that exists and works is never shadowed, so on the classic lane (huggingface_hub < 1, torchaudio
+2.8) nothing changes.
 
 Example::
 
