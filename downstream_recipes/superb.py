@@ -16,9 +16,11 @@
 4. parse s3prl's printed metric into ``OUT/result.json`` = ``{"task", "upstream", "metric", "value"}``,
    ``value`` in percent (s3prl prints PER as a fraction; it is multiplied by 100).
 
-The PyPI package of s3prl lacks PR's recipe files (ctc corpus modules, libriphone.yaml, lexicons,
-vocabulary); PR therefore needs ``--s3prl-src`` naming an s3prl source checkout, whose code then runs
-(``PYTHONPATH``). Without it the script stops and lists what is missing.
+s3prl's packages lack PR's recipe files (ctc corpus modules, libriphone.yaml, lexicons, vocabulary); PR
+therefore needs ``--s3prl-src`` naming an s3prl source checkout (v0.4.18 on every lane), whose code then
+runs (``PYTHONPATH``). Before training, one line and exit 2 if: a file PR needs is missing (``--lexicon`` /
+``--vocab`` replace the yaml's), the tree's PR modules do not import on this stack, or a lexicon phone is
+not in the vocabulary or a transcript word in no lexicon.
 
 Example::
 
@@ -28,7 +30,6 @@ Example::
 
 import argparse
 import glob
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -44,7 +45,13 @@ from recipe_env import require_modules  # this script's folder
 require_modules("downstream_recipes/superb.py", ("yaml", "soundfile", "s3prl"))
 
 import yaml  # noqa: E402
-from prepare_librispeech import check_characters, write_bucket_csvs, write_word_csv  # noqa: E402
+from prepare_librispeech import (  # noqa: E402
+    chapter_dirs,
+    check_characters,
+    read_transcripts,
+    write_bucket_csvs,
+    write_word_csv,
+)
 
 from s3prl_laser.console import debug_requested, mark_chatter  # noqa: E402
 
@@ -70,26 +77,15 @@ SMOKE = {
 }
 
 
+PR_TREE_VERSION = "0.4.18"  # the s3prl source tree the PR recipe is tested with, on every lane
+
+
 def s3prl_source_howto() -> str:
-    """How to get the source tree of the installed s3prl: ESPnet's fork (current lane) or PyPI's s3prl."""
-    try:
-        fork = importlib.metadata.version("espnet-s3prl")
-    except importlib.metadata.PackageNotFoundError:
-        fork = None
-    if fork is not None:
-        clone = (
-            f"  git clone https://github.com/espnet/s3prl.git s3prl-src   "
-            f"(ESPnet's fork: the installed s3prl is espnet-s3prl {fork})\n"
-        )
-    else:
-        version = importlib.metadata.version("s3prl")
-        clone = (
-            "  git clone https://github.com/s3prl/s3prl.git s3prl-src && "
-            f"git -C s3prl-src checkout v{version}\n"
-        )
+    """How to get the s3prl source tree SUPERB PR runs from: the same on every lane (docs/recipes.md)."""
     return (
-        "Get a source checkout of the installed s3prl and pass its root with --s3prl-src, e.g.\n"
-        f"{clone}  downstream_recipes/superb_pr.sh ... --s3prl-src s3prl-src"
+        f"get s3prl's v{PR_TREE_VERSION} source tree "
+        f"(git clone https://github.com/s3prl/s3prl.git s3prl-src && git -C s3prl-src checkout "
+        f"v{PR_TREE_VERSION}) and pass --s3prl-src s3prl-src"
     )
 
 
@@ -126,6 +122,17 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder (configs, exp/, result.json)")
     parser.add_argument("--steps", type=int, help="total training steps (default: SUPERB's); intervals scale")
     parser.add_argument("--s3prl-src", type=Path, help="s3prl source checkout to run (needed for PR)")
+    if task == "pr":
+        parser.add_argument(
+            "--lexicon",
+            type=Path,
+            action="append",
+            help="word -> phones lexicon (s3prl's g2p format) instead of libriphone.yaml's; repeatable, the "
+            "first entry of a word wins",
+        )
+        parser.add_argument(
+            "--vocab", type=Path, help="phone list (one a line) instead of libriphone.yaml's vocabulary"
+        )
     parser.add_argument(
         "--set",
         action="append",
@@ -196,30 +203,112 @@ def asr_config(args, out: Path) -> Path:
     return write_yaml(apply_overrides(config, overrides(args, "asr", config)), out / "asr.yaml")
 
 
+# What ``-d ctc`` with libriphone.yaml runs from the tree, besides the files the yaml names.
+PR_CODE = [
+    Path("run_downstream.py"),
+    Path("downstream", "runner.py"),
+    *(Path("downstream", "ctc", f"{name}.py") for name in ("expert", "data", "metric", "text")),
+    Path("downstream", "ctc", "corpus", "libriphone.py"),  # no __init__.py: packaging drops it
+]
+# Modules the runner imports for PR, in the order it imports them (import errors come from the first).
+PR_MODULES = ["s3prl.hub", "s3prl.downstream.runner", "s3prl.downstream.ctc.expert",
+              "s3prl.downstream.ctc.corpus.libriphone"]  # fmt: skip
+
+
 def pr_recipe(args, tree: Path) -> dict:
-    """The s3prl tree's libriphone.yaml, once every file SUPERB PR needs is found there; else ``ValueError``
-    listing the missing ones and how to get an s3prl source checkout."""
+    """The s3prl tree's libriphone.yaml with absolute lexicon and vocabulary paths (``--lexicon`` /
+    ``--vocab`` when given, else the yaml's, in the tree), once every file SUPERB PR needs is found;
+    else ``ValueError`` listing the missing ones and how to get an s3prl source checkout."""
+    for flag, path in [*(("--lexicon", path) for path in args.lexicon or []), ("--vocab", args.vocab)]:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     base = tree / PR_RECIPE
-    required = [base, tree / "downstream" / "ctc" / "corpus" / "libriphone.py"]
+    missing = [tree / path for path in [PR_RECIPE, *PR_CODE] if not (tree / path).is_file()]
     config = yaml.safe_load(base.read_text()) if base.is_file() else None
     if config is not None:
-        named = [
-            *config["downstream_expert"]["corpus"]["lexicon"],
-            config["downstream_expert"]["text"]["vocab_file"],
-        ]
-        required += [tree / path for path in named]
-    missing = [path for path in required if not path.is_file()]
+        expert = config["downstream_expert"]
+        lexicons = args.lexicon or [tree / path for path in expert["corpus"]["lexicon"]]
+        vocab = args.vocab or tree / expert["text"]["vocab_file"]
+        missing += [path for path in [*lexicons, vocab] if not path.is_file()]
+        expert["corpus"]["lexicon"] = [str(Path(path).resolve()) for path in lexicons]
+        expert["text"]["vocab_file"] = str(Path(vocab).resolve())
     if missing:
-        listed = "\n".join(f"  - {path}" for path in missing)
-        more = "" if config is not None else "\n  - the lexicon and vocabulary files libriphone.yaml names"
+        listed = ", ".join(str(path) for path in missing)
         origin = (
-            "--s3prl-src" if args.s3prl_src else "the installed s3prl package (PyPI ships no recipe files)"
+            f"--s3prl-src {args.s3prl_src}"
+            if args.s3prl_src
+            else "the installed s3prl package (its wheel and sdist ship no recipe files)"
         )
-        raise ValueError(
-            f"SUPERB PR needs s3prl's recipe files, missing from {origin}:\n{listed}{more}\n"
-            f"{s3prl_source_howto()}"
-        )
+        only_lexicons = all(path.parent.name == "lexicon" for path in missing)
+        fix = s3prl_source_howto()
+        if only_lexicons:
+            fix = "pass --lexicon FILE, a lexicon that covers the corpus"
+        raise ValueError(f"SUPERB PR needs s3prl's recipe files, missing from {origin}: {listed}; {fix}")
     return config
+
+
+def check_lexicons(librispeech: Path, lexicons: list[str], vocab: str) -> None:
+    """``ValueError`` (one line) unless every lexicon phone is in ``vocab`` and every transcript word of the
+    PR splits has a pronunciation: s3prl's libriphone corpus would stop on either with a bare assertion or
+    ``KeyError``, after the upstream is loaded."""
+    phones = {line.strip() for line in Path(vocab).read_text().splitlines() if line.strip()}
+    words = set()
+    for lexicon in lexicons:
+        for number, line in enumerate(Path(lexicon).read_text().splitlines(), start=1):
+            if not line.strip():
+                raise ValueError(f"{lexicon}:{number}: empty line (s3prl's libriphone corpus stops on it)")
+            word, *pronunciation = line.split()
+            unknown = [phone for phone in pronunciation if phone not in phones]
+            if unknown:
+                raise ValueError(
+                    f"{lexicon}:{number}: phone {unknown[0]!r} of {word!r} is not in the vocabulary {vocab}; "
+                    "pass --vocab with a phone list (one a line) that has every phone of the lexicons"
+                )
+            words.add(word)
+    for split in SPLITS.values():
+        for chapter in chapter_dirs(librispeech, split):
+            for words_of_utterance in read_transcripts(chapter).values():
+                unknown = [word for word in words_of_utterance.split() if word not in words]
+                if unknown:
+                    raise ValueError(
+                        f"{chapter}: the word {unknown[0]!r} is in no lexicon ({', '.join(lexicons)}); "
+                        "pass --lexicon with a lexicon that covers the corpus (s3prl's g2p format)"
+                    )
+
+
+def check_tree_imports(tree: Path, modules: list[str]) -> None:
+    """Import ``modules`` (for PR: ``PR_MODULES``, what ``-d ctc`` runs) from ``tree`` in this process, as
+    the runner will; ``ValueError`` (one line: the module, the error, the fix) if the tree cannot run on
+    this stack.
+
+    The tree's ``s3prl`` goes first on ``sys.path``, so it shadows the installed distribution here as it
+    does in the runner (``PYTHONPATH``); the start-up hook registers ``hubert_laser``/``wavlm_laser`` into
+    whichever ``s3prl.hub`` is imported, and fills the same library gaps.
+    """
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    sys.path.insert(0, str(tree.parent))
+    printed = io.StringIO()
+    for name in modules:
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                importlib.import_module(name)
+        except Exception as error:  # anything the tree's import raises: this stack cannot run it
+            logging.getLogger(__name__).debug("import %s printed: %s", name, printed.getvalue())
+            if isinstance(error, ModuleNotFoundError) and (error.name or "s3prl").split(".")[0] != "s3prl":
+                fix = f"install it into this environment (pip install {error.name.split('.')[0]})"
+            else:
+                fix = "use the s3prl tree docs/recipes.md names for this lane"
+            raise ValueError(
+                f"--s3prl-src {tree.parent}: the tree cannot run on this stack: importing {name} fails with "
+                f"{type(error).__name__}: {error}; {fix}"
+            ) from None
+    found = Path(sys.modules["s3prl"].__file__).parent
+    if found.resolve() != tree:
+        raise ValueError(f"--s3prl-src {tree.parent}: python imported s3prl from {found}, not from {tree}")
 
 
 def pr_config(args, out: Path, tree: Path, config: dict) -> Path:
@@ -227,8 +316,6 @@ def pr_config(args, out: Path, tree: Path, config: dict) -> Path:
     ``out``; returns its path."""
     expert = config["downstream_expert"]
     corpus = expert["corpus"]
-    corpus["lexicon"] = [str(tree / path) for path in corpus["lexicon"]]
-    expert["text"]["vocab_file"] = str(tree / expert["text"]["vocab_file"])
     if "csv_dir" in corpus:  # newer checkouts: wav_path/transcription tables per split
         for key, split in SPLITS.items():
             write_word_csv(args.librispeech, split, out / "superb_pr" / corpus[key])
@@ -354,6 +441,11 @@ def prepare(task_key: str, args, out: Path) -> tuple[Path, Path, str]:
         raise ValueError(f"--librispeech {args.librispeech}: no such folder (the LibriSpeech root)")
     tree = s3prl_tree(args.s3prl_src)
     recipe = pr_recipe(args, tree) if task_key == "pr" else None  # files only: before s3prl's slow import
+    if recipe is not None:
+        corpus, text = recipe["downstream_expert"]["corpus"], recipe["downstream_expert"]["text"]
+        check_lexicons(args.librispeech, corpus["lexicon"], text["vocab_file"])
+    if args.s3prl_src is not None:
+        check_tree_imports(tree, PR_MODULES if task_key == "pr" else PR_MODULES[:2])
     check_upstream(args.upstream, args.ckpt)
     if (out / "exp").exists() and any((out / "exp").iterdir()):
         raise ValueError(f"{out / 'exp'} already holds a run; remove it or choose another --out")

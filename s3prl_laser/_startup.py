@@ -35,7 +35,7 @@ AFTER_IMPORT = {
     "s3prl.hub": ("s3prl_laser.plugin.registration", "register_into"),
     # HfFolder, Repository (huggingface_hub >= 1)
     "huggingface_hub": ("s3prl_laser.plugin.shims", "patch_huggingface_hub"),
-    # load without torchcodec (torchaudio >= 2.9)
+    # load without torchcodec, set_audio_backend, sox_effects (torchaudio >= 2.9)
     "torchaudio": ("s3prl_laser.plugin.shims", "patch_torchaudio"),
 }
 

@@ -62,6 +62,45 @@ def test_existing_names_are_never_shadowed():
     assert shims.patch_torchaudio(old_torchaudio) is False and old_torchaudio.load is own_folder
 
 
+def test_what_s3prl_0418_imports_from_torchaudio_resolves_in_a_fresh_interpreter(tmp_path):
+    """``set_audio_backend`` and ``torchaudio.sox_effects`` (s3prl 0.4.18's ``import s3prl.hub``): the
+    library's own where it has them (torchaudio < 2.9), else the stand-ins, whose SoX functions refuse."""
+    code = """
+import torchaudio
+torchaudio.set_audio_backend("sox_io")
+from torchaudio.sox_effects import apply_effects_tensor
+from s3prl_laser.plugin import shims as compat
+print(torchaudio.set_audio_backend is compat.set_audio_backend, apply_effects_tensor.__module__)
+if apply_effects_tensor.__module__ == compat.__name__:  # the stand-in (the real one may need libsox)
+    try:
+        apply_effects_tensor(None, 16000, [["rate", "8000"]])
+    except RuntimeError as error:
+        print("refused:", error)
+"""
+    first, *rest = run_fresh(code, tmp_path).splitlines()
+    import torchaudio
+
+    removed = compat._release(torchaudio.__version__) >= (2, 9)  # set_audio_backend, sox_effects: gone
+    stand_in, module = first.split()
+    assert stand_in == str(removed)
+    assert (module == compat.__name__) is removed
+    if removed:
+        assert rest and rest[0].startswith("refused: torchaudio >= 2.9 has no sox_effects"), rest
+
+
+def test_torchaudio_stand_ins_never_shadow_the_librarys_own():
+    own = object()
+    module = types.ModuleType("torchaudio")
+    module.__version__, module.set_audio_backend, module.load = "2.8.0+cu128", own, own
+    compat.patch_torchaudio(module)
+    assert module.set_audio_backend is own and module.load is own
+    bare = types.ModuleType("torchaudio")
+    bare.__version__ = "2.11.0"
+    compat.patch_torchaudio(bare)
+    assert bare.set_audio_backend is compat.set_audio_backend
+    assert compat.set_audio_backend("sox_io") is None
+
+
 def test_hf_folder_token_round_trip_through_huggingface_hubs_reader(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants

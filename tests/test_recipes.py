@@ -6,6 +6,7 @@ dataset reading our bucket CSVs, and WER recomputed from the hypothesis/referenc
 
 import csv
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -126,8 +127,9 @@ def test_overrides_set_existing_keys_only(recipes):
 def fake_s3prl_checkout(root: Path, corpus: dict) -> Path:
     """A checkout with the files PR needs; libriphone.yaml keeps SUPERB's structure with ``corpus``."""
     tree = root / "s3prl"
-    for path in ["run_downstream.py", "downstream/ctc/corpus/libriphone.py", "downstream/ctc/lexicon/lex.txt",
-                 "downstream/ctc/vocab/phoneme.txt"]:  # fmt: skip
+    code = ["run_downstream.py", "downstream/runner.py", "downstream/ctc/corpus/libriphone.py",
+            *(f"downstream/ctc/{name}.py" for name in ("expert", "data", "metric", "text"))]  # fmt: skip
+    for path in [*code, "downstream/ctc/lexicon/lex.txt", "downstream/ctc/vocab/phoneme.txt"]:
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         (tree / path).write_text("")
     config = {
@@ -197,18 +199,11 @@ def test_pr_recipe_names_what_the_pypi_package_lacks(demo_corpus, tiny_hubert_ck
     assert done.returncode == 2, done.stdout + done.stderr
     for needed in ["downstream/ctc/libriphone.yaml", "downstream/ctc/corpus/libriphone.py", "--s3prl-src"]:
         assert needed in done.stderr
-    # the source of the s3prl that is installed: ESPnet's fork on the current lane, PyPI's release on classic
-    try:
-        fork = importlib.metadata.version("espnet-s3prl")
-    except importlib.metadata.PackageNotFoundError:
-        fork = None
-    if fork is not None:
-        assert "git clone https://github.com/espnet/s3prl.git" in done.stderr and fork in done.stderr
-        assert "checkout v0.4.18" not in done.stderr
-    else:
-        version = importlib.metadata.version("s3prl")
-        clone = "git clone https://github.com/s3prl/s3prl.git s3prl-src"
-        assert f"{clone} && git -C s3prl-src checkout v{version}" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr  # one line
+    # the tree the recipe is tested with, on every lane
+    assert "git clone https://github.com/s3prl/s3prl.git s3prl-src && git -C s3prl-src checkout v0.4.18" in (
+        done.stderr
+    )
     assert not (tmp_path / "out" / "result.json").exists()
 
     src = tmp_path / "src"
@@ -240,6 +235,7 @@ def word_error_rate(hyp_file: Path, ref_file: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.espnet_lane
 def test_asr_recipe_end_to_end(wavlm_demo_run, demo_corpus, tmp_path):
     """The demo fine-tune (as a user runs it, shortened: the session's WavLM demo), then SUPERB ASR on the
     LASER-tuned upstream."""
@@ -267,15 +263,139 @@ def test_asr_recipe_end_to_end(wavlm_demo_run, demo_corpus, tmp_path):
     assert config["downstream_expert"]["modelrc"]["RNNs"]["dim"] == [16]
 
 
+def s3prl_source_tree() -> Path | None:
+    """s3prl's v0.4.18 source tree: ``$S3PRL_SRC`` if set, else ``shared/s3prl-src`` beside this checkout
+    (or beside its parent folder, for a worktree one level deeper); None if there is none."""
+    if os.environ.get("S3PRL_SRC"):
+        return Path(os.environ["S3PRL_SRC"])
+    for parent in REPO.parents[:2]:
+        if (parent / "shared" / "s3prl-src" / "s3prl" / "run_downstream.py").is_file():
+            return parent / "shared" / "s3prl-src"
+    return None
+
+
+S3PRL_SRC = s3prl_source_tree()
+needs_s3prl_src = pytest.mark.skipif(
+    S3PRL_SRC is None,
+    reason=f"needs s3prl's v0.4.18 source tree: $S3PRL_SRC, or {REPO.parent / 'shared' / 's3prl-src'}",
+)
+DEMO_PHONES = ["--lexicon", "phonemes/lexicon.txt", "--vocab", "phonemes/inventory.txt"]  # in demo_corpus
+
+
+def demo_phones(demo_corpus: Path) -> list[str]:
+    """``--lexicon``/``--vocab`` of the demo corpus: the tree lacks the 200k lexicon, the corpus has one."""
+    return [str(demo_corpus / arg) if arg.startswith("phonemes/") else arg for arg in DEMO_PHONES]
+
+
+def read_ark(path: Path) -> dict[str, list[str]]:
+    """``{utterance id: tokens}`` of an s3prl ``<split>-{hyp,ref}.ark`` (first field: the audio path)."""
+    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {Path(row[0]).name.split(".")[0]: row[1:] for row in rows}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("S3PRL_SRC"), reason="needs an s3prl source checkout in $S3PRL_SRC")
-def test_pr_recipe_end_to_end(tiny_wavlm_ckpt, demo_corpus, tmp_path):
+@pytest.mark.espnet_lane
+@needs_s3prl_src
+@pytest.mark.parametrize("upstream", ["hubert_laser", "wavlm_laser"])
+def test_pr_recipe_end_to_end(upstream, request, demo_corpus, tmp_path):
+    """SUPERB PR through s3prl's unchanged run_downstream from the v0.4.18 tree (used in place: the recipe
+    writes nothing into it), a few steps on the demo corpus, on the LASER-tuned WavLM of the session's demo
+    and a tiny HuBERT; PER recomputed from the hypothesis/reference files s3prl writes, references checked
+    against the transcripts spelled with the corpus's lexicon."""
+    if upstream == "wavlm_laser":
+        ckpt = request.getfixturevalue("wavlm_demo_run")[0] / "wavlm_laser.pt"
+    else:
+        ckpt = request.getfixturevalue("tiny_hubert_ckpt")
     out = tmp_path / "pr"
-    done = run_recipe("pr", "--upstream", "wavlm_laser", "--ckpt", str(tiny_wavlm_ckpt),
-                      "--librispeech", str(demo_corpus), "--out", str(out), "--steps", "4", "--device", "cpu",
-                      "--s3prl-src", os.environ["S3PRL_SRC"], "--smoke")  # fmt: skip
+    done = run_recipe("pr", "--upstream", upstream, "--ckpt", str(ckpt), "--librispeech", str(demo_corpus),
+                      "--out", str(out), "--steps", "2", "--device", "cpu", "--s3prl-src", str(S3PRL_SRC),
+                      *demo_phones(demo_corpus), "--smoke")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_result(out, "PR", "wavlm_laser", "PER")
+    assert foreign_lines(done.stdout + done.stderr) == []  # s3prl's runner's warnings stay in its log
+    value = check_result(out, "PR", upstream, "PER")
+    hyps, refs = read_ark(out / "exp" / "test-hyp.ark"), read_ark(out / "exp" / "test-ref.ark")
+    lexicon = {}
+    for line in (demo_corpus / "phonemes" / "lexicon.txt").read_text().splitlines():
+        word, *phones = line.split()
+        lexicon.setdefault(word, phones)  # SUPERB PR's rule: the first pronunciation of a word
+    expected = {utt: [phone for word in words.split() for phone in lexicon[word]]
+                for utt, words in transcripts_of(demo_corpus, "test-clean").items()}  # fmt: skip
+    assert refs == expected
+    import editdistance
+
+    errors = sum(editdistance.eval(hyps[utt], ref) for utt, ref in refs.items())
+    assert value == pytest.approx(100.0 * errors / sum(len(ref) for ref in refs.values()))
+    config = yaml.safe_load((out / "pr.yaml").read_text())
+    assert (config["runner"]["total_steps"], config["optimizer"]["lr"]) == (2, 5.0e-4)
+    assert config["downstream_expert"]["corpus"]["lexicon"] == [str(demo_corpus / "phonemes" / "lexicon.txt")]
+
+
+def copy_s3prl_tree(src: Path, dst: Path) -> Path:
+    """A writable copy of ``src``'s ``s3prl/`` with what PR imports and reads: code, small files, all of
+    ``downstream/ctc`` (about 4 MB of the tree's 22)."""
+
+    def large_outside_ctc(folder, names):
+        if "downstream/ctc" in Path(folder).as_posix():
+            return []
+        return [name for name in names if (Path(folder) / name).is_file()
+                and not name.endswith(".py") and (Path(folder) / name).stat().st_size > 100_000]  # fmt: skip
+
+    shutil.copytree(src / "s3prl", dst / "s3prl", ignore=large_outside_ctc)
+    return dst
+
+
+def check_refusal(done: subprocess.CompletedProcess, out: Path) -> str:
+    """The recipe's refusal: exit 2, a one-line error, no traceback, no training started."""
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (out / "exp").exists() and not (out / "result.json").exists()
+    return done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.espnet_lane
+@needs_s3prl_src
+def test_pr_recipe_refuses_a_tree_that_cannot_run_before_training(demo_corpus, tiny_hubert_ckpt, tmp_path):
+    """Two real broken copies of the tree: one without the ctc corpus module, one whose corpus module needs a
+    package this environment lacks (a tree of another s3prl version); then a lexicon without a corpus word."""
+    out = tmp_path / "out"
+    common = ["--upstream", "hubert_laser", "--ckpt", str(tiny_hubert_ckpt), "--librispeech",
+              str(demo_corpus), "--out", str(out), "--steps", "2", "--device", "cpu", "--smoke"]  # fmt: skip
+    phones = demo_phones(demo_corpus)
+    tree = copy_s3prl_tree(S3PRL_SRC, tmp_path / "src")
+    corpus_module = tree / "s3prl" / "downstream" / "ctc" / "corpus" / "libriphone.py"
+    code = corpus_module.read_text()
+    corpus_module.unlink()
+    stderr = check_refusal(run_recipe("pr", *common, *phones, "--s3prl-src", str(tree)), out)
+    assert stderr.count("\n") == 1, stderr
+    assert str(corpus_module.resolve()) in stderr and "checkout v0.4.18" in stderr
+
+    missing = "s3prl_laser_absent_g2p"
+    assert importlib.util.find_spec(missing) is None
+    corpus_module.write_text(code.replace("from joblib import Parallel, delayed", f"import {missing}"))
+    stderr = check_refusal(run_recipe("pr", *common, *phones, "--s3prl-src", str(tree)), out)
+    assert stderr.count("\n") == 1, stderr
+    assert "importing s3prl.downstream.ctc.corpus.libriphone fails with ModuleNotFoundError" in stderr
+    assert f"pip install {missing}" in stderr and str(tree) in stderr
+
+    lexicon = tmp_path / "lexicon.txt"
+    lines = (demo_corpus / "phonemes" / "lexicon.txt").read_text().splitlines()
+    lexicon.write_text("\n".join(line for line in lines if not line.startswith("ABOVE\t")) + "\n")
+    vocab = str(demo_corpus / "phonemes" / "inventory.txt")
+    done = run_recipe("pr", *common, "--s3prl-src", str(S3PRL_SRC), "--lexicon", str(lexicon), "--vocab",
+                      vocab)  # fmt: skip
+    stderr = check_refusal(done, out)
+    assert stderr.count("\n") == 1 and "'ABOVE' is in no lexicon" in stderr, stderr
+
+    # the demo lexicon (no stress marks) with the tree's phone list (stressed vowels): --vocab forgotten
+    done = run_recipe("pr", *common, "--s3prl-src", str(S3PRL_SRC), "--lexicon", phones[1])
+    stderr = check_refusal(done, out)
+    assert stderr.count("\n") == 1 and "is not in the vocabulary" in stderr, stderr
+    assert "pass --vocab" in stderr
+
+    # the tree as it is, without --lexicon: its libriphone.yaml names the 200k lexicon the tree lacks
+    stderr = check_refusal(run_recipe("pr", *common, "--s3prl-src", str(S3PRL_SRC)), out)
+    assert "librispeech-lexicon-200k-g2p.txt" in stderr and "pass --lexicon FILE" in stderr, stderr
 
 
 def test_compare_tabulates_and_plots_against_the_paper(recipes, tmp_path):

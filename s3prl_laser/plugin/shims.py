@@ -4,12 +4,15 @@ s3prl's ``run_downstream.py`` and ``downstream/runner.py`` (PyPI's 0.4.18 and ES
 ``from huggingface_hub import HfApi, HfFolder, Repository``, and its ASR/CTC datasets read audio with
 ``torchaudio.load``. huggingface_hub 1.0 removed ``HfFolder`` and ``Repository``; torchaudio 2.9 moved
 ``load`` onto torchcodec, which needs FFmpeg's shared libraries and is not a dependency of s3prl.
+s3prl 0.4.18's own tree (PR runs from it) also calls ``torchaudio.set_audio_backend`` and imports
+``torchaudio.sox_effects`` when ``s3prl.hub`` is imported; torchaudio 2.9 removed both.
 
 The start-up hook (:mod:`s3prl_laser._startup`) calls ``patch_huggingface_hub`` / ``patch_torchaudio``
 right after each library is first imported, whoever imports it. Each patch only fills a gap: it adds a
-name that is missing, or replaces ``torchaudio.load`` only where it cannot decode anything (torchaudio >=
-2.9 without a working torchcodec). A name that exists and works is never shadowed, so on the classic lane
-(huggingface_hub < 1, torchaudio 2.8) nothing changes.
+name that is missing (``HfFolder``, ``Repository``, ``set_audio_backend``, ``sox_effects``), or replaces
+``torchaudio.load`` only where it cannot decode anything (torchaudio >= 2.9 without a working torchcodec).
+A name that exists and works is never shadowed, so on the classic lane (huggingface_hub < 1, torchaudio
+2.8) nothing changes.
 
 Example::
 
@@ -24,6 +27,7 @@ import importlib.util
 import io
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -119,8 +123,52 @@ def load_with_soundfile(
     return (waveform.T.contiguous() if channels_first else waveform), sample_rate
 
 
+def set_audio_backend(backend: str | None) -> None:
+    """Stand-in for ``torchaudio.set_audio_backend`` (removed in torchaudio 2.9): does nothing.
+
+    s3prl 0.4.18 calls it at import time (``set_audio_backend("sox_io")`` in ``upstream/byol_s``,
+    ``dataio``) and in ``run_downstream.py``. From torchaudio 2.9 there is one way to read audio, so there
+    is nothing to choose; the stand-in accepts any backend name and leaves ``torchaudio.load`` as it is.
+    """
+
+
+def _sox_effects_removed(*args, **kwargs):
+    raise RuntimeError(
+        "torchaudio >= 2.9 has no sox_effects (SoX effect chains were removed), and this s3prl code applies "
+        "them; resample or trim with torchaudio.functional, or run it on the classic lane (torchaudio 2.8)"
+    )
+
+
+def sox_effects_module() -> ModuleType:
+    """Stand-in for ``torchaudio.sox_effects`` (removed in torchaudio 2.9): importable, its functions refuse.
+
+    s3prl 0.4.18's ``upstream/mos_prediction/expert.py`` does ``from torchaudio.sox_effects import
+    apply_effects_tensor`` at the top, and ``s3prl.hub`` imports that module, so without the name no
+    upstream at all can be looked up. Only a call (MOS prediction, and the downstreams that read audio
+    through SoX effects) needs SoX; that call raises ``RuntimeError`` saying so.
+    """
+    module = ModuleType("torchaudio.sox_effects")
+    module.__doc__ = "s3prl_laser stand-in: torchaudio >= 2.9 removed sox_effects; every function raises."
+    for name in ("apply_effects_tensor", "apply_effects_file", "effect_names", "init_sox_effects",
+                 "shutdown_sox_effects"):  # fmt: skip
+        setattr(module, name, _sox_effects_removed)
+    return module
+
+
 def patch_torchaudio(torchaudio: ModuleType) -> bool:
-    """Point ``torchaudio.load`` at ``load_with_soundfile`` where it cannot decode; True if it did."""
+    """Fill what s3prl 0.4.18 imports from torchaudio where it is missing (``set_audio_backend``,
+    ``sox_effects``), and point ``torchaudio.load`` at ``load_with_soundfile`` where it cannot decode;
+    returns True if ``load`` was replaced."""
+    added = []
+    if not hasattr(torchaudio, "set_audio_backend"):
+        torchaudio.set_audio_backend = set_audio_backend
+        added.append("set_audio_backend")
+    sox_effects = "torchaudio.sox_effects"
+    if sox_effects not in sys.modules and importlib.util.find_spec(sox_effects) is None:
+        torchaudio.sox_effects = sys.modules[sox_effects] = sox_effects_module()
+        added.append("sox_effects")
+    if added:
+        logger.debug("torchaudio lacks %s: stand-ins added", added)
     version = getattr(torchaudio, "__version__", None) or importlib.metadata.version("torchaudio")
     if _release(version) < TORCHCODEC_ONLY_TORCHAUDIO:
         return False  # torchaudio's own backends (soundfile, sox, ffmpeg) are still there
