@@ -114,19 +114,46 @@ def main(argv: list[str] | None = None) -> int:
             teardown_distributed(env)
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What :func:`resolve_run` settled before any model is loaded: the config, the run folder, the
+    checkpoint a resume starts from, the clips (held out and trained on) and whether this is ``--demo``."""
+
+    cfg: LaserConfig
+    out: Path
+    resume: bool
+    demo: bool
+    found: tuple[Path, dict] | None
+    items: list
+    held_out: list
+    where: str
+
+
 def run(args: argparse.Namespace, env: DistEnv) -> int:
-    """Resolve the config, check the data, train, export; return the exit status."""
+    """Resolve the config and check the data, train, then export (and report); return the exit status."""
+    plan = resolve_run(args, env)
+    if plan is None:
+        return 0
+    parts, state = train_run(plan, env)
+    if state.stop_signal is not None:  # agreed by all ranks: every one saved, none exports
+        logger.info("stopped by signal %d at step %d; resume with --resume", state.stop_signal, state.step)
+        return 128 + state.stop_signal
+    if env.is_main:
+        finish_run(plan, parts, state, env)
+    return 0
+
+
+def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
+    """The run's config (new, or resumed from ``--out``), its claim on ``--out``, its source and data checked,
+    ``config.yaml`` written: every user mistake is found here. None when a resumed run already finished."""
     from s3prl_laser.errors import UserInputError
-    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
     from s3prl_laser.models.sources import check_source
     from s3prl_laser.training.config import no_op_warnings, resolve_config, resume_config, write_config
     from s3prl_laser.training.heldout import validation_split
     from s3prl_laser.training.length_index import load_or_build_index
-    from s3prl_laser.training.loop import TrainState, check_resumable, read_newest_checkpoint, resume, train
-    from s3prl_laser.training.parts import build_model, export_best, export_upstream, seeded_head
+    from s3prl_laser.training.loop import check_resumable, read_newest_checkpoint
     from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
-    from s3prl_laser.training.ranks import StopSignals, barrier, join_process_group
-    from s3prl_laser.training.validation import Validator
+    from s3prl_laser.training.ranks import barrier, join_process_group
 
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
@@ -135,7 +162,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     out = Path(args.out or f"runs/{args.upstream}_laser")
     check_output_folder(out, "--out")
     extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
-    found = None
+    found = replace = None
     if args.resume:
         cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
         for change in changes:
@@ -143,7 +170,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         done = finished_step(cfg, out)
         if done is not None:
             logger.info("the run in %s already finished (step %d of %d): nothing to do", out, done, cfg.steps)
-            return 0
+            return None
         found = read_newest_checkpoint(out, env)
         if found is not None:
             check_resumable(*found, cfg, env)
@@ -151,13 +178,12 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
     join_process_group(env, cfg.dist_timeout_s)
-    if not args.resume:
-        if replace is not None and env.is_main:
-            removed = remove_run(out)
-            logger.info("%s: removed the earlier run in %s (%s)", replace, out, ", ".join(removed))
-        barrier(env)
-        if args.demo:
-            cfg = prepare_demo(cfg, out, env)
+    if replace is not None and env.is_main:
+        removed = remove_run(out)
+        logger.info("%s: removed the earlier run in %s (%s)", replace, out, ", ".join(removed))
+    barrier(env)
+    if args.demo and not args.resume:
+        cfg = prepare_demo(cfg, out, env)
     for warning in no_op_warnings(cfg):
         logger.warning("%s", warning)
     if cfg.ckpt is not None:
@@ -171,39 +197,48 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
+    return RunPlan(cfg, out, args.resume, args.demo, found, items, held_out, where)
+
+
+def train_run(plan: RunPlan, env: DistEnv):
+    """Build the model, restore a resumed run's state, and train until ``steps`` or a stop signal; returns
+    ``(parts, state)``."""
+    from s3prl_laser.training.loop import TrainState, resume, train
+    from s3prl_laser.training.parts import build_model
+    from s3prl_laser.training.ranks import StopSignals
+    from s3prl_laser.training.validation import Validator
+
+    cfg, out = plan.cfg, plan.out
     with StopSignals() as stop:
-        validator = Validator(cfg, held_out, where, env)
+        validator = Validator(cfg, plan.held_out, plan.where, env)
         parts = build_model(cfg, env)
-        if args.demo and env.is_main and not Path(cfg.ckpt).is_file():  # a folder or a name: the report
-            save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))  # loads a file
+        if plan.demo:
+            keep_demo_base(parts, cfg, out, env)
         state = TrainState()
-        if args.resume:
-            resume(parts, state, cfg, out, env, found)
-        train(cfg, parts, items, state, out, env, stop, validator)
-    if state.stop_signal is not None:  # agreed by all ranks: every one saved, none exports
-        logger.info("stopped by signal %d at step %d; resume with --resume", state.stop_signal, state.step)
-        return 128 + state.stop_signal
-    if env.is_main:
-        final = export_upstream(parts, cfg, out)
-        logger.info("tuned upstream written to %s (last step, %d)", final, state.step)
-        best = export_best(parts, cfg, out)
-        if best is not None:
-            logger.info("tuned upstream at the best validation (step %d) written to %s", best[1], best[0])
-        probe = None
-        if cfg.probe:  # CER of the tuned and the base upstream on the same clips (s3prl_laser.probe)
-            from s3prl_laser.probe.runner import probe_tuned_and_base
+        if plan.resume:
+            resume(parts, state, cfg, out, env, plan.found)
+        train(cfg, parts, plan.items, state, out, env, stop, validator)
+    return parts, state
 
-            probe = probe_tuned_and_base(cfg, final, out / "probe", env.device, show=not args.demo)
-        if args.demo:
-            from s3prl_laser.training.demo_report import S3prlLastLayer, demo_report
 
-            logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
-            head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
-            base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
-            before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
-            after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
-            demo_report(cfg, before, after, out, tuned_in_memory=parts.base, probe=probe)
-    return 0
+def finish_run(plan: RunPlan, parts, state, env: DistEnv) -> None:
+    """Rank 0, after the last step: the tuned upstream (last step and best validation) in s3prl's format,
+    then the probe if configured, and the ``--demo`` report."""
+    from s3prl_laser.training.parts import export_best, export_upstream
+
+    cfg, out = plan.cfg, plan.out
+    final = export_upstream(parts, cfg, out)
+    logger.info("tuned upstream written to %s (last step, %d)", final, state.step)
+    best = export_best(parts, cfg, out)
+    if best is not None:
+        logger.info("tuned upstream at the best validation (step %d) written to %s", best[1], best[0])
+    probe = None
+    if cfg.probe:  # CER of the tuned and the base upstream on the same clips (s3prl_laser.probe)
+        from s3prl_laser.probe.runner import probe_tuned_and_base
+
+        probe = probe_tuned_and_base(cfg, final, out / "probe", env.device, show=not plan.demo)
+    if plan.demo:
+        demo_finish(parts, cfg, out, final, env, probe)
 
 
 def check_output_claim(out: Path, overwrite: bool, demo: bool) -> str | None:
@@ -269,6 +304,28 @@ def prepare_demo(cfg: LaserConfig, out: Path, env: DistEnv) -> LaserConfig:
         barrier(env)
         updates["ckpt"] = str(path)
     return dataclasses.replace(cfg, **updates)
+
+
+def keep_demo_base(parts, cfg: LaserConfig, out: Path, env: DistEnv) -> None:
+    """``--demo``: rank 0 keeps the untuned base in s3prl's format for the report, when ``--ckpt`` is a folder
+    or a name rather than a checkpoint file (the report loads a file)."""
+    from s3prl_laser.models.s3prl_format import save_s3prl_checkpoint
+
+    if env.is_main and not Path(cfg.ckpt).is_file():
+        save_s3prl_checkpoint(parts.base.state_for_s3prl(), _demo_base(cfg, out))
+
+
+def demo_finish(parts, cfg: LaserConfig, out: Path, final: Path, env: DistEnv, probe) -> None:
+    """``--demo``: the before/after report of the base and the tuned upstream, loaded through s3prl."""
+    from s3prl_laser.training.demo_report import S3prlLastLayer, demo_report
+    from s3prl_laser.training.parts import seeded_head
+
+    logger.info("demo report: loading the base and the tuned upstream through s3prl's S3PRLUpstream")
+    head = seeded_head(cfg, parts.base.hidden_size)  # the untuned head, as training started
+    base = cfg.ckpt if Path(cfg.ckpt).is_file() else _demo_base(cfg, out)
+    before = (S3prlLastLayer(f"{cfg.upstream}_local", base).to(env.device), head.to(env.device))
+    after = (S3prlLastLayer(f"{cfg.upstream}_laser", final).to(env.device), parts.head)
+    demo_report(cfg, before, after, out, tuned_in_memory=parts.base, probe=probe)
 
 
 if __name__ == "__main__":

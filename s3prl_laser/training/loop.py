@@ -229,6 +229,129 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+@dataclass
+class LocalStep:
+    """What this rank's micro-batches of a step gave, before the ranks agree on it.
+
+    ``sums``: pairs, loss * pairs, alignment, regularizer over the micro-batches run (zero when the step is
+    not usable); ``ran``: how many ran; ``oom``: the batch that ran out of memory; ``error``: an exception
+    of this rank (a bug, a device fault) to raise once the others know; ``nonfinite``: a loss was not
+    finite; ``flat``: under DDP, the flat gradient buffer the update averages (:func:`prepare_update`).
+    """
+
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    ran: int = 0
+    oom: PairBatch | None = None
+    error: Exception | None = None
+    nonfinite: bool = False
+    flat: torch.Tensor | None = None
+
+    @property
+    def outcomes(self) -> dict[str, bool]:
+        """What this rank reports in the step's agreement; any of them on any rank skips the step."""
+        return {
+            "failed": self.error is not None,
+            "empty": not self.ran and self.oom is None and self.error is None and not self.nonfinite,
+            "nonfinite": self.nonfinite,
+            "oom": self.oom is not None,
+        }
+
+
+@dataclass
+class AgreedStep:
+    """What every rank of a step agreed on: why the step is skipped (None: it counts), the signal the run
+    stops for (None: none), and the step's sums over all ranks (pairs, loss * pairs, alignment, regularizer).
+    """
+
+    skip: str | None
+    stop: int | None
+    sums: list[float]
+
+
+SKIPS = ("oom", "nonfinite", "empty")  # the reported skip when several apply: the first one
+
+
+def run_micro_batches(
+    parts: Parts, batches: list[PairBatch], cfg: LaserConfig, env: DistEnv, perturb: LaserPerturbation | None
+) -> LocalStep:
+    """This rank's part of a step: :func:`local_step` on each of ``batches`` (gradients accumulated), then
+    :func:`prepare_update`. Runs no collective. It stops at the first micro-batch that runs out of memory
+    (then frees what the step allocated), whose loss is not finite (its graph is released), or that fails
+    otherwise under DDP (kept in ``error``; on one process it is raised at once)."""
+    local = LocalStep()
+    for batch in batches:
+        if batch.num_pairs == 0:
+            continue
+        try:
+            stats = local_step(parts, batch, cfg, env, perturb)
+        except torch.OutOfMemoryError:
+            local.oom = batch
+            break
+        except Exception as exc:  # a bug or a device fault on this rank: tell the others before raising it
+            if not env.distributed:
+                raise
+            local.error = exc
+            break
+        if stats is None:  # the step is skipped: its remaining micro-batches would be wasted work
+            local.nonfinite = True
+            break
+        local.sums, local.ran = [a + v for a, v in zip(local.sums, stats, strict=True)], local.ran + 1
+    if local.ran and not any(local.outcomes.values()):
+        try:
+            local.flat = prepare_update(parts, env)
+        except torch.OutOfMemoryError:
+            local.oom = batches[-1]
+    if local.oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
+        local.flat = None
+        release_memory(parts, env)
+        oom = local.oom
+        logger.warning(
+            "out of memory in the step on batch %s (micro-batch %d of %d: %d pairs, %d samples per row): "
+            "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
+            oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
+        )  # fmt: skip
+    if local.nonfinite or local.oom is not None:
+        local.sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
+    return local
+
+
+def agree_on_step(env: DistEnv, local: LocalStep, stop_signal: int | None) -> AgreedStep:
+    """One small all-reduce of every rank's outcomes, stop request and sums. A rank whose micro-batches
+    failed raises its own exception; the others raise :class:`~s3prl_laser.training.ranks.PeerFailure`."""
+    outcomes = local.outcomes
+    flags = [float(v) for v in outcomes.values()]
+    stops = stop_flags(stop_signal)
+    agreed = agree(env, flags + stops + local.sums)
+    counts = dict(zip(outcomes, agreed[: len(flags)], strict=True))
+    if counts["failed"]:
+        if local.error is not None:
+            raise local.error
+        failed = int(counts["failed"])
+        raise PeerFailure(f"{failed} other process(es) failed in this step; see their traceback")
+    skip = next((reason for reason in SKIPS if counts[reason]), None)
+    stop = agreed_stop(agreed[len(flags) : len(flags) + len(stops)])
+    return AgreedStep(skip, stop, agreed[len(flags) + len(stops) :])
+
+
+def apply_update(parts: Parts, cfg: LaserConfig, env: DistEnv, flat: torch.Tensor | None, sums: list[float]):
+    """The agreed update: the gradient of the mean loss over the step's pairs (every rank's: one all-reduce
+    of ``flat`` under DDP), clipping, the optimizer and schedule step. Returns the gradient norm, or None
+    when it is not finite (then nothing is updated)."""
+    pairs = sums[0]
+    if flat is None:
+        scale_gradients(parts.trainable(), 1.0 / pairs)  # sum over the step's pairs -> their mean
+    else:
+        average_gradients(env, parts.trainable(), flat, pairs)
+    norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
+    if not torch.isfinite(norm):
+        parts.optimizer.zero_grad(set_to_none=True)
+        return None
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def train_step(
     parts: Parts,
     batches: list[PairBatch],
@@ -237,19 +360,16 @@ def train_step(
     stop_signal: int | None,
     perturb: LaserPerturbation | None = None,
 ) -> dict:
-    """Forward, loss and backward of each of ``batches`` on each rank (the micro-batches of the step's
-    ``grad_accum_steps`` batches, their gradients accumulated; ranks may run different numbers of them, as
-    the budget cuts their batches differently); then, when every rank's step is usable, the gradient of the
-    mean loss over all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
+    """One optimizer step: this rank's micro-batches (:func:`run_micro_batches`: the micro-batches of the
+    step's ``grad_accum_steps`` batches, their gradients accumulated; ranks may run different numbers of them,
+    as the budget cuts their batches differently), the ranks' agreement (:func:`agree_on_step`), then, when
+    every rank's step is usable, the update (:func:`apply_update`).
 
     A rank that runs out of memory (in a forward, a backward, or allocating the update's buffers: see
-    :func:`prepare_update`) frees what the step allocated and reports it: every rank then skips the
-    step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
-    A micro-batch whose loss is not finite ends the rank's step at once (its graph released, the step's
-    remaining micro-batches not run) and every rank skips the step.
-    A rank whose local steps fail otherwise (a bug, a device fault) reports it in the same all-reduce and
-    then re-raises its exception with its traceback, while the others raise
-    :class:`~s3prl_laser.training.ranks.PeerFailure`: the local steps run no collective, so every rank gets
+    :func:`prepare_update`), or whose loss is not finite, makes every rank skip the step, so the run goes on
+    with the next batch. A rank whose micro-batches fail otherwise (a bug, a device fault) reports it in the
+    agreement and then re-raises its exception with its traceback, while the others raise
+    :class:`~s3prl_laser.training.ranks.PeerFailure`: the micro-batches run no collective, so every rank gets
     there. ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
     ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
     The host waits for the device once per micro-batch (its sums) and once for the agreement.
@@ -257,74 +377,24 @@ def train_step(
     Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
     rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
     """
-    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer over the micro-batches run
-    oom, error, nonfinite, ran, flat = None, None, False, 0, None
-    for batch in batches:
-        if batch.num_pairs == 0:
-            continue
-        try:
-            stats = local_step(parts, batch, cfg, env, perturb)
-        except torch.OutOfMemoryError:
-            oom = batch
-            break
-        except Exception as exc:  # a bug or a device fault on this rank: tell the others before raising it
-            if not env.distributed:
-                raise
-            error = exc
-            break
-        if stats is None:  # the step is skipped: its remaining micro-batches would be wasted work
-            nonfinite = True
-            break
-        sums, ran = [a + v for a, v in zip(sums, stats, strict=True)], ran + 1
-    if ran and oom is None and error is None and not nonfinite:
-        try:
-            flat = prepare_update(parts, env)
-        except torch.OutOfMemoryError:
-            oom = batches[-1]
-    if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
-        flat = None
-        release_memory(parts, env)
-        logger.warning(
-            "out of memory in the step on batch %s (micro-batch %d of %d: %d pairs, %d samples per row): "
-            "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
-            oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
-        )  # fmt: skip
-    empty = not ran and oom is None and error is None and not nonfinite
-    if nonfinite or oom is not None:
-        sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
-    flags = [float(error is not None), float(empty), float(nonfinite), float(oom is not None)]
-    flags += stop_flags(stop_signal)
-    agreed = agree(env, flags + sums)
-    any_failed, any_empty, any_nonfinite, any_oom, *stops = agreed[: len(flags)]
-    pairs, loss_sum, align_sum, reg_sum = agreed[len(flags) :]
-    if any_failed:
-        if error is not None:
-            raise error
-        raise PeerFailure(f"{int(any_failed)} other process(es) failed in this step; see their traceback")
-    result = {"stepped": False, "skip": None, "stop": agreed_stop(stops), "pairs": int(pairs)}
-    if any_empty or any_nonfinite or any_oom:
-        result["skip"] = "oom" if any_oom else "nonfinite" if any_nonfinite else "empty"
+    local = run_micro_batches(parts, batches, cfg, env, perturb)
+    agreed = agree_on_step(env, local, stop_signal)
+    pairs, loss_sum, align_sum, reg_sum = agreed.sums
+    result = {"stepped": False, "skip": agreed.skip, "stop": agreed.stop, "pairs": int(pairs)}
+    if agreed.skip is not None:
         result["pairs"] = 0  # a skipped step trains on nothing
         parts.optimizer.zero_grad(set_to_none=True)
         return result
-    if flat is None:
-        scale_gradients(parts.trainable(), 1.0 / pairs)  # sum over the step's pairs -> their mean
-    else:
-        average_gradients(env, parts.trainable(), flat, pairs)
-    norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
-    if not torch.isfinite(norm):
-        parts.optimizer.zero_grad(set_to_none=True)
+    norm = apply_update(parts, cfg, env, local.flat, agreed.sums)
+    if norm is None:
         result["skip"] = "nonfinite"
         return result
-    parts.optimizer.step()
-    parts.scheduler.step()
-    parts.optimizer.zero_grad(set_to_none=True)
     result.update(
         stepped=True,
         loss=loss_sum / pairs,
         alignment=align_sum / pairs,
         regularizer=reg_sum / pairs,
-        grad_norm=float(norm),
+        grad_norm=norm,
         lr=parts.scheduler.get_last_lr()[0],
     )
     return result
