@@ -202,7 +202,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "num_workers": (APPLIED, "DataLoader workers; the same batches"),
     "prefetch_batches": (APPLIED, "DataLoader read-ahead; the same batches"),
     "perturb_on": (APPLIED, "where the same seeded perturbations run"),
-    "steps": (APPLIED, "the schedule decays from the current lr to 0 at the new last step, without a jump"),
+    "steps": (APPLIED, "the schedule decays from the current lr to 0 at the new last step, without a jump; "
+                       "a finished run starts a new decay from lr"),  # fmt: skip
     "batch_size": (REFUSED, "the batches of every epoch"),
     "grad_accum_steps": (REFUSED, "which batches make a step"),
     "lr": (APPLIED, "the peak lr: optimizer and schedule scale to it from the next step"),

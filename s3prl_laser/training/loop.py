@@ -578,7 +578,17 @@ def check_resumable(path: Path, checkpoint: dict, cfg: LaserConfig, env: DistEnv
             f"process takes its own share of the batches, so the data position would mean other data; "
             f"resume with {saved} process(es), or start a new run with another --out"
         )
-    refused = refused_changes(from_dict(checkpoint["config"]), cfg)
+    started = from_dict(checkpoint["config"])
+    step, total = checkpoint["step"], checkpoint["scheduler"]["lr_lambdas"][0]["total_steps"]
+    if total <= step < cfg.steps and step >= cfg.warmup_steps != started.warmup_steps:
+        example = min(step + max(1, (cfg.steps - step) // 10), cfg.steps - 1)
+        raise UserInputError(
+            f"--resume: warmup_steps={cfg.warmup_steps}: the run finished at step {step}, and warmup_steps "
+            f"is the step the warm-up ends at; give one between {step + 1} and {cfg.steps - 1} (e.g. "
+            f"warmup_steps={example}), or leave it out for a decay from lr={cfg.lr:g} to 0 at step "
+            f"{cfg.steps}"
+        )
+    refused = refused_changes(started, cfg)
     if refused:
         raise UserInputError(
             f"--resume: config.yaml differs from the checkpoint {path} in {'; '.join(refused)}: a resumed "
@@ -616,6 +626,8 @@ def resume(
     parts.head.load_state_dict(checkpoint["head"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    schedule, at = parts.scheduler.lr_lambdas[0], parts.scheduler.last_epoch
+    before, restarts = (schedule.warmup_steps, schedule.total_steps), schedule.restarts(at, cfg.steps)
     apply_optimizer_config(parts, cfg)
     checkpointing.restore_rng(checkpoint["rng"][env.rank], env.device)
     state.step = checkpoint["step"]
@@ -628,14 +640,13 @@ def resume(
     if env.is_main and not best_still_holds(out, state.step):
         state.best_step = state.best_value = None
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
-    schedule = parts.scheduler.lr_lambdas[0]
-    if state.step < cfg.steps and schedule.peak(state.step) == 0:
-        logger.warning(
-            "the learning rate is 0 for steps %d to %d (the schedule had decayed to 0, and a longer `steps` "
-            "goes on from there): training changes nothing; to train further, also give warmup_steps beyond "
-            "%d (the lr then warms up again from 0), or start a new run with another --out",
-            state.step + 1, cfg.steps, state.step,
+    if restarts:
+        logger.info(
+            "--resume: the run had finished at step %d (lr 0); its %d new steps follow a new schedule: %s",
+            at, cfg.steps - at, schedule.describe(at, cfg.lr),
         )  # fmt: skip
+    elif before != (schedule.warmup_steps, schedule.total_steps) and at < cfg.steps:
+        logger.info("--resume: the schedule goes on without a jump: %s", schedule.describe(at, cfg.lr))
 
 
 def best_still_holds(out: Path, step: int) -> bool:
