@@ -8,8 +8,10 @@ that a new run never writes over an earlier one. Most tests copy one finished ti
 fixture) and resume it for a few steps.
 """
 
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from test_finetune import FAST, final_weights, tensorboard_scalars
 
 from s3prl_laser.finetune import main
 from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import loop as trainer
 from s3prl_laser.training import parts as laser_model
 from s3prl_laser.training.config import (
     APPLIED,
@@ -363,3 +366,37 @@ def test_configs_that_train_nothing_are_warned_about():
     assert "only the projection head trains" in frozen
     (clip,) = no_op_warnings(resolve_config("hubert", overrides=["grad_clip=0"]))
     assert "every gradient to 0" in clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a stop signal in the middle of a step
+
+
+def test_a_signal_in_the_middle_of_a_step_saves_no_further_step_and_the_resume_is_bit_identical(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch, caplog
+):
+    """SIGINT from inside the loss of step 3's first micro-batch of 2: micro-batch 2 never runs, step 3 is
+    dropped (no update) and the checkpoint is step 2's; the resume then ends with the weights of a run never
+    stopped (with dropout: the dropped step's RNG draws must be undone, its data not passed)."""
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus), *FAST,
+            "steps=4", "save_every=4", "grad_accum_steps=2", "eval_every=0"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    real, calls = trainer.pair_loss, []
+
+    def signalling(*args):
+        calls.append(1)
+        if len(calls) == 5:  # step 3, micro-batch 1 of 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "pair_loss", signalling)
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "stopped")]) == 128 + signal.SIGINT
+    assert len(calls) == 5  # nothing after the micro-batch the signal came in
+    assert [step for step, _ in checkpointing.list_checkpoints(tmp_path / "stopped")] == [2]
+    one_line(caplog.text, "INFO", "signal 2 during step 3: the step is dropped unfinished; saving step 2")
+    one_line(caplog.text, "INFO", "stopped by signal 2 at step 2; resume with --resume")
+    monkeypatch.setattr(trainer, "pair_loss", real)
+    assert main(["--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -1,14 +1,16 @@
 """The training loop of a LASER run: steps, progress and TensorBoard, checkpoints and resume.
 
 One step: ``grad_accum_steps`` batches (default 1) of ``batch_size`` (view, view) pairs from
-``s3prl_laser.data``, each run as one or more micro-batches (as many as the audio budget
-``max_batch_seconds`` needs; it never changes which pairs make a step); for each micro-batch, both views
-through the model in one ``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward,
-gradients accumulated; then (when every rank's losses are finite) the gradient of the mean loss over all
-the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
-one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.training.validation`
-validates. Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything
-a bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
+``s3prl_laser.data``, each run as one or more micro-batches (as many as the audio budget ``max_batch_seconds``
+needs; it never changes which pairs make a step); for each micro-batch, both views through the model in one
+``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward, gradients accumulated; then
+(when every rank's losses are finite) the gradient of the mean loss over all the step's pairs, clipping, AdamW
+step. Ranks agree on skips and stop requests through one small all-reduce per step (a stop signal that comes
+before a step's last micro-batch drops that step, unfinished, on every rank; one during the last micro-batch
+is agreed before the update, which counts), and every ``eval_every`` steps
+:mod:`s3prl_laser.training.validation` validates. Training checkpoints (every ``save_every`` steps, at the end
+and on a stop signal) hold everything a bit-identical resume needs: trainable weights, head, optimizer,
+schedule, every rank's RNG, data position.
 
 Example::
 
@@ -236,7 +238,8 @@ class LocalStep:
     ``sums``: pairs, loss * pairs, alignment, regularizer over the micro-batches run (zero when the step is
     not usable); ``ran``: how many ran; ``oom``: the batch that ran out of memory; ``error``: an exception
     of this rank (a bug, a device fault) to raise once the others know; ``nonfinite``: a loss was not
-    finite; ``flat``: under DDP, the flat gradient buffer the update averages (:func:`prepare_update`).
+    finite; ``flat``: under DDP, the flat gradient buffer the update averages (:func:`prepare_update`);
+    ``cut``: a stop signal came before all micro-batches ran (the step is dropped, unfinished).
     """
 
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
@@ -245,43 +248,57 @@ class LocalStep:
     error: Exception | None = None
     nonfinite: bool = False
     flat: torch.Tensor | None = None
+    cut: bool = False
 
     @property
     def outcomes(self) -> dict[str, bool]:
         """What this rank reports in the step's agreement; any of them on any rank skips the step."""
         return {
             "failed": self.error is not None,
-            "empty": not self.ran and self.oom is None and self.error is None and not self.nonfinite,
+            "empty": not (self.ran or self.oom is not None or self.error or self.nonfinite or self.cut),
             "nonfinite": self.nonfinite,
             "oom": self.oom is not None,
+            "cut": self.cut,
         }
 
 
 @dataclass
 class AgreedStep:
     """What every rank of a step agreed on: why the step is skipped (None: it counts), the signal the run
-    stops for (None: none), and the step's sums over all ranks (pairs, loss * pairs, alignment, regularizer).
+    stops for (None: none), the step's sums over all ranks (pairs, loss * pairs, alignment, regularizer),
+    and whether a rank cut it short for that signal (then every rank drops it: no update, no data passed).
     """
 
     skip: str | None
     stop: int | None
     sums: list[float]
+    cut: bool = False
 
 
 SKIPS = ("oom", "nonfinite", "empty")  # the reported skip when several apply: the first one
 
 
 def run_micro_batches(
-    parts: Parts, batches: list[PairBatch], cfg: LaserConfig, env: DistEnv, perturb: LaserPerturbation | None
+    parts: Parts,
+    batches: list[PairBatch],
+    cfg: LaserConfig,
+    env: DistEnv,
+    perturb: LaserPerturbation | None,
+    stop: StopSignals | None = None,
 ) -> LocalStep:
     """This rank's part of a step: :func:`local_step` on each of ``batches`` (gradients accumulated), then
     :func:`prepare_update`. Runs no collective. It stops at the first micro-batch that runs out of memory
     (then frees what the step allocated), whose loss is not finite (its graph is released), or that fails
-    otherwise under DDP (kept in ``error``; on one process it is raised at once)."""
+    otherwise under DDP (kept in ``error``; on one process it is raised at once); and before any micro-batch
+    once ``stop`` has received a signal (``cut``: the step is then dropped by every rank, so a signal costs at
+    most the micro-batch in progress, not the rest of the step and one more)."""
     local = LocalStep()
     for batch in batches:
         if batch.num_pairs == 0:
             continue
+        if stop is not None and stop.signum is not None:
+            local.cut = True
+            break
         try:
             stats = local_step(parts, batch, cfg, env, perturb)
         except torch.OutOfMemoryError:
@@ -310,17 +327,18 @@ def run_micro_batches(
             "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
             oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
-    if local.nonfinite or local.oom is not None:
+    if local.nonfinite or local.oom is not None or local.cut:
         local.sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
     return local
 
 
-def agree_on_step(env: DistEnv, local: LocalStep, stop_signal: int | None) -> AgreedStep:
-    """One small all-reduce of every rank's outcomes, stop request and sums. A rank whose micro-batches
-    failed raises its own exception; the others raise :class:`~s3prl_laser.training.ranks.PeerFailure`."""
+def agree_on_step(env: DistEnv, local: LocalStep, stop: StopSignals | None) -> AgreedStep:
+    """One small all-reduce of every rank's outcomes, stop request (``stop`` read now: a signal that came
+    during this rank's micro-batches counts for this step) and sums. A rank whose micro-batches failed raises
+    its own exception; the others raise :class:`~s3prl_laser.training.ranks.PeerFailure`."""
     outcomes = local.outcomes
     flags = [float(v) for v in outcomes.values()]
-    stops = stop_flags(stop_signal)
+    stops = stop_flags(stop.signum if stop is not None else None)
     agreed = agree(env, flags + stops + local.sums)
     counts = dict(zip(outcomes, agreed[: len(flags)], strict=True))
     if counts["failed"]:
@@ -329,8 +347,8 @@ def agree_on_step(env: DistEnv, local: LocalStep, stop_signal: int | None) -> Ag
         failed = int(counts["failed"])
         raise PeerFailure(f"{failed} other process(es) failed in this step; see their traceback")
     skip = next((reason for reason in SKIPS if counts[reason]), None)
-    stop = agreed_stop(agreed[len(flags) : len(flags) + len(stops)])
-    return AgreedStep(skip, stop, agreed[len(flags) + len(stops) :])
+    signal = agreed_stop(agreed[len(flags) : len(flags) + len(stops)])
+    return AgreedStep(skip, signal, agreed[len(flags) + len(stops) :], cut=bool(counts["cut"]))
 
 
 def apply_update(parts: Parts, cfg: LaserConfig, env: DistEnv, flat: torch.Tensor | None, sums: list[float]):
@@ -357,7 +375,7 @@ def train_step(
     batches: list[PairBatch],
     cfg: LaserConfig,
     env: DistEnv,
-    stop_signal: int | None,
+    stop: StopSignals | None = None,
     perturb: LaserPerturbation | None = None,
 ) -> dict:
     """One optimizer step: this rank's micro-batches (:func:`run_micro_batches`: the micro-batches of the
@@ -370,17 +388,25 @@ def train_step(
     with the next batch. A rank whose micro-batches fail otherwise (a bug, a device fault) reports it in the
     agreement and then re-raises its exception with its traceback, while the others raise
     :class:`~s3prl_laser.training.ranks.PeerFailure`: the micro-batches run no collective, so every rank gets
-    there. ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
+    there. ``stop`` holds the signal this process received (if any), read before each micro-batch and at
+    the agreement: a signal that comes during the step's last micro-batch is agreed before its update (the
+    step counts and is saved); one that comes earlier drops the step on every rank (``dropped``: no update,
+    its data not passed; the checkpoint is then the previous step's).
     ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
     The host waits for the device once per micro-batch (its sums) and once for the agreement.
 
-    Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
-    rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
+    Returns a dict: ``stepped`` (bool), ``dropped`` (bool), ``skip`` (reason or None: "oom", "nonfinite",
+    "empty"), ``stop`` (the agreed signal or None), and the rank-averaged ``loss``, ``alignment``,
+    ``regularizer``, ``pairs`` (global).
     """
-    local = run_micro_batches(parts, batches, cfg, env, perturb)
-    agreed = agree_on_step(env, local, stop_signal)
+    local = run_micro_batches(parts, batches, cfg, env, perturb, stop)
+    agreed = agree_on_step(env, local, stop)
     pairs, loss_sum, align_sum, reg_sum = agreed.sums
-    result = {"stepped": False, "skip": agreed.skip, "stop": agreed.stop, "pairs": int(pairs)}
+    result = {"stepped": False, "dropped": False, "skip": agreed.skip, "stop": agreed.stop}
+    result["pairs"] = int(pairs)
+    if agreed.cut:  # a rank stopped before its last micro-batch: every rank drops the step
+        parts.optimizer.zero_grad(set_to_none=True)
+        return {**result, "dropped": True, "skip": None, "pairs": 0}
     if agreed.skip is not None:
         result["pairs"] = 0  # a skipped step trains on nothing
         parts.optimizer.zero_grad(set_to_none=True)
@@ -426,14 +452,26 @@ def train(
     writer = _tensorboard(out) if env.is_main else None
     progress = _progress(cfg, state, env)
     idle, started, pairs_at_start = 0, time.perf_counter(), state.pairs
+    steps = _steps(loader, cfg.grad_accum_steps)
     try:
-        for batches in _steps(loader, cfg.grad_accum_steps):
+        while True:
+            rng = checkpointing.capture_rng(env.device)  # a step dropped for a signal is retried from here
+            batches = next(steps)
+            result = train_step(parts, batches, cfg, env, stop, perturb)
+            if result["dropped"]:
+                checkpointing.restore_rng(rng, env.device)
+                state.stop_signal = result["stop"]
+                logger.info(
+                    "signal %d during step %d: the step is dropped unfinished; saving step %d",
+                    state.stop_signal, state.step + 1, state.step,
+                )  # fmt: skip
+                save(parts, state, cfg, out, env)
+                break
             for batch in batches:
                 for reason, count in batch.skipped.items():
                     state.counters[reason] += count
                 if batch.cropped:
                     state.counters["cropped_to_budget"] += batch.cropped
-            result = train_step(parts, batches, cfg, env, stop.signum, perturb)
             batch = batches[-1]
             state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
