@@ -148,12 +148,18 @@ def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
     ``config.yaml`` written: every user mistake is found here. None when a resumed run already finished."""
     from s3prl_laser.errors import UserInputError
     from s3prl_laser.models.sources import check_source
-    from s3prl_laser.training.config import no_op_warnings, resolve_config, resume_config, write_config
-    from s3prl_laser.training.heldout import validation_split
+    from s3prl_laser.training.config import (
+        from_dict,
+        no_op_warnings,
+        resolve_config,
+        resume_config,
+        write_config,
+    )
     from s3prl_laser.training.length_index import load_or_build_index
     from s3prl_laser.training.loop import check_resumable, read_newest_checkpoint
     from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
     from s3prl_laser.training.ranks import barrier, join_process_group
+    from s3prl_laser.training.run_clips import new_run_clips, resumed_run_clips, write_run_clips
 
     if args.upstream is None and not (args.resume and args.out):
         raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
@@ -193,11 +199,17 @@ def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
 
         probe_root(cfg.data, "probe=true: data")
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
-    held_out, items, where = validation_split(cfg, items)
+    if args.resume:  # the clips the run started with, whatever the source holds now
+        started = from_dict(found[1]["config"]) if found is not None else cfg
+        clips = resumed_run_clips(cfg, out, items, started, env.is_main)
+    else:
+        clips = new_run_clips(cfg, items)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
-    return RunPlan(cfg, out, args.resume, args.demo, found, items, held_out, where)
+        if not args.resume:
+            write_run_clips(out, clips)
+    return RunPlan(cfg, out, args.resume, args.demo, found, clips.train, clips.held_out, clips.where)
 
 
 def train_run(plan: RunPlan, env: DistEnv):
