@@ -144,42 +144,21 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
 
 def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
-    """The run's config (new, or resumed from ``--out``), its claim on ``--out``, its source and data checked,
-    ``config.yaml`` written: every user mistake is found here. None when a resumed run already finished."""
-    from s3prl_laser.errors import UserInputError
+    """The run's config (new, or resumed from ``--out``), its claim on ``--out``, its source and clips
+    checked, ``config.yaml`` written: every user mistake is found here. None when a resumed run already
+    finished."""
     from s3prl_laser.models.sources import check_source
-    from s3prl_laser.training.config import (
-        from_dict,
-        no_op_warnings,
-        resolve_config,
-        resume_config,
-        write_config,
-    )
-    from s3prl_laser.training.length_index import load_or_build_index
-    from s3prl_laser.training.loop import check_resumable, read_newest_checkpoint
-    from s3prl_laser.training.paths import absolute_paths, check_output_folder, remove_run
+    from s3prl_laser.training.config import no_op_warnings, resolve_config, write_config
+    from s3prl_laser.training.paths import remove_run
     from s3prl_laser.training.ranks import barrier, join_process_group
-    from s3prl_laser.training.run_clips import new_run_clips, resumed_run_clips, write_run_clips
 
-    if args.upstream is None and not (args.resume and args.out):
-        raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
-    if args.resume and args.overwrite:
-        raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
-    out = Path(args.out or f"runs/{args.upstream}_laser")
-    check_output_folder(out, "--out")
-    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
+    out, extra = output_and_paths(args)
     found = replace = None
     if args.resume:
-        cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
-        for change in changes:
-            logger.info("--resume: %s", change)
-        done = finished_step(cfg, out)
-        if done is not None:
-            logger.info("the run in %s already finished (step %d of %d): nothing to do", out, done, cfg.steps)
+        resumed = resumed_config(args, out, extra, env)
+        if resumed is None:
             return None
-        found = read_newest_checkpoint(out, env)
-        if found is not None:
-            check_resumable(*found, cfg, env)
+        cfg, found = resumed
     else:
         cfg = resolve_config(args.upstream, args.config, args.overrides, demo=args.demo, extra=extra)
         replace = check_output_claim(out, args.overwrite, args.demo)  # before any rank writes
@@ -198,18 +177,64 @@ def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
         from s3prl_laser.probe.clips import probe_root
 
         probe_root(cfg.data, "probe=true: data")
-    items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
-    if args.resume:  # the clips the run started with, whatever the source holds now
-        started = from_dict(found[1]["config"]) if found is not None else cfg
-        clips = resumed_run_clips(cfg, out, items, started, env.is_main)
-    else:
-        clips = new_run_clips(cfg, items)
+    clips = run_clips(cfg, out, env, args.resume, found)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out / "config.yaml")
-        if not args.resume:
-            write_run_clips(out, clips)
     return RunPlan(cfg, out, args.resume, args.demo, found, clips.train, clips.held_out, clips.where)
+
+
+def output_and_paths(args: argparse.Namespace) -> tuple[Path, dict]:
+    """``--out`` (checked) and the paths given as flags (absolute); one line for flags that do not fit."""
+    from s3prl_laser.errors import UserInputError
+    from s3prl_laser.training.paths import absolute_paths, check_output_folder
+
+    if args.upstream is None and not (args.resume and args.out):
+        raise UserInputError("give --upstream (hubert or wavlm), or --resume --out RUN to continue a run")
+    if args.resume and args.overwrite:
+        raise UserInputError("--overwrite starts a new run and --resume continues one: give only one of them")
+    out = Path(args.out or f"runs/{args.upstream}_laser")
+    check_output_folder(out, "--out")
+    extra = absolute_paths({key: value for key, value in (("data", args.data), ("ckpt", args.ckpt)) if value})
+    return out, extra
+
+
+def resumed_config(args: argparse.Namespace, out: Path, extra: dict, env: DistEnv):
+    """``--resume``: the run's config with the changes given (each logged) and its newest checkpoint (None:
+    none yet), checked against each other; None when the run already finished."""
+    from s3prl_laser.training.config import resume_config
+    from s3prl_laser.training.loop import check_resumable, read_newest_checkpoint
+
+    cfg, changes = resume_config(out / "config.yaml", args.upstream, args.config, args.overrides, extra)
+    for change in changes:
+        logger.info("--resume: %s", change)
+    done = finished_step(cfg, out)
+    if done is not None:
+        logger.info("the run in %s already finished (step %d of %d): nothing to do", out, done, cfg.steps)
+        return None
+    found = read_newest_checkpoint(out, env)
+    if found is not None:
+        check_resumable(*found, cfg, env)
+    return cfg, found
+
+
+def run_clips(cfg: LaserConfig, out: Path, env: DistEnv, resume: bool, found: tuple[Path, dict] | None):
+    """The clips the run trains on and validates with: a new run's are the source's, split and kept in
+    ``OUT/clips.tsv`` by rank 0; a resumed run's are those it started with (``found``: its newest checkpoint;
+    :mod:`s3prl_laser.training.run_clips`). Data errors come here, before any model is loaded."""
+    from s3prl_laser.training.config import from_dict
+    from s3prl_laser.training.length_index import load_or_build_index
+    from s3prl_laser.training.run_clips import new_run_clips, resumed_run_clips, write_run_clips
+
+    items = load_or_build_index(cfg, out, env)
+    if not resume:
+        clips = new_run_clips(cfg, items)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_run_clips(out, clips)
+        return clips
+    started = from_dict(found[1]["config"]) if found is not None else cfg
+    return resumed_run_clips(cfg, out, items, started, env.is_main)
 
 
 def train_run(plan: RunPlan, env: DistEnv):
