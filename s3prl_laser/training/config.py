@@ -218,7 +218,9 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "dist_timeout_s": (APPLIED, "how long a collective waits for a lost process"),
     "save_every": (APPLIED, "checkpoint cadence"),
     "log_every": (APPLIED, "TensorBoard cadence"),
-    "eval_every": (APPLIED, "validation cadence"),
+    "eval_every": (APPLIED, "validation cadence only: the held-out clips are those the run started with "
+                            "(turning validation on for a run that held none out is refused, unless "
+                            "dev-clean is beside the data)"),  # fmt: skip
     "eval_clips": (REFUSED, "which clips are held out: some would become training clips, or the reverse"),
     "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
     "report_clips": (APPLIED, "the demo report"),
