@@ -48,17 +48,23 @@ def clips_path(out: Path) -> Path:
 
 
 def write_run_clips(out: Path, clips: RunClips) -> Path:
-    """Write ``OUT/clips.tsv`` atomically (a temporary file, then a rename): role, bytes, samples, path."""
+    """Write ``OUT/clips.tsv`` atomically (a temporary file, then a rename): role, bytes, samples (``-``: not
+    measured), path."""
     path = clips_path(out)
     header = {"train": len(clips.train), "held_out": len(clips.held_out), "where": clips.where,
               "held_out_from_source": clips.held_out_from_source}  # fmt: skip
     lines = [_HEADER + json.dumps(header)]
     for role, items in ((TRAIN, clips.train), (HELD_OUT, clips.held_out)):
-        lines += [f"{role}\t{os.stat(item.path).st_size}\t{item.num_samples}\t{item.path}" for item in items]
+        lines += [f"{role}\t{os.stat(item.path).st_size}\t{_samples(item)}\t{item.path}" for item in items]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _samples(item: AudioItem) -> str:
+    """A clip's length in samples, ``-`` when not measured (held-out clips of ``dev-clean``)."""
+    return "-" if item.num_samples is None else str(item.num_samples)
 
 
 def read_run_clips(out: Path) -> tuple[RunClips, dict[str, int]] | None:
@@ -77,7 +83,7 @@ def read_run_clips(out: Path) -> tuple[RunClips, dict[str, int]] | None:
         sizes = {}
         for row in rows:
             role, size, samples, clip = row.split("\t", 3)
-            roles[role].append(AudioItem(clip, int(samples)))
+            roles[role].append(AudioItem(clip, int(samples) if samples != "-" else None))
             sizes[clip] = int(size)
         if (len(roles[TRAIN]), len(roles[HELD_OUT])) != (header["train"], header["held_out"]):
             raise ValueError("clip counts differ from the header")
