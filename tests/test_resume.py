@@ -400,3 +400,69 @@ def test_a_signal_in_the_middle_of_a_step_saves_no_further_step_and_the_resume_i
     assert main(["--out", str(tmp_path / "stopped"), "--resume"]) == 0
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the resume examples of README.md and docs/
+
+
+def resume_examples() -> list[tuple[str, str, str]]:
+    """``(where, overrides, comment)`` of every ``--resume`` command line in README.md and docs/ (not the
+    quoted output, whose lines start with ``$``). Lines without a comment stand in prose about a finished
+    run."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = re.match(r"python -m s3prl_laser\.finetune --out runs/\w+ --resume(.*?)(?:#\s*(.*))?$",
+                             line)  # fmt: skip
+            if match:
+                found.append((f"{path.name}:{number}", match.group(1).strip(), match.group(2) or "finished"))
+    return found
+
+
+def test_the_resume_examples_of_the_docs_are_all_found():
+    examples = resume_examples()
+    assert len(examples) >= 6 and {overrides for _, overrides, _ in examples} >= {
+        "", "steps=5000 lr=1e-5", "steps=5000 warmup_steps=3700", "steps=5000 warmup_steps=3800"
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_resume_example_in_the_docs_does_what_its_comment_says(finished_run, tmp_path, caplog):
+    """Each example on the tiny 4-step run, its step numbers moved onto it (the examples' runs finished at
+    3600: step N becomes 4 + (N - 3600) / 100, so steps=5000 is 18 and warmup_steps=3700 is 5). On a run
+    stopped at step 2 (comments about a crash or a continued run) it reaches its last step, the very weights
+    of the run never stopped when nothing changes; on a finished run (comments that say so) the new steps
+    are trained, at the lr given (or the run's own), after the warm-up given."""
+    finished = final_weights(finished_run)
+    runs = 0
+    for where, overrides, comment in {(o, c): (w, o, c) for w, o, c in resume_examples()}.values():
+        keys = dict(item.split("=", 1) for item in overrides.split())
+        moved = {k: str(4 + (int(v) - 3600) // 100) if k in ("steps", "warmup_steps") else v
+                 for k, v in keys.items()}  # fmt: skip
+        argv = [f"{k}={v}" for k, v in moved.items()]
+        starts = [s for s, words in ((2, ("crash", "continue", "changed")), (4, ("finished",)))
+                  if any(word in comment for word in words)]  # fmt: skip
+        assert starts, f"{where}: a comment that says neither what run it continues nor that it finished"
+        for start in starts:
+            run = Path(shutil.copytree(finished_run, tmp_path / f"run{runs}"))
+            runs += 1
+            if start == 2:
+                interrupted_at(run, 2)
+            caplog.clear()
+            assert main(["--out", str(run), "--resume", *argv, "eval_every=0"]) == 0, (where, start)
+            last = checkpointing.list_checkpoints(run)[-1][0]
+            assert last == int(moved.get("steps", 4)), (where, start)
+            for key in moved:
+                assert f"--resume: {key}: " in caplog.text, (where, key)
+            weights = final_weights(run)
+            same = all(torch.equal(finished[name], weights[name]) for name in finished)
+            assert same == (not moved), (where, start)  # nothing changed: bit-identical; else trained on
+            if start == 4:  # new steps trained: from the peak down to 0, or up to it where the warm-up ends
+                lr, peak = logged_lr(run), float(moved.get("lr", 1e-3))
+                if "warmup_steps" in moved:
+                    assert lr[int(moved["warmup_steps"])] == pytest.approx(peak), where
+                else:  # at step k, the lr for step k + 1: a line from the peak at step 5 to 0 at the last
+                    expected = [peak * (last - s) / (last - 4) for s in range(5, last + 1)]
+                    assert [lr[s] for s in range(5, last + 1)] == pytest.approx(expected), where
+                one_line(caplog.text, "the run had finished at step 4 (lr 0)", "new schedule")
