@@ -24,7 +24,8 @@ earlier demo run by itself. ``--resume`` continues the run in ``--out`` from its
 ``--upstream``, ``--data`` and ``--ckpt`` are not needed again, and a flag, ``--config`` or ``key=value``
 changes a key only when given (each change is logged as ``key: old -> new``); a key that would change the
 model's shape or which data a step sees is refused (:data:`s3prl_laser.training.config.RESUME_RULES`), and so
-is another number of processes. Resuming a finished run says so and exits 0.
+is another number of processes. A resumed run trains on the clips it started with (``OUT/clips.tsv``).
+Resuming a finished run says so and exits 0; ``steps=N`` beyond its end trains the new steps.
 
 Exit status: 0 when done; 2 with a one-line message naming the file or key for a mistake in the config,
 data, checkpoint or paths (found before training); 128 + N after signal N (SIGINT, SIGTERM) reached any

@@ -459,19 +459,9 @@ def train(
             batches = next(steps)
             result = train_step(parts, batches, cfg, env, stop, perturb)
             if result["dropped"]:
-                checkpointing.restore_rng(rng, env.device)
-                state.stop_signal = result["stop"]
-                logger.info(
-                    "signal %d during step %d: the step is dropped unfinished; saving step %d",
-                    state.stop_signal, state.step + 1, state.step,
-                )  # fmt: skip
-                save(parts, state, cfg, out, env)
+                drop_step(parts, state, cfg, out, env, rng, result["stop"])
                 break
-            for batch in batches:
-                for reason, count in batch.skipped.items():
-                    state.counters[reason] += count
-                if batch.cropped:
-                    state.counters["cropped_to_budget"] += batch.cropped
+            count_batches(state, batches)
             batch = batches[-1]
             state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
@@ -507,6 +497,30 @@ def train(
     if state.counters:
         logger.info("skipped during training: %s", dict(state.counters))
     return state
+
+
+def drop_step(
+    parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv, rng: dict, signum: int
+) -> None:
+    """A step the ranks dropped for a stop signal: the RNG back to where the step began (``rng``), so that
+    the resumed run draws what the dropped step drew; the data position stays at its first batch; then the
+    checkpoint of the step before it."""
+    checkpointing.restore_rng(rng, env.device)
+    state.stop_signal = signum
+    logger.info(
+        "signal %d during step %d: the step is dropped unfinished; saving step %d",
+        signum, state.step + 1, state.step,
+    )  # fmt: skip
+    save(parts, state, cfg, out, env)
+
+
+def count_batches(state: TrainState, batches: list[PairBatch]) -> None:
+    """Add the clips the step's batches skipped (by reason) and cropped to the run's counters."""
+    for batch in batches:
+        for reason, count in batch.skipped.items():
+            state.counters[reason] += count
+        if batch.cropped:
+            state.counters["cropped_to_budget"] += batch.cropped
 
 
 def _steps(loader, accumulate: int):
@@ -680,11 +694,11 @@ def resume(
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
     if restarts:
         logger.info(
-            "--resume: the run had finished at step %d (lr 0); its %d new steps follow a new schedule: %s",
+            "the run had finished at step %d (lr 0); its %d new steps follow a new schedule: %s",
             at, cfg.steps - at, schedule.describe(at, cfg.lr),
         )  # fmt: skip
     elif before != (schedule.warmup_steps, schedule.total_steps) and at < cfg.steps:
-        logger.info("--resume: the schedule goes on without a jump: %s", schedule.describe(at, cfg.lr))
+        logger.info("the schedule goes on without a jump: %s", schedule.describe(at, cfg.lr))
 
 
 def best_still_holds(out: Path, step: int) -> bool:

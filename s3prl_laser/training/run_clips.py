@@ -144,7 +144,7 @@ def resumed_run_clips(cfg, out: Path, current: list[AudioItem], started, is_main
         sizes = {item.path: os.stat(item.path).st_size for item in clips.train + clips.held_out}
         if is_main:
             write_run_clips(out, clips)
-            logger.info("--resume: the run's clips written to %s (%d)", clips_path(out), len(clips.train))
+            logger.info("the run's clips written to %s (%d)", clips_path(out), len(clips.train))
     else:
         clips, sizes = found
         check_clips_unchanged(out, sizes)
