@@ -3,8 +3,9 @@
 
     python tests/cluster_faults.py FINETUNE_ARGS...
 
-``SIGNAL_TWICE=INT|TERM``: every rank sends itself that signal as step ``SIGNAL_AT`` begins (default 2) and
-again when that step's checkpoint is being agreed (in the ranks' weight check that opens every save).
+``SIGNAL_TWICE=INT|TERM``: every rank sends itself that signal in the middle of step ``SIGNAL_AT`` (default
+2), inside the loss of its micro-batch ``SIGNAL_PART`` (default 1), and again when the checkpoint is being
+agreed (in the ranks' weight check that opens every save).
 ``FAIL_SAVE=1``: writing a checkpoint fails as on a full disk (``OSError``).
 ``LINEAR_ADAMW=1``: AdamW with ``eps=1e3`` (its update linear in the gradient).
 """
@@ -24,23 +25,29 @@ if os.environ.get("LINEAR_ADAMW") == "1":
 
 if "SIGNAL_TWICE" in os.environ:
     signum = getattr(signal, "SIG" + os.environ["SIGNAL_TWICE"])
-    at, steps, real_step, real_check = int(os.environ.get("SIGNAL_AT", "2")), [], loop.train_step, None
+    at, part = int(os.environ.get("SIGNAL_AT", "2")), int(os.environ.get("SIGNAL_PART", "1"))
+    steps, losses = [], []
+    real_step, real_loss, real_check = loop.train_step, loop.pair_loss, loop.check_ranks_in_sync
 
-    def signalling_step(*args, **kwargs):
+    def counting_step(*args, **kwargs):
         steps.append(1)
-        result = real_step(*args, **kwargs)
-        if len(steps) == at - 1:  # the first one, as step ``at`` begins (the trainer reads it then)
-            os.kill(os.getpid(), signum)
-        return result
+        losses.clear()
+        return real_step(*args, **kwargs)
 
-    real_check = loop.check_ranks_in_sync
+    def signalling_loss(*args, **kwargs):
+        losses.append(1)
+        if len(steps) == at and len(losses) == part:
+            os.kill(os.getpid(), signum)  # the first one, inside micro-batch ``part`` of step ``at``
+        return real_loss(*args, **kwargs)
 
     def signalling_check(parts, env):
-        if len(steps) == at:
+        if len(steps) >= at:
             os.kill(os.getpid(), signum)  # the second one, while the checkpoint is agreed
         return real_check(parts, env)
 
-    loop.train_step, loop.check_ranks_in_sync = signalling_step, signalling_check
+    loop.train_step, loop.pair_loss, loop.check_ranks_in_sync = (
+        counting_step, signalling_loss, signalling_check
+    )
 
 if os.environ.get("FAIL_SAVE") == "1":
 

@@ -36,26 +36,33 @@ def torchrun(*options: str) -> list[str]:
 
 @pytest.mark.fault_injection
 @pytest.mark.slow
-def test_a_signal_sent_twice_still_saves_and_the_resume_is_bit_identical(
+def test_a_signal_sent_twice_in_the_middle_of_a_step_saves_no_further_step_and_resumes_bit_identically(
     tmp_path, tiny_hubert_ckpt, demo_corpus
 ):
-    """SIGINT at step 2, and again while its checkpoint is agreed: the step is saved, the exit is 130, and
-    ``--resume`` ends with the weights of a run that was never stopped (dropout and all)."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    """SIGINT inside step 3's loss (steps of 2 micro-batches), and again while the checkpoint is agreed. In
+    micro-batch 1 of 2: step 3 is dropped unfinished and step 2 is saved; in micro-batch 2 of 2: step 3 is
+    agreed before its update and saved. Either way the exit is 130, no step 4 is trained, and ``--resume``
+    ends with the weights of a run that was never stopped (dropout and all: the dropped step's RNG draws are
+    undone)."""
+    straight = tmp_path / "straight"
     run = functools.partial(warm_processes.run, capture_output=True, text=True, timeout=240)  # same threads
-    keys = ("steps=4", "save_every=4")
+    keys = ("steps=5", "save_every=5", "grad_accum_steps=2")
     done = run([sys.executable, FAULTS, *args(straight, tiny_hubert_ckpt, demo_corpus, *keys)], env=ENV)
     assert done.returncode == 0, done.stderr
-    cmd = [sys.executable, FAULTS, *args(stopped, tiny_hubert_ckpt, demo_corpus, *keys)]
-    result = run(cmd, env={**ENV, "SIGNAL_TWICE": "INT"})
-    log = result.stdout + result.stderr
-    assert result.returncode == 128 + signal.SIGINT, log
-    assert "received signal 2 again" in log and "Traceback" not in log and "KeyboardInterrupt" not in log
-    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(stopped))["step"] == 2
-    resumed = run([sys.executable, FAULTS, "--out", str(stopped), "--resume"], env=ENV)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = weights(straight), weights(stopped)
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    for part, saved in ((1, 2), (2, 3)):
+        stopped = tmp_path / f"stopped_in_{part}"
+        cmd = [sys.executable, FAULTS, *args(stopped, tiny_hubert_ckpt, demo_corpus, *keys)]
+        result = run(cmd, env={**ENV, "SIGNAL_TWICE": "INT", "SIGNAL_AT": "3", "SIGNAL_PART": str(part)})
+        log = result.stdout + result.stderr
+        assert result.returncode == 128 + signal.SIGINT, log
+        assert "received signal 2 again" in log and "Traceback" not in log and "KeyboardInterrupt" not in log
+        assert f"stopped by signal 2 at step {saved}; resume with --resume" in log, log
+        assert ("the step is dropped unfinished" in log) == (part == 1), log
+        assert [step for step, _ in checkpoints.list_checkpoints(stopped)] == [saved]
+        resumed = run([sys.executable, FAULTS, "--out", str(stopped), "--resume"], env=ENV)
+        assert resumed.returncode == 0, resumed.stderr
+        a, b = weights(straight), weights(stopped)
+        assert all(torch.equal(a[name], b[name]) for name in a), part
 
 
 @pytest.mark.slow

@@ -80,10 +80,10 @@ if apply_effects_tensor.__module__ == compat.__name__:  # the stand-in (the real
     first, *rest = run_fresh(code, tmp_path).splitlines()
     import torchaudio
 
-    removed = compat._release(torchaudio.__version__) >= (2, 9)  # set_audio_backend, sox_effects: gone
+    removed = shims._release(torchaudio.__version__) >= (2, 9)  # set_audio_backend, sox_effects: gone
     stand_in, module = first.split()
     assert stand_in == str(removed)
-    assert (module == compat.__name__) is removed
+    assert (module == shims.__name__) is removed
     if removed:
         assert rest and rest[0].startswith("refused: torchaudio >= 2.9 has no sox_effects"), rest
 
@@ -92,13 +92,13 @@ def test_torchaudio_stand_ins_never_shadow_the_librarys_own():
     own = object()
     module = types.ModuleType("torchaudio")
     module.__version__, module.set_audio_backend, module.load = "2.8.0+cu128", own, own
-    compat.patch_torchaudio(module)
+    shims.patch_torchaudio(module)
     assert module.set_audio_backend is own and module.load is own
     bare = types.ModuleType("torchaudio")
     bare.__version__ = "2.11.0"
-    compat.patch_torchaudio(bare)
-    assert bare.set_audio_backend is compat.set_audio_backend
-    assert compat.set_audio_backend("sox_io") is None
+    shims.patch_torchaudio(bare)
+    assert bare.set_audio_backend is shims.set_audio_backend
+    assert shims.set_audio_backend("sox_io") is None
 
 
 def test_hf_folder_token_round_trip_through_huggingface_hubs_reader(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ that a new run never writes over an earlier one. Most tests copy one finished ti
 fixture) and resume it for a few steps.
 """
 
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import yaml
 from test_finetune import FAST, final_weights, tensorboard_scalars
 
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints
+from s3prl_laser.training import checkpoints, loop
 from s3prl_laser.training import parts as training_parts
 from s3prl_laser.training.config import (
     APPLIED,
@@ -101,20 +103,29 @@ def test_docs_table_is_the_code_table():
 # the schedule
 
 
-def test_schedule_keeps_its_plain_form_until_retargeted_and_survives_a_checkpoint(tmp_path):
-    schedule = WarmupDecay(warmup_steps=3, total_steps=10, from_zero=True)
-    assert [schedule(s) for s in range(10)] == [linear_warmup_decay(s, 3, 10, True) for s in range(10)]
-    schedule.retarget(5, 3, 10, True)  # the same targets: nothing changes
-    assert schedule.start_factor is None
-    schedule.retarget(5, 3, 20, True)
+def test_schedule_follows_its_formula_until_retargeted_and_survives_a_checkpoint(tmp_path):
+    """The plain schedule against its formula written out by hand (warm-up to 1, linear to 0), a no-op
+    retarget, and a retargeted schedule written by LambdaLR and read back into one built with other
+    targets: it must give the retargeted values (a state_dict that dropped the schedule's fields would give
+    the fresh one's)."""
+    from_zero = WarmupDecay(warmup_steps=3, total_steps=10, from_zero=True)
+    plain = WarmupDecay(warmup_steps=3, total_steps=10)
+    expected_from_zero = [0, 1 / 3, 2 / 3, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0]
+    expected_plain = [1 / 3, 2 / 3, 1, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0]
+    assert [from_zero(s) for s in range(11)] == pytest.approx(expected_from_zero, abs=1e-12)
+    assert [plain(s) for s in range(11)] == pytest.approx(expected_plain, abs=1e-12)
+    from_zero.retarget(5, 3, 10, True)  # the same targets: nothing changes
+    assert [from_zero(s) for s in range(11)] == pytest.approx(expected_from_zero, abs=1e-12)
+    from_zero.retarget(5, 3, 20, True)  # from 5/7 at step 5 in a line to 0 at step 20
+    retargeted = [5 / 7 * (20 - s) / 15 for s in range(5, 21)]
+    assert [from_zero(s) for s in range(5, 21)] == pytest.approx(retargeted, abs=1e-12)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
-    saved = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule).state_dict()
-    torch.save(saved, tmp_path / "s.pt")
+    torch.save(torch.optim.lr_scheduler.LambdaLR(optimizer, from_zero).state_dict(), tmp_path / "s.pt")
     fresh = WarmupDecay(warmup_steps=1, total_steps=2)
     torch.optim.lr_scheduler.LambdaLR(optimizer, fresh).load_state_dict(
         torch.load(tmp_path / "s.pt", weights_only=True)
     )
-    assert fresh == schedule and [fresh(s) for s in range(5, 20)] == [schedule(s) for s in range(5, 20)]
+    assert [fresh(s) for s in range(5, 21)] == pytest.approx(retargeted, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +140,9 @@ def test_a_retargeted_schedule_goes_on_from_the_current_lr_to_its_new_targets(
     before = schedule(step)
     schedule.retarget(step, new_warmup, new_total)
     factors = [schedule(s) for s in range(step, new_total + 1)]
-    assert factors[0] == pytest.approx(before, abs=1e-12)  # no jump where the change happens
+    if step >= total and step >= new_warmup:  # a finished schedule extended: a new decay from the peak
+        before = 1.0
+    assert factors[0] == pytest.approx(before, abs=1e-12)  # else no jump where the change happens
     assert factors[-1] == pytest.approx(0.0, abs=1e-12) and min(factors) >= 0  # decayed to 0 at the end
     if step < new_warmup:  # up to the peak at the end of the new warm-up, then down
         peak = new_warmup - step
@@ -143,13 +156,18 @@ def test_a_retargeted_schedule_goes_on_from_the_current_lr_to_its_new_targets(
         assert factors[: warmup - step] == plain
 
 
-def test_a_finished_schedule_extended_stays_at_zero_unless_a_new_warm_up_is_given():
+def test_a_finished_schedule_extended_starts_anew_from_the_peak_or_warms_up_from_zero():
     ended = WarmupDecay(2, 10)
-    ended.retarget(10, 2, 20)
-    assert [ended(s) for s in range(10, 20)] == [0.0] * 10 and ended.peak(10) == 0.0
+    assert ended(10) == 0.0
+    ended.retarget(10, 2, 20)  # no warm-up after step 10: a decay from 1 at step 10 to 0 at step 20
+    decay = [(20 - s) / 10 for s in range(10, 21)]
+    assert [ended(s) for s in range(10, 21)] == pytest.approx(decay, abs=1e-12)
     rewarmed = WarmupDecay(2, 10)
-    rewarmed.retarget(10, 14, 20)
+    rewarmed.retarget(10, 14, 20)  # a warm-up that ends at step 14: from 0 up to 1 there, then down
     assert [rewarmed(s) for s in (10, 12, 14, 17, 20)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    unfinished = WarmupDecay(2, 10)  # not over: goes on from its current multiplier (0.5 at step 6)
+    unfinished.retarget(6, 2, 14)
+    assert [unfinished(s) for s in (6, 10, 14)] == pytest.approx([0.5, 0.25, 0.0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,21 +193,39 @@ def test_resume_applies_lr_weight_decay_and_a_longer_schedule_for_real(run_copy,
         assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 6
 
 
-def test_more_steps_on_a_finished_run_keep_the_lr_at_zero_and_say_so(finished_run, run_copy, caplog):
+def test_more_steps_on_a_finished_run_are_trained_on_a_new_schedule_that_the_log_names(
+    finished_run, run_copy, caplog
+):
+    """The README's ``--resume steps=N lr=X`` on a finished run: the new steps decay from the given lr (or
+    the run's own peak) to 0 at N, and the weights move; a warm-up given ends where it says."""
     assert logged_lr(run_copy)[4] == 0.0  # the finished 4-step run ended at lr 0
-    assert main(["--out", str(run_copy), "--resume", "steps=5", "eval_every=0"]) == 0
-    assert logged_lr(run_copy)[5] == 0.0  # not 1e-3 * 1/4, as the schedule of a 5-step run would say
+    assert main(["--out", str(run_copy), "--resume", "steps=6", "lr=5e-4", "eval_every=0"]) == 0
+    lr = logged_lr(run_copy)  # at step k: the lr set for step k + 1 (steps 5, 6: 5e-4, 2.5e-4)
+    assert [lr[5], lr[6]] == pytest.approx([2.5e-4, 0.0])
+    line = one_line(caplog.text, "INFO", "new schedule")
+    assert line.endswith("the run had finished at step 4 (lr 0); its 2 new steps follow a new schedule: lr "
+                         "0.0005 at step 5, down to 0 at step 6")  # fmt: skip
     finished, extended = final_weights(finished_run), final_weights(run_copy)
-    assert all(torch.equal(finished[name], extended[name]) for name in finished)  # lr 0: nothing moved
-    warning = one_line(caplog.text, "WARNING", "learning rate is 0 for steps 5 to 5")
-    assert "warmup_steps beyond 4" in warning
-    caplog.clear()  # the way the warning names: a new warm-up from 0 up to lr, then down to 0 at 8
-    assert main(["--out", str(run_copy), "--resume", "steps=8", "warmup_steps=7"]) == 0
+    assert not all(torch.equal(finished[name], extended[name]) for name in finished)
+    caplog.clear()  # without lr=: the run's own peak lr (5e-4 since the resume above)
+    assert main(["--out", str(run_copy), "--resume", "steps=8"]) == 0
+    assert [logged_lr(run_copy)[s] for s in (7, 8)] == pytest.approx([5e-4 * 1 / 2, 0.0])
+    one_line(caplog.text, "new schedule: lr 0.0005 at step 7, down to 0 at step 8")
+    caplog.clear()  # a warm-up that ends at step 11: from 0 at step 9 up to lr there, then down to 0 at 12
+    assert main(["--out", str(run_copy), "--resume", "steps=12", "warmup_steps=11"]) == 0
     lr = logged_lr(run_copy)
-    assert [lr[s] for s in (6, 7, 8)] == pytest.approx([0.5e-3, 1e-3, 0.0])
-    assert "learning rate is 0" not in caplog.text
-    trained = final_weights(run_copy)
-    assert not all(torch.equal(finished[name], trained[name]) for name in finished)
+    assert [lr[s] for s in (9, 10, 11, 12)] == pytest.approx([5e-4 / 3, 1e-3 / 3, 5e-4, 0.0])
+    one_line(caplog.text, "new schedule: lr 0 at step 9, warming up to lr 0.0005 (warmup_steps=11)")
+    assert "WARNING" not in caplog.text
+
+
+def test_a_warm_up_that_ends_before_a_finished_runs_step_is_refused_before_any_model_loads(
+    run_copy, monkeypatch, caplog
+):
+    monkeypatch.setattr("s3prl_laser.models.upstream.load_base_model", no_model)
+    assert main(["--out", str(run_copy), "--resume", "steps=20", "warmup_steps=2"]) == 2
+    line = one_line(caplog.text, "error: --resume: warmup_steps=2: the run finished at step 4")
+    assert "give one between 5 and 19" in line and "Traceback" not in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,3 +365,103 @@ def test_configs_that_train_nothing_are_warned_about():
     assert "only the projection head trains" in frozen
     (clip,) = no_op_warnings(resolve_config("hubert", overrides=["grad_clip=0"]))
     assert "every gradient to 0" in clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a stop signal in the middle of a step
+
+
+def test_a_signal_in_the_middle_of_a_step_saves_no_further_step_and_the_resume_is_bit_identical(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch, caplog
+):
+    """SIGINT from inside the loss of step 3's first micro-batch of 2: micro-batch 2 never runs, step 3 is
+    dropped (no update) and the checkpoint is step 2's; the resume then ends with the weights of a run never
+    stopped (with dropout: the dropped step's RNG draws must be undone, its data not passed)."""
+    argv = ["--upstream", "hubert", "--ckpt", str(tiny_hubert_ckpt), "--data", str(demo_corpus), *FAST,
+            "steps=4", "save_every=4", "grad_accum_steps=2", "eval_every=0"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    real, calls = loop.pair_loss, []
+
+    def signalling(*args):
+        calls.append(1)
+        if len(calls) == 5:  # step 3, micro-batch 1 of 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(loop, "pair_loss", signalling)
+    caplog.clear()
+    assert main([*argv, "--out", str(tmp_path / "stopped")]) == 128 + signal.SIGINT
+    assert len(calls) == 5  # nothing after the micro-batch the signal came in
+    assert [step for step, _ in checkpoints.list_checkpoints(tmp_path / "stopped")] == [2]
+    one_line(caplog.text, "INFO", "signal 2 during step 3: the step is dropped unfinished; saving step 2")
+    one_line(caplog.text, "INFO", "stopped by signal 2 at step 2; resume with --resume")
+    monkeypatch.setattr(loop, "pair_loss", real)
+    assert main(["--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the resume examples of README.md and docs/
+
+
+def resume_examples() -> list[tuple[str, str, str]]:
+    """``(where, overrides, comment)`` of every ``--resume`` command line in README.md and docs/ (not the
+    quoted output, whose lines start with ``$``). Lines without a comment stand in prose about a finished
+    run."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = re.match(r"python -m s3prl_laser\.finetune --out runs/\w+ --resume(.*?)(?:#\s*(.*))?$",
+                             line)  # fmt: skip
+            if match:
+                found.append((f"{path.name}:{number}", match.group(1).strip(), match.group(2) or "finished"))
+    return found
+
+
+def test_the_resume_examples_of_the_docs_are_all_found():
+    examples = resume_examples()
+    assert len(examples) >= 6 and {overrides for _, overrides, _ in examples} >= {
+        "", "steps=5000 lr=1e-5", "steps=5000 warmup_steps=3700", "steps=5000 warmup_steps=3800"
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_resume_example_in_the_docs_does_what_its_comment_says(finished_run, tmp_path, caplog):
+    """Each example on the tiny 4-step run, its step numbers moved onto it (the examples' runs finished at
+    3600: step N becomes 4 + (N - 3600) / 100, so steps=5000 is 18 and warmup_steps=3700 is 5). On a run
+    stopped at step 2 (comments about a crash or a continued run) it reaches its last step, the very weights
+    of the run never stopped when nothing changes; on a finished run (comments that say so) the new steps
+    are trained, at the lr given (or the run's own), after the warm-up given."""
+    finished = final_weights(finished_run)
+    runs = 0
+    for where, overrides, comment in {(o, c): (w, o, c) for w, o, c in resume_examples()}.values():
+        keys = dict(item.split("=", 1) for item in overrides.split())
+        moved = {k: str(4 + (int(v) - 3600) // 100) if k in ("steps", "warmup_steps") else v
+                 for k, v in keys.items()}  # fmt: skip
+        argv = [f"{k}={v}" for k, v in moved.items()]
+        starts = [s for s, words in ((2, ("crash", "continue", "changed")), (4, ("finished",)))
+                  if any(word in comment for word in words)]  # fmt: skip
+        assert starts, f"{where}: a comment that says neither what run it continues nor that it finished"
+        for start in starts:
+            run = Path(shutil.copytree(finished_run, tmp_path / f"run{runs}"))
+            runs += 1
+            if start == 2:
+                interrupted_at(run, 2)
+            caplog.clear()
+            assert main(["--out", str(run), "--resume", *argv, "eval_every=0"]) == 0, (where, start)
+            last = checkpoints.list_checkpoints(run)[-1][0]
+            assert last == int(moved.get("steps", 4)), (where, start)
+            for key in moved:
+                assert f"--resume: {key}: " in caplog.text, (where, key)
+            weights = final_weights(run)
+            same = all(torch.equal(finished[name], weights[name]) for name in finished)
+            assert same == (not moved), (where, start)  # nothing changed: bit-identical; else trained on
+            if start == 4:  # new steps trained: from the peak down to 0, or up to it where the warm-up ends
+                lr, peak = logged_lr(run), float(moved.get("lr", 1e-3))
+                if "warmup_steps" in moved:
+                    assert lr[int(moved["warmup_steps"])] == pytest.approx(peak), where
+                else:  # at step k, the lr for step k + 1: a line from the peak at step 5 to 0 at the last
+                    expected = [peak * (last - s) / (last - 4) for s in range(5, last + 1)]
+                    assert [lr[s] for s in range(5, last + 1)] == pytest.approx(expected), where
+                one_line(caplog.text, "the run had finished at step 4 (lr 0)", "new schedule")

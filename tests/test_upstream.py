@@ -409,7 +409,7 @@ def test_read_source_gives_s3prl_format_for_a_fairseq_file(fake_fairseq, tiny_hu
     assert sorted(state) == sorted(CKPT_KEYS["hubert"])
     assert state["dictionaries_symbols"] == converted["dictionaries_symbols"]
     assert state["model_weight"].keys() == converted["model_weight"].keys()
-    with pytest.raises(UserInputError, match=f"{path} is a fairseq checkpoint; WavLM is not read in that format"):
+    with pytest.raises(UserInputError, match=f"{path} is a fairseq checkpoint; WavLM is not read in that"):
         read_source("wavlm", path)
 
 class _RunsCode:

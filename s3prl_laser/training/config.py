@@ -202,7 +202,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "num_workers": (APPLIED, "DataLoader workers; the same batches"),
     "prefetch_batches": (APPLIED, "DataLoader read-ahead; the same batches"),
     "perturb_on": (APPLIED, "where the same seeded perturbations run"),
-    "steps": (APPLIED, "the schedule decays from the current lr to 0 at the new last step, without a jump"),
+    "steps": (APPLIED, "the schedule decays from the current lr to 0 at the new last step, without a jump; "
+                       "a finished run starts a new decay from lr"),  # fmt: skip
     "batch_size": (REFUSED, "the batches of every epoch"),
     "grad_accum_steps": (REFUSED, "which batches make a step"),
     "lr": (APPLIED, "the peak lr: optimizer and schedule scale to it from the next step"),
@@ -217,7 +218,9 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "dist_timeout_s": (APPLIED, "how long a collective waits for a lost process"),
     "save_every": (APPLIED, "checkpoint cadence"),
     "log_every": (APPLIED, "TensorBoard cadence"),
-    "eval_every": (APPLIED, "validation cadence"),
+    "eval_every": (APPLIED, "validation cadence only: the held-out clips are those the run started with "
+                            "(turning validation on for a run that held none out is refused, unless "
+                            "dev-clean is beside the data)"),  # fmt: skip
     "eval_clips": (REFUSED, "which clips are held out: some would become training clips, or the reverse"),
     "collapse_threshold": (APPLIED, "the collapse warning and which validations may become the best"),
     "report_clips": (APPLIED, "the demo report"),

@@ -1,14 +1,16 @@
 """The training loop of a LASER run: steps, progress and TensorBoard, checkpoints and resume.
 
 One step: ``grad_accum_steps`` batches (default 1) of ``batch_size`` (view, view) pairs from
-``s3prl_laser.data``, each run as one or more micro-batches (as many as the audio budget
-``max_batch_seconds`` needs; it never changes which pairs make a step); for each micro-batch, both views
-through the model in one ``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward,
-gradients accumulated; then (when every rank's losses are finite) the gradient of the mean loss over all
-the step's pairs, clipping, AdamW step. Ranks agree on skips and stop requests through
-one small all-reduce per step, and every ``eval_every`` steps :mod:`s3prl_laser.training.validation`
-validates. Training checkpoints (every ``save_every`` steps, at the end and on a stop signal) hold everything
-a bit-identical resume needs: trainable weights, head, optimizer, schedule, every rank's RNG, data position.
+``s3prl_laser.data``, each run as one or more micro-batches (as many as the audio budget ``max_batch_seconds``
+needs; it never changes which pairs make a step); for each micro-batch, both views through the model in one
+``[2b, T]`` batch -> ``LaserLoss`` between rows ``[:b]`` and ``[b:]`` -> backward, gradients accumulated; then
+(when every rank's losses are finite) the gradient of the mean loss over all the step's pairs, clipping, AdamW
+step. Ranks agree on skips and stop requests through one small all-reduce per step (a stop signal that comes
+before a step's last micro-batch drops that step, unfinished, on every rank; one during the last micro-batch
+is agreed before the update, which counts), and every ``eval_every`` steps
+:mod:`s3prl_laser.training.validation` validates. Training checkpoints (every ``save_every`` steps, at the end
+and on a stop signal) hold everything a bit-identical resume needs: trainable weights, head, optimizer,
+schedule, every rank's RNG, data position.
 
 Example::
 
@@ -229,84 +231,131 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def train_step(
+@dataclass
+class LocalStep:
+    """What this rank's micro-batches of a step gave, before the ranks agree on it.
+
+    ``sums``: pairs, loss * pairs, alignment, regularizer over the micro-batches run (zero when the step is
+    not usable); ``ran``: how many ran; ``oom``: the batch that ran out of memory; ``error``: an exception
+    of this rank (a bug, a device fault) to raise once the others know; ``nonfinite``: a loss was not
+    finite; ``flat``: under DDP, the flat gradient buffer the update averages (:func:`prepare_update`);
+    ``cut``: a stop signal came before all micro-batches ran (the step is dropped, unfinished).
+    """
+
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    ran: int = 0
+    oom: PairBatch | None = None
+    error: Exception | None = None
+    nonfinite: bool = False
+    flat: torch.Tensor | None = None
+    cut: bool = False
+
+    @property
+    def outcomes(self) -> dict[str, bool]:
+        """What this rank reports in the step's agreement; any of them on any rank skips the step."""
+        return {
+            "failed": self.error is not None,
+            "empty": not (self.ran or self.oom is not None or self.error or self.nonfinite or self.cut),
+            "nonfinite": self.nonfinite,
+            "oom": self.oom is not None,
+            "cut": self.cut,
+        }
+
+
+@dataclass
+class AgreedStep:
+    """What every rank of a step agreed on: why the step is skipped (None: it counts), the signal the run
+    stops for (None: none), the step's sums over all ranks (pairs, loss * pairs, alignment, regularizer),
+    and whether a rank cut it short for that signal (then every rank drops it: no update, no data passed).
+    """
+
+    skip: str | None
+    stop: int | None
+    sums: list[float]
+    cut: bool = False
+
+
+SKIPS = ("oom", "nonfinite", "empty")  # the reported skip when several apply: the first one
+
+
+def run_micro_batches(
     parts: Parts,
     batches: list[PairBatch],
     cfg: LaserConfig,
     env: DistEnv,
-    stop_signal: int | None,
-    perturb: LaserPerturbation | None = None,
-) -> dict:
-    """Forward, loss and backward of each of ``batches`` on each rank (the micro-batches of the step's
-    ``grad_accum_steps`` batches, their gradients accumulated; ranks may run different numbers of them, as
-    the budget cuts their batches differently); then, when every rank's step is usable, the gradient of the
-    mean loss over all the step's pairs (every rank's, every micro-batch's), clipping and the optimizer step.
-
-    A rank that runs out of memory (in a forward, a backward, or allocating the update's buffers: see
-    :func:`prepare_update`) frees what the step allocated and reports it: every rank then skips the
-    step (they agree through the step's one small all-reduce), so the run goes on with the next batch.
-    A micro-batch whose loss is not finite ends the rank's step at once (its graph released, the step's
-    remaining micro-batches not run) and every rank skips the step.
-    A rank whose local steps fail otherwise (a bug, a device fault) reports it in the same all-reduce and
-    then re-raises its exception with its traceback, while the others raise
-    :class:`~s3prl_laser.training.ranks.PeerFailure`: the local steps run no collective, so every rank gets
-    there. ``stop_signal`` is the signal this process received (None if none); ranks agree on it too.
-    ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
-    The host waits for the device once per micro-batch (its sums) and once for the agreement.
-
-    Returns a dict: ``stepped`` (bool), ``skip`` (reason or None: "oom", "nonfinite", "empty"), ``stop`` (any
-    rank asked to stop), and the rank-averaged ``loss``, ``alignment``, ``regularizer``, ``pairs`` (global).
-    """
-    sums = [0.0, 0.0, 0.0, 0.0]  # pairs, loss * pairs, alignment, regularizer over the micro-batches run
-    oom, error, nonfinite, ran, flat = None, None, False, 0, None
+    perturb: LaserPerturbation | None,
+    stop: StopSignals | None = None,
+) -> LocalStep:
+    """This rank's part of a step: :func:`local_step` on each of ``batches`` (gradients accumulated), then
+    :func:`prepare_update`. Runs no collective. It stops at the first micro-batch that runs out of memory
+    (then frees what the step allocated), whose loss is not finite (its graph is released), or that fails
+    otherwise under DDP (kept in ``error``; on one process it is raised at once); and before any micro-batch
+    once ``stop`` has received a signal (``cut``: the step is then dropped by every rank, so a signal costs at
+    most the micro-batch in progress, not the rest of the step and one more)."""
+    local = LocalStep()
     for batch in batches:
         if batch.num_pairs == 0:
             continue
+        if stop is not None and stop.signum is not None:
+            local.cut = True
+            break
         try:
             stats = local_step(parts, batch, cfg, env, perturb)
         except torch.OutOfMemoryError:
-            oom = batch
+            local.oom = batch
             break
         except Exception as exc:  # a bug or a device fault on this rank: tell the others before raising it
             if not env.distributed:
                 raise
-            error = exc
+            local.error = exc
             break
         if stats is None:  # the step is skipped: its remaining micro-batches would be wasted work
-            nonfinite = True
+            local.nonfinite = True
             break
-        sums, ran = [a + v for a, v in zip(sums, stats, strict=True)], ran + 1
-    if ran and oom is None and error is None and not nonfinite:
+        local.sums, local.ran = [a + v for a, v in zip(local.sums, stats, strict=True)], local.ran + 1
+    if local.ran and not any(local.outcomes.values()):
         try:
-            flat = prepare_update(parts, env)
+            local.flat = prepare_update(parts, env)
         except torch.OutOfMemoryError:
-            oom = batches[-1]
-    if oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
-        flat = None
+            local.oom = batches[-1]
+    if local.oom is not None:  # outside the except block: the traceback frames (and their tensors) are gone
+        local.flat = None
         release_memory(parts, env)
+        oom = local.oom
         logger.warning(
             "out of memory in the step on batch %s (micro-batch %d of %d: %d pairs, %d samples per row): "
             "skipping the step; lower max_batch_seconds if this recurs", oom.position, oom.part[0] + 1,
             oom.part[1], oom.num_pairs, oom.wavs.shape[-1],
         )  # fmt: skip
-    empty = not ran and oom is None and error is None and not nonfinite
-    if nonfinite or oom is not None:
-        sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
-    flags = [float(error is not None), float(empty), float(nonfinite), float(oom is not None)]
-    flags += stop_flags(stop_signal)
-    agreed = agree(env, flags + sums)
-    any_failed, any_empty, any_nonfinite, any_oom, *stops = agreed[: len(flags)]
-    pairs, loss_sum, align_sum, reg_sum = agreed[len(flags) :]
-    if any_failed:
-        if error is not None:
-            raise error
-        raise PeerFailure(f"{int(any_failed)} other process(es) failed in this step; see their traceback")
-    result = {"stepped": False, "skip": None, "stop": agreed_stop(stops), "pairs": int(pairs)}
-    if any_empty or any_nonfinite or any_oom:
-        result["skip"] = "oom" if any_oom else "nonfinite" if any_nonfinite else "empty"
-        result["pairs"] = 0  # a skipped step trains on nothing
-        parts.optimizer.zero_grad(set_to_none=True)
-        return result
+    if local.nonfinite or local.oom is not None or local.cut:
+        local.sums = [0.0, 0.0, 0.0, 0.0]  # only a usable step's sums count
+    return local
+
+
+def agree_on_step(env: DistEnv, local: LocalStep, stop: StopSignals | None) -> AgreedStep:
+    """One small all-reduce of every rank's outcomes, stop request (``stop`` read now: a signal that came
+    during this rank's micro-batches counts for this step) and sums. A rank whose micro-batches failed raises
+    its own exception; the others raise :class:`~s3prl_laser.training.ranks.PeerFailure`."""
+    outcomes = local.outcomes
+    flags = [float(v) for v in outcomes.values()]
+    stops = stop_flags(stop.signum if stop is not None else None)
+    agreed = agree(env, flags + stops + local.sums)
+    counts = dict(zip(outcomes, agreed[: len(flags)], strict=True))
+    if counts["failed"]:
+        if local.error is not None:
+            raise local.error
+        failed = int(counts["failed"])
+        raise PeerFailure(f"{failed} other process(es) failed in this step; see their traceback")
+    skip = next((reason for reason in SKIPS if counts[reason]), None)
+    signal = agreed_stop(agreed[len(flags) : len(flags) + len(stops)])
+    return AgreedStep(skip, signal, agreed[len(flags) + len(stops) :], cut=bool(counts["cut"]))
+
+
+def apply_update(parts: Parts, cfg: LaserConfig, env: DistEnv, flat: torch.Tensor | None, sums: list[float]):
+    """The agreed update: the gradient of the mean loss over the step's pairs (every rank's: one all-reduce
+    of ``flat`` under DDP), clipping, the optimizer and schedule step. Returns the gradient norm, or None
+    when it is not finite (then nothing is updated)."""
+    pairs = sums[0]
     if flat is None:
         scale_gradients(parts.trainable(), 1.0 / pairs)  # sum over the step's pairs -> their mean
     else:
@@ -314,17 +363,64 @@ def train_step(
     norm = nn.utils.clip_grad_norm_(parts.trainable(), cfg.grad_clip)
     if not torch.isfinite(norm):
         parts.optimizer.zero_grad(set_to_none=True)
-        result["skip"] = "nonfinite"
-        return result
+        return None
     parts.optimizer.step()
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def train_step(
+    parts: Parts,
+    batches: list[PairBatch],
+    cfg: LaserConfig,
+    env: DistEnv,
+    stop: StopSignals | None = None,
+    perturb: LaserPerturbation | None = None,
+) -> dict:
+    """One optimizer step: this rank's micro-batches (:func:`run_micro_batches`: the micro-batches of the
+    step's ``grad_accum_steps`` batches, their gradients accumulated; ranks may run different numbers of them,
+    as the budget cuts their batches differently), the ranks' agreement (:func:`agree_on_step`), then, when
+    every rank's step is usable, the update (:func:`apply_update`).
+
+    A rank that runs out of memory (in a forward, a backward, or allocating the update's buffers: see
+    :func:`prepare_update`), or whose loss is not finite, makes every rank skip the step, so the run goes on
+    with the next batch. A rank whose micro-batches fail otherwise (a bug, a device fault) reports it in the
+    agreement and then re-raises its exception with its traceback, while the others raise
+    :class:`~s3prl_laser.training.ranks.PeerFailure`: the micro-batches run no collective, so every rank gets
+    there. ``stop`` holds the signal this process received (if any), read before each micro-batch and at
+    the agreement: a signal that comes during the step's last micro-batch is agreed before its update (the
+    step counts and is saved); one that comes earlier drops the step on every rank (``dropped``: no update,
+    its data not passed; the checkpoint is then the previous step's).
+    ``perturb`` applies a pending batch's perturbation on the device (``perturb_on: device``).
+    The host waits for the device once per micro-batch (its sums) and once for the agreement.
+
+    Returns a dict: ``stepped`` (bool), ``dropped`` (bool), ``skip`` (reason or None: "oom", "nonfinite",
+    "empty"), ``stop`` (the agreed signal or None), and the rank-averaged ``loss``, ``alignment``,
+    ``regularizer``, ``pairs`` (global).
+    """
+    local = run_micro_batches(parts, batches, cfg, env, perturb, stop)
+    agreed = agree_on_step(env, local, stop)
+    pairs, loss_sum, align_sum, reg_sum = agreed.sums
+    result = {"stepped": False, "dropped": False, "skip": agreed.skip, "stop": agreed.stop}
+    result["pairs"] = int(pairs)
+    if agreed.cut:  # a rank stopped before its last micro-batch: every rank drops the step
+        parts.optimizer.zero_grad(set_to_none=True)
+        return {**result, "dropped": True, "skip": None, "pairs": 0}
+    if agreed.skip is not None:
+        result["pairs"] = 0  # a skipped step trains on nothing
+        parts.optimizer.zero_grad(set_to_none=True)
+        return result
+    norm = apply_update(parts, cfg, env, local.flat, agreed.sums)
+    if norm is None:
+        result["skip"] = "nonfinite"
+        return result
     result.update(
         stepped=True,
         loss=loss_sum / pairs,
         alignment=align_sum / pairs,
         regularizer=reg_sum / pairs,
-        grad_norm=float(norm),
+        grad_norm=norm,
         lr=parts.scheduler.get_last_lr()[0],
     )
     return result
@@ -356,14 +452,16 @@ def train(
     writer = _tensorboard(out) if env.is_main else None
     progress = _progress(cfg, state, env)
     idle, started, pairs_at_start = 0, time.perf_counter(), state.pairs
+    steps = _steps(loader, cfg.grad_accum_steps)
     try:
-        for batches in _steps(loader, cfg.grad_accum_steps):
-            for batch in batches:
-                for reason, count in batch.skipped.items():
-                    state.counters[reason] += count
-                if batch.cropped:
-                    state.counters["cropped_to_budget"] += batch.cropped
-            result = train_step(parts, batches, cfg, env, stop.signum, perturb)
+        while True:
+            rng = checkpoints.capture_rng(env.device)  # a step dropped for a signal is retried from here
+            batches = next(steps)
+            result = train_step(parts, batches, cfg, env, stop, perturb)
+            if result["dropped"]:
+                drop_step(parts, state, cfg, out, env, rng, result["stop"])
+                break
+            count_batches(state, batches)
             batch = batches[-1]
             state.position = sampler.next_position(batch.position)
             state.pairs += result["pairs"]
@@ -399,6 +497,30 @@ def train(
     if state.counters:
         logger.info("skipped during training: %s", dict(state.counters))
     return state
+
+
+def drop_step(
+    parts: Parts, state: TrainState, cfg: LaserConfig, out: Path, env: DistEnv, rng: dict, signum: int
+) -> None:
+    """A step the ranks dropped for a stop signal: the RNG back to where the step began (``rng``), so that
+    the resumed run draws what the dropped step drew; the data position stays at its first batch; then the
+    checkpoint of the step before it."""
+    checkpoints.restore_rng(rng, env.device)
+    state.stop_signal = signum
+    logger.info(
+        "signal %d during step %d: the step is dropped unfinished; saving step %d",
+        signum, state.step + 1, state.step,
+    )  # fmt: skip
+    save(parts, state, cfg, out, env)
+
+
+def count_batches(state: TrainState, batches: list[PairBatch]) -> None:
+    """Add the clips the step's batches skipped (by reason) and cropped to the run's counters."""
+    for batch in batches:
+        for reason, count in batch.skipped.items():
+            state.counters[reason] += count
+        if batch.cropped:
+            state.counters["cropped_to_budget"] += batch.cropped
 
 
 def _steps(loader, accumulate: int):
@@ -508,7 +630,17 @@ def check_resumable(path: Path, checkpoint: dict, cfg: LaserConfig, env: DistEnv
             f"process takes its own share of the batches, so the data position would mean other data; "
             f"resume with {saved} process(es), or start a new run with another --out"
         )
-    refused = refused_changes(from_dict(checkpoint["config"]), cfg)
+    started = from_dict(checkpoint["config"])
+    step, total = checkpoint["step"], checkpoint["scheduler"]["lr_lambdas"][0]["total_steps"]
+    if total <= step < cfg.steps and step >= cfg.warmup_steps != started.warmup_steps:
+        example = min(step + max(1, (cfg.steps - step) // 10), cfg.steps - 1)
+        raise UserInputError(
+            f"--resume: warmup_steps={cfg.warmup_steps}: the run finished at step {step}, and warmup_steps "
+            f"is the step the warm-up ends at; give one between {step + 1} and {cfg.steps - 1} (e.g. "
+            f"warmup_steps={example}), or leave it out for a decay from lr={cfg.lr:g} to 0 at step "
+            f"{cfg.steps}"
+        )
+    refused = refused_changes(started, cfg)
     if refused:
         raise UserInputError(
             f"--resume: config.yaml differs from the checkpoint {path} in {'; '.join(refused)}: a resumed "
@@ -546,6 +678,8 @@ def resume(
     parts.head.load_state_dict(checkpoint["head"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    schedule, at = parts.scheduler.lr_lambdas[0], parts.scheduler.last_epoch
+    before, restarts = (schedule.warmup_steps, schedule.total_steps), schedule.restarts(at, cfg.steps)
     apply_optimizer_config(parts, cfg)
     checkpoints.restore_rng(checkpoint["rng"][env.rank], env.device)
     state.step = checkpoint["step"]
@@ -558,14 +692,13 @@ def resume(
     if env.is_main and not best_still_holds(out, state.step):
         state.best_step = state.best_value = None
     logger.info("resumed from %s (step %d, data position %s)", path, state.step, state.position)
-    schedule = parts.scheduler.lr_lambdas[0]
-    if state.step < cfg.steps and schedule.peak(state.step) == 0:
-        logger.warning(
-            "the learning rate is 0 for steps %d to %d (the schedule had decayed to 0, and a longer `steps` "
-            "goes on from there): training changes nothing; to train further, also give warmup_steps beyond "
-            "%d (the lr then warms up again from 0), or start a new run with another --out",
-            state.step + 1, cfg.steps, state.step,
+    if restarts:
+        logger.info(
+            "the run had finished at step %d (lr 0); its %d new steps follow a new schedule: %s",
+            at, cfg.steps - at, schedule.describe(at, cfg.lr),
         )  # fmt: skip
+    elif before != (schedule.warmup_steps, schedule.total_steps) and at < cfg.steps:
+        logger.info("the schedule goes on without a jump: %s", schedule.describe(at, cfg.lr))
 
 
 def best_still_holds(out: Path, step: int) -> bool:

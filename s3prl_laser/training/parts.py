@@ -142,7 +142,8 @@ class WarmupDecay:
     :meth:`retarget` changes the targets during a run; from then on a line from the multiplier the old
     targets gave at that step (``start_factor`` at ``start_step``) to the new targets: up to 1 at the end
     of the warm-up if it is not over, else down to 0 at ``total_steps``. So a resumed run that changes
-    ``steps`` or ``warmup_steps`` goes on from its current lr, without a jump.
+    ``steps`` or ``warmup_steps`` goes on from its current lr, without a jump; a finished run (lr 0)
+    extended starts anew: a decay from the peak, or a warm-up from 0 when it ends after the current step.
 
     Its fields are plain numbers: ``LambdaLR.state_dict()`` saves them and ``load_state_dict`` restores them.
 
@@ -151,9 +152,9 @@ class WarmupDecay:
         >>> schedule = WarmupDecay(warmup_steps=2, total_steps=4)
         >>> [schedule(step) for step in range(4)]
         [0.5, 1.0, 1.0, 0.5]
-        >>> schedule.retarget(4, warmup_steps=2, total_steps=8)  # a finished run extended: lr stays 0
-        >>> schedule(4), schedule(6)
-        (0.0, 0.0)
+        >>> schedule.retarget(4, warmup_steps=2, total_steps=8)  # a finished run extended: a new decay
+        >>> [schedule(step) for step in range(4, 8)]
+        [1.0, 0.75, 0.5, 0.25]
     """
 
     warmup_steps: int
@@ -171,17 +172,36 @@ class WarmupDecay:
         return max(0.0, factor * (total - step) / max(1, total - start))
 
     def retarget(self, step: int, warmup_steps: int, total_steps: int, from_zero: bool = False) -> None:
-        """New targets from optimizer step ``step`` on, continuous there (nothing changes if they are the
-        same). The plain schedule of the new targets is kept when it gives the current multiplier at
-        ``step`` (e.g. ``steps`` extended during the warm-up); otherwise a line starts there."""
+        """New targets from optimizer step ``step`` on (nothing changes if they are the same).
+
+        A schedule that is not over goes on from its current multiplier, without a jump: the plain schedule
+        of the new targets is kept when it gives that multiplier at ``step`` (e.g. ``steps`` extended during
+        the warm-up); otherwise a line starts there. A schedule that is over (``step`` at or past its
+        ``total_steps``, multiplier 0) and is extended starts anew at ``step``: a warm-up from 0 to 1 at
+        ``warmup_steps`` if that is after ``step``, else a decay from 1 (the peak lr) to 0 at ``total_steps``.
+        """
         if (warmup_steps, total_steps, from_zero) == (self.warmup_steps, self.total_steps, self.from_zero):
             return
         current = self(step)
+        if self.restarts(step, total_steps) and warmup_steps <= step:
+            current = 1.0  # an extended finished run: a new decay from the peak
         plain = linear_warmup_decay(step, warmup_steps, total_steps, from_zero)
         self.warmup_steps, self.total_steps, self.from_zero = warmup_steps, total_steps, from_zero
         if self.start_factor is None and math.isclose(plain, current, rel_tol=1e-12, abs_tol=1e-15):
             return
         self.start_step, self.start_factor = step, current
+
+    def restarts(self, step: int, total_steps: int) -> bool:
+        """Whether :meth:`retarget` to ``total_steps`` at ``step`` starts anew (this schedule is over)."""
+        return self.total_steps <= step < total_steps
+
+    def describe(self, step: int, lr: float) -> str:
+        """The schedule from optimizer step ``step`` on, in words (steps counted from 1, as the log does)."""
+        first = f"lr {lr * self(step):.3g} at step {step + 1}"
+        if step < self.warmup_steps:
+            warmup = f"warming up to lr {lr:.3g} (warmup_steps={self.warmup_steps})"
+            return f"{first}, {warmup}, then down to 0 at step {self.total_steps}"
+        return f"{first}, down to 0 at step {self.total_steps}"
 
     def peak(self, step: int) -> float:
         """The largest multiplier from step ``step`` on (the schedule is linear between its corners)."""

@@ -29,7 +29,7 @@ from s3prl_laser.names import UPSTREAMS
 # What `python -m s3prl_laser.finetune` writes into --out, and --overwrite removes. The length index
 # (data_index.tsv) stays: it is checked against the data on every start, and saves a rescan.
 RUN_FILES = (
-    "config.yaml", "checkpoints", "tb", "demo_report.json", "demo_alignment.png", "probe",
+    "config.yaml", "clips.tsv", "checkpoints", "tb", "demo_report.json", "demo_alignment.png", "probe",
     *(f"{upstream}_laser{suffix}.pt" for upstream in UPSTREAMS for suffix in ("", "_best")),
     *(f"{prefix}_{upstream}.pt" for upstream in UPSTREAMS for prefix in ("tiny", "base")),
 )  # fmt: skip

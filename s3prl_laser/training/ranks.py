@@ -5,8 +5,8 @@ the process group (NCCL on GPU, gloo on CPU) with the config's ``dist_timeout_s`
 run is rank 0 of 1 and every collective here is then a no-op. Work that one rank does while the others
 wait (writing a checkpoint, validating, building the length index) runs through :func:`run_together`, so
 that its failure reaches every rank at once instead of leaving them in the next collective.
-``StopSignals`` turns SIGINT/SIGTERM into "stop after this step" so that the step's checkpoint is written
-before exiting.
+``StopSignals`` turns SIGINT/SIGTERM into "stop at the next micro-batch or the end of this step" so that a
+checkpoint is written before exiting, without training one more step.
 
 Example::
 
@@ -104,8 +104,14 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     return resolved
 
 
-def teardown_distributed(env: DistEnv) -> None:
+def teardown_distributed(env: DistEnv, wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (every rank finished normally): first wait until all ranks
+    are here, so that no rank tears its connections down while another still uses them (rank 0 writing the
+    last files): a rank that left early could otherwise abort in gloo's teardown ("terminate called without an
+    active exception") and fail a run whose work was done. After a failure no rank waits."""
     if env.distributed and torch.distributed.is_initialized():
+        if wait_for_peers:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -123,13 +129,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (which then saves).
+    """Turns SIGINT/SIGTERM into a request to stop: the step in progress drops its remaining micro-batches
+    (and then the step) or, if its last micro-batch is running, ends with its update; a checkpoint follows.
 
-    ``signum`` is the signal received by this process (None until one comes); the ranks agree on it in
-    the step's all-reduce (see :func:`stop_flags`). Repeated signals (torchrun and SLURM signal every
-    process, often twice; an impatient Ctrl-C) are logged and change nothing: the step's checkpoint is
-    still agreed and written by every rank, then the process exits ``128 + signum`` (a SIGTERM among
-    them wins). SIGKILL (or SIGQUIT) is the way to end a process at once. Handlers are restored on exit.
+    ``signum`` is the signal received by this process (None until one comes); the training loop reads it
+    before each micro-batch, and the ranks agree on it in the step's all-reduce (see :func:`stop_flags`).
+    Repeated signals (torchrun and SLURM signal every process, often twice; an impatient Ctrl-C) are logged
+    and change nothing: the checkpoint is still agreed and written by every rank, then the process exits
+    ``128 + signum`` (a SIGTERM among them wins). SIGKILL (or SIGQUIT) is the way to end a process at once.
+    Handlers are restored on exit.
     """
 
     def __init__(self) -> None:
@@ -142,7 +150,7 @@ class StopSignals:
             logger.warning("received signal %d again: still saving this step's checkpoint, then exit", signum)
             return
         self.signum = signum
-        logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+        logger.warning("received signal %d: saving a checkpoint at the next micro-batch, then exit", signum)
 
     def __enter__(self) -> StopSignals:
         for signum in STOP_SIGNALS:
