@@ -164,8 +164,10 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         check_source(cfg.ckpt, "--ckpt")
     if cfg.probe:  # the end-of-run probe needs LibriSpeech's train-clean-100 and dev-clean: say so now
         from s3prl_laser.probe.clips import probe_root
+        from s3prl_laser.probe.runner import check_probe_base
 
         probe_root(cfg.data, "probe=true: data")
+        check_probe_base(cfg, out / "probe")  # and a base it can load
     items = load_or_build_index(cfg, out, env)  # data errors come before any model is loaded
     held_out, items, where = validation_split(cfg, items)
     if env.is_main:

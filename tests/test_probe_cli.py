@@ -86,7 +86,7 @@ def test_missing_dev_clean_is_one_line_exit_2(demo_corpus, tiny_hubert_ckpt, tmp
 @pytest.mark.parametrize(
     ("upstream", "message"),
     [("hubert_lokal", "s3prl has no upstream named 'hubert_lokal' (did you mean hubert_local"),
-     ("hubert_local:{missing}", "does not exist")],
+     ("hubert_local:{missing}", "no such file or folder"), ("hubert_laser:{missing}", "does not exist")],
 )  # fmt: skip
 def test_unknown_upstream_or_missing_checkpoint_exit_2(demo_corpus, tmp_path, caplog, upstream, message):
     spec = upstream.format(missing=tmp_path / "nope.pt")

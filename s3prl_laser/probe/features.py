@@ -66,7 +66,8 @@ def check_upstream(spec: UpstreamSpec) -> None:
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see s3prl.hub.options())"
         raise UserInputError(f"--upstream {spec}: s3prl has no upstream named {spec.name!r}{hint}")
     if spec.ckpt is not None and "://" not in spec.ckpt and not Path(spec.ckpt).is_file():
-        raise UserInputError(f"--upstream {spec}: checkpoint {spec.ckpt} does not exist")
+        what = "is a folder, not a checkpoint file" if Path(spec.ckpt).is_dir() else "does not exist"
+        raise UserInputError(f"--upstream {spec}: checkpoint {spec.ckpt} {what}")
 
 
 def file_sha256(path: str | None) -> str:

@@ -56,17 +56,20 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
     import torch
 
+    from s3prl_laser.probe.bases import resolve_upstream
     from s3prl_laser.probe.clips import probe_clips, probe_root
     from s3prl_laser.probe.decode import decode_all, error_rate
-    from s3prl_laser.probe.features import UpstreamSpec, check_upstream, load_or_extract
+    from s3prl_laser.probe.features import check_upstream, load_or_extract
     from s3prl_laser.probe.head import HeadSettings, train_head
     from s3prl_laser.probe.report import format_table, write_outputs
     from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
-    specs = [UpstreamSpec.parse(u) for u in settings.upstreams]
+    cache = settings.cache or settings.out / "cache"
+    labels = [upstream_label(u) for u in settings.upstreams]
     # user mistakes first, before any audio is read or model loaded: the data folders (a cheap check, made
-    # before s3prl is imported), then the upstreams
+    # before s3prl is imported), then the upstreams (a base in another format is converted once, cached)
     probe_root(settings.data)
+    specs = [resolve_upstream(u, cache) for u in settings.upstreams]
     for spec in specs:
         check_upstream(spec)
     lexicon = read_lexicons(settings.lexicons) if settings.lexicons else None
@@ -83,7 +86,6 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         kinds["per"] = (Vocabulary.of(phones), phones)
     fit, stop = split_dev_slice(len(train), settings.seed)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cache = settings.cache or settings.out / "cache"
     head_settings = HeadSettings(
         settings.steps,
         settings.batch_size,
@@ -94,12 +96,12 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         settings.seed,
     )
     results = []
-    for spec in specs:
+    for label, spec in zip(labels, specs, strict=True):
         feats = load_or_extract(spec, train + evaluation, device, cache)
         train_x, eval_x = feats[: len(train)], feats[len(train) :]
         result = {
-            "upstream": str(spec),
-            "name": spec.name,
+            "upstream": label,  # as the user wrote it (a relative path made absolute)
+            "name": spec.name,  # the s3prl entry and checkpoint that loaded it
             "ckpt": spec.ckpt,
             "layer_weights": {},
             "training": {},
@@ -117,7 +119,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
             result["training"][kind] = info
             logger.info(
                 "%s: %s %.2f %% (head: %d steps, best at %d)",
-                spec,
+                label,
                 kind.upper(),
                 100 * result[kind],
                 info["steps"],
@@ -133,14 +135,38 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     return results
 
 
+def upstream_label(text: str) -> str:
+    """``text`` as the table shows it: a local checkpoint path made absolute, names kept as written."""
+    from s3prl_laser.probe.features import UpstreamSpec
+
+    _, _, ckpt = text.partition(":")
+    return str(UpstreamSpec.parse(text)) if ckpt and Path(ckpt).expanduser().exists() else text
+
+
+def run_base(cfg) -> str:
+    """The run's base as a probe upstream: ``<upstream>:<ckpt>``, or ``<upstream>`` (s3prl's default)."""
+    return f"{cfg.upstream}:{cfg.ckpt}" if cfg.ckpt else cfg.upstream
+
+
+def check_probe_base(cfg, out: Path) -> None:
+    """``probe: true``, at the start of a run: a base the probe cannot load is a ``UserInputError`` now
+    (read once, converted in memory, nothing written), not after training."""
+    from s3prl_laser.probe.bases import resolve_upstream
+
+    try:
+        resolve_upstream(run_base(cfg), out / "cache", write=False, option="probe=true: base")
+    except UserInputError as error:
+        raise UserInputError(f"{error} (the end-of-run probe loads it; set probe=false to skip it)") from None
+
+
 def probe_tuned_and_base(cfg, tuned: Path, out: Path, device, show: bool = True) -> list[dict]:
     """``probe: true`` in a finetune run: the tuned upstream (``<upstream>_laser:tuned``) against its base
-    (``<upstream>_local:ckpt``, or s3prl's ``<upstream>_base`` without a ckpt) on ``cfg.data``, seed
-    ``cfg.seed``.
+    (``<upstream>:<ckpt>``: any ``--ckpt``, see :mod:`s3prl_laser.probe.bases`; s3prl's ``<upstream>_base``
+    without one) on ``cfg.data``, seed ``cfg.seed``.
 
     ``cfg`` is the run's :class:`~s3prl_laser.training.config.LaserConfig`; outputs go to ``out``.
     """
-    base = f"{cfg.upstream}_local:{cfg.ckpt}" if cfg.ckpt else f"{cfg.upstream}_base"
+    base = run_base(cfg)
     logger.info("probe: %s_laser against %s on %s", cfg.upstream, base, cfg.data)
     settings = ProbeSettings(
         data=cfg.data,
