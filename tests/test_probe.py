@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from s3prl_laser.probe.decode import decode_all, error_rate, greedy_decode
-from s3prl_laser.probe.head import HeadSettings, train_head
+from s3prl_laser.probe.head import HeadSettings, normalise_layers, train_head
 from s3prl_laser.probe.runner import split_dev_slice
 from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
@@ -50,6 +50,7 @@ def probe_cer(signal: bool, seed: int = 0, steps: int = SETTINGS.steps) -> tuple
     train_x, train_y = synthetic_clips(60, 1, signal)
     dev_x, dev_y = synthetic_clips(8, 2, signal)
     eval_x, eval_y = synthetic_clips(30, 3, signal)
+    train_x, dev_x, eval_x = ([normalise_layers(x) for x in xs] for xs in (train_x, dev_x, eval_x))
     settings = HeadSettings(**{**SETTINGS.__dict__, "seed": seed, "steps": steps})
     head, _ = train_head(train_x, train_y, dev_x, dev_y, VOCAB, settings)
     return error_rate(eval_y, decode_all(head, eval_x, 8, torch.device("cpu"))), head.layer_weights()

@@ -65,7 +65,7 @@ def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_p
     argv = ["--data", str(demo_corpus), "--upstream", f"hubert_local:{tiny_hubert_ckpt}",
             "--out", str(tmp_path), "--train-hours", "0.01", "--dev-minutes", "0.1", *FAST]  # fmt: skip
     assert main(argv) == 0
-    (cached,) = (tmp_path / "cache").glob("*.pt")
+    (cached,) = (tmp_path / "cache").glob("*.f16")
     cached.write_bytes(cached.read_bytes()[:100])  # truncated
     caplog.clear()
     assert main(argv) == 0

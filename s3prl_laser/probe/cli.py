@@ -57,6 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--patience", type=int, default=5, help="evaluations without improvement before stopping"
     )
+    parser.add_argument(
+        "--no-layer-norm", dest="layer_norm", action="store_false",
+        help="sum the layers as they are (s3prl's Featurizer default) instead of each layer-normalised first",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cache", help="feature cache folder (default: OUT/cache)")
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             data=args.data, upstreams=args.upstream, out=Path(args.out), lexicons=args.lexicon,
             train_hours=args.train_hours, dev_minutes=args.dev_minutes, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, eval_every=args.eval_every,
-            patience=args.patience, seed=args.seed,
+            patience=args.patience, seed=args.seed, layer_norm=args.layer_norm,
             device=args.device, cache=Path(args.cache) if args.cache else None,
         )  # fmt: skip
         run_probe(settings)

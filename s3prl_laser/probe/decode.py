@@ -13,7 +13,8 @@ from __future__ import annotations
 import editdistance
 import torch
 
-from s3prl_laser.probe.head import ProbeHead, pad_batch
+from s3prl_laser.probe.features import release
+from s3prl_laser.probe.head import ProbeHead
 
 
 def greedy_decode(log_probs: torch.Tensor) -> list[int]:
@@ -36,7 +37,8 @@ def decode_all(
     head.eval()
     hypotheses = []
     for i in range(0, len(feats), batch_size):
-        x, frames = pad_batch(feats[i : i + batch_size])
-        log_probs = head(x.to(device)).cpu()
+        log_probs, frames = head([feats[j] for j in range(i, min(i + batch_size, len(feats)))])
+        log_probs = log_probs.cpu()
+        release(feats)
         hypotheses += [greedy_decode(lp[:n]) for lp, n in zip(log_probs, frames.tolist(), strict=True)]
     return hypotheses

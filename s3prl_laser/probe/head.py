@@ -1,8 +1,14 @@
 """The probe's head and its training: SUPERB's softmax layer weights, then a linear CTC head.
 
-``ProbeHead``: features ``[B, L, F, C]`` (every hidden layer) -> each layer normalised (layer norm without
-parameters), summed with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an
-MLP with ``hidden > 0``) -> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
+``ProbeHead``: clips ``[L, F_i, C]`` (every hidden layer, as :func:`normalise_layers` left them) -> summed
+with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an MLP with ``hidden > 0``)
+-> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
+
+The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size: it is
+the step's cost. It runs clip by clip in float32 (each clip converted into one reused buffer, then one
+matrix-vector product; the backward pass converts it again instead of keeping a float32 copy), so a step
+holds one clip in float32 beside the float16 batch. Layer normalisation, when asked, is done once per clip
+when the features are made (:func:`normalise_layers`), not at every step.
 
 :func:`train_head` runs a fixed step budget of AdamW on seeded random batches of the training clips,
 evaluates the CTC loss on a dev slice every ``eval_every`` steps and stops after ``patience`` evaluations
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from s3prl_laser.probe.features import release
+
 logger = logging.getLogger("s3prl_laser.probe")
 
 
@@ -39,6 +47,43 @@ class HeadSettings:
     seed: int = 0
 
 
+def normalise_layers(clip: torch.Tensor) -> torch.Tensor:
+    """``[L, F, C]`` -> each frame of each layer layer-normalised (no parameters), in float32, returned as
+    ``clip``'s dtype: the per-layer normalisation, done once per clip."""
+    return F.layer_norm(clip.float(), clip.shape[-1:]).to(clip.dtype)
+
+
+class _LayerMix(torch.autograd.Function):
+    """``sum_l w[l] * clip[l]`` per clip, padded to ``[B, F_max, C]`` float32; gradient for ``w`` only."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, scratch: torch.Tensor, *clips: torch.Tensor) -> torch.Tensor:
+        layers, dim = clips[0].shape[0], clips[0].shape[2]
+        out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), dim)
+        for i, clip in enumerate(clips):
+            flat = _as_float32(clip, scratch)  # [L, F_i * C]
+            torch.mv(flat.t(), weights, out=out[i, : clip.shape[1]].view(-1))
+        ctx.clips, ctx.scratch, ctx.layers = clips, scratch, layers
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_w = grad.new_zeros(ctx.layers)
+        for i, clip in enumerate(ctx.clips):
+            flat = _as_float32(clip, ctx.scratch)
+            grad_w += flat @ grad[i, : clip.shape[1]].reshape(-1)
+        return grad_w, None, *([None] * len(ctx.clips))
+
+
+def _as_float32(clip: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``clip [L, F, C]`` as float32 ``[L, F * C]``, converted into the head's reused buffer ``scratch``."""
+    if clip.dtype == torch.float32:
+        return clip.reshape(clip.shape[0], -1)
+    flat = scratch[: clip.numel()].view(clip.shape[0], -1)
+    flat.view_as(clip).copy_(clip)
+    return flat
+
+
 class ProbeHead(nn.Module):
     def __init__(self, layers: int, dim: int, vocab_size: int, hidden: int = 0) -> None:
         super().__init__()
@@ -48,36 +93,34 @@ class ProbeHead(nn.Module):
             if hidden == 0
             else nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, vocab_size))
         )
+        self._scratch = torch.empty(0)  # one clip in float32, reused (not part of the state)
 
     def layer_weights(self) -> torch.Tensor:
         """The softmax layer weights ``[L]``."""
         return F.softmax(self.weights.detach(), dim=0)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """``feats [B, L, F, C]`` -> log-probabilities ``[B, F, V]``."""
-        normed = F.layer_norm(feats.float(), feats.shape[-1:])
-        mixed = torch.einsum("l,blfc->bfc", F.softmax(self.weights, dim=0), normed)
-        return F.log_softmax(self.out(mixed), dim=-1)
-
-
-def pad_batch(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, F_i, C]`` each -> ``([B, L, F_max, C], frames [B])``."""
-    frames = torch.tensor([f.shape[1] for f in feats])
-    padded = feats[0].new_zeros(len(feats), feats[0].shape[0], int(frames.max()), feats[0].shape[2])
-    for i, f in enumerate(feats):
-        padded[i, :, : f.shape[1]] = f
-    return padded, frames
+    def forward(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clips`` ``[L, F_i, C]`` -> (log-probabilities ``[B, F_max, V]``, frames ``[B]``)."""
+        device = self.weights.device
+        clips = [c.to(device, non_blocking=True) for c in clips]
+        need = max(c.numel() for c in clips)
+        if self._scratch.numel() < need or self._scratch.device != device:
+            self._scratch = torch.empty(need, device=device)
+        mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self._scratch, *clips)
+        frames = torch.tensor([c.shape[1] for c in clips])
+        return F.log_softmax(self.out(mixed), dim=-1), frames
 
 
 def ctc_loss(
-    head: ProbeHead, feats: list[torch.Tensor], targets: list[list[int]], device: torch.device
+    head: ProbeHead, feats: list[torch.Tensor], targets: list[list[int]], device: torch.device | None = None
 ) -> torch.Tensor:
-    """Mean CTC loss (per target symbol) of a batch of clips."""
-    x, frames = pad_batch(feats)
-    log_probs = head(x.to(device)).transpose(0, 1)  # [F, B, V]
+    """Mean CTC loss (per target symbol) of a batch of clips (``device``: unused, the head's is used)."""
+    log_probs, frames = head(list(feats))
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     lengths = torch.tensor([len(seq) for seq in targets])
-    return F.ctc_loss(log_probs, flat, frames, lengths, blank=0, reduction="mean", zero_infinity=True)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1), flat, frames, lengths, blank=0, reduction="mean", zero_infinity=True
+    )
 
 
 @torch.no_grad()
@@ -88,11 +131,12 @@ def dev_loss(
     batch_size: int,
     device: torch.device,
 ) -> float:
-    losses = [
-        float(ctc_loss(head, feats[i : i + batch_size], targets[i : i + batch_size], device))
-        * len(feats[i : i + batch_size])
-        for i in range(0, len(feats), batch_size)
-    ]
+    losses = []
+    for i in range(0, len(feats), batch_size):
+        rows = range(i, min(i + batch_size, len(feats)))
+        loss = ctc_loss(head, [feats[j] for j in rows], [targets[j] for j in rows], device)
+        losses.append(float(loss) * len(rows))
+        release(feats)
     return sum(losses) / len(feats)
 
 
@@ -127,6 +171,8 @@ def train_head(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            del loss  # the graph, and with it the clips of this step
+            release(train_x)  # a memory-mapped store: this step's pages leave the process
             bar.update(1)
             if step % settings.eval_every == 0 or step == settings.steps:
                 current = dev_loss(head, dev_x, dev_y, settings.batch_size, device)

@@ -39,6 +39,7 @@ class ProbeSettings:
     eval_every: int = 100
     patience: int = 5
     seed: int = 0
+    layer_norm: bool = True  # each layer normalised over its channels before the weighted sum
     device: str | None = None
     cache: Path | None = None  # default: <out>/cache
 
@@ -59,7 +60,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     from s3prl_laser.probe.bases import resolve_upstream
     from s3prl_laser.probe.clips import probe_clips, probe_root
     from s3prl_laser.probe.decode import decode_all, error_rate
-    from s3prl_laser.probe.features import check_upstream, load_or_extract
+    from s3prl_laser.probe.features import Rows, check_upstream, load_or_extract
     from s3prl_laser.probe.head import HeadSettings, train_head
     from s3prl_laser.probe.report import format_table, write_outputs
     from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
@@ -97,8 +98,8 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     )
     results = []
     for label, spec in zip(labels, specs, strict=True):
-        feats = load_or_extract(spec, train + evaluation, device, cache)
-        train_x, eval_x = feats[: len(train)], feats[len(train) :]
+        feats = load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm)
+        eval_x = Rows(feats, range(len(train), len(feats)))
         result = {
             "upstream": label,  # as the user wrote it (a relative path made absolute)
             "name": spec.name,  # the s3prl entry and checkpoint that loaded it
@@ -110,8 +111,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
             targets = [vocab.encode(u) for u in units]
             train_y, eval_y = targets[: len(train)], targets[len(train) :]
             head, info = train_head(
-                [train_x[i] for i in fit], [train_y[i] for i in fit],
-                [train_x[i] for i in stop], [train_y[i] for i in stop],
+                Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop), [train_y[i] for i in stop],
                 len(vocab), head_settings, device, desc=f"{kind} head {spec.name}",
             )  # fmt: skip
             result[kind] = error_rate(eval_y, decode_all(head, eval_x, settings.batch_size, device))
