@@ -17,6 +17,16 @@ import warm_processes
 from s3prl_laser.fixtures import build_tiny_hubert
 from s3prl_laser.probe.cli import main
 
+
+def levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
 FAST = ["--steps", "60", "--eval-every", "20", "--patience", "2", "--batch-size", "8"]
 
 
@@ -38,8 +48,22 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
     results = report["upstreams"]
     assert [r["name"] for r in results] == ["hubert_laser", "hubert_local"]
     assert results[1]["ckpt"] == str(tiny_hubert_ckpt)
+    # the CER again, from the transcripts of dev-clean and the hypotheses kept in probe.json, by a
+    # Levenshtein distance written here: pooled edits over pooled length of exactly the evaluation clips
+    transcripts = {
+        line.split(" ", 1)[0]: line.split(" ", 1)[1].strip()
+        for trans in (demo_corpus / "dev-clean").glob("*/*/*.trans.txt")
+        for line in trans.read_text().splitlines() if line.strip()
+    }  # fmt: skip
+    references = ["|".join(transcripts[u].split()) for u in report["settings"]["eval_clips"]]
     for r in results:
-        assert 0.0 <= r["cer"] <= 1.5 and 0.0 <= r["per"] <= 1.5
+        scores = r["utterances"]["cer"]
+        hypotheses = [h.replace(" ", "|") for h in scores["hypotheses"]]
+        edits = [levenshtein(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
+        assert scores["ref_lengths"] == [len(ref) for ref in references] and scores["edits"] == edits
+        assert r["cer"] == pytest.approx(sum(edits) / sum(len(ref) for ref in references), abs=1e-12)
+        per = r["utterances"]["per"]
+        assert r["per"] == pytest.approx(sum(per["edits"]) / sum(per["ref_lengths"]), abs=1e-12)
         for kind in ("cer", "per"):
             assert len(r["layer_weights"][kind]) == 5  # 4 layers + the CNN output
             assert sum(r["layer_weights"][kind]) == pytest.approx(1.0, abs=1e-5)
@@ -49,9 +73,14 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
         u.startswith(("1", "2")) for u in report["settings"]["train_clips"] + report["settings"]["eval_clips"]
     )
     assert "less than the" in caplog.text
+    for kind in ("cer", "per"):  # the interval of the second row holds its own relative difference
+        entry = results[1]["vs_first"][kind]
+        assert entry["relative"] == pytest.approx((results[1][kind] - results[0][kind]) / results[0][kind])
+        assert entry["interval95"][0] <= entry["relative"] <= entry["interval95"][1]
+        assert entry["within_noise"] == (entry["interval95"][0] <= 0 <= entry["interval95"][1])
     assert (tmp_path / "probe_layers.png").stat().st_size > 0
     table = (tmp_path / "probe_table.txt").read_text()
-    assert "CER" in table and "PER" in table and "hubert_local" in table
+    assert "CER" in table and "PER" in table and "hubert_local" in table and "95 % interval" in table
     # a second probe of the same upstreams on the same clips reads the features back from the cache
     caplog.clear()
     assert main(argv) == 0

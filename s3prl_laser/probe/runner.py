@@ -59,10 +59,11 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
 
     from s3prl_laser.probe.bases import resolve_upstream
     from s3prl_laser.probe.clips import probe_clips, probe_root
-    from s3prl_laser.probe.decode import decode_all, error_rate
+    from s3prl_laser.probe.decode import decode_all, edit_counts
     from s3prl_laser.probe.features import Rows, check_upstream, load_or_extract
     from s3prl_laser.probe.head import HeadSettings, train_head
     from s3prl_laser.probe.report import format_table, write_outputs
+    from s3prl_laser.probe.stats import pooled_rate
     from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
     cache = settings.cache or settings.out / "cache"
@@ -106,6 +107,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
             "ckpt": spec.ckpt,
             "layer_weights": {},
             "training": {},
+            "utterances": {},  # per evaluation clip: edits, reference length, greedy hypothesis
         }
         for kind, (vocab, units) in kinds.items():
             targets = [vocab.encode(u) for u in units]
@@ -114,7 +116,12 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
                 Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop), [train_y[i] for i in stop],
                 len(vocab), head_settings, device, desc=f"{kind} head {spec.name}",
             )  # fmt: skip
-            result[kind] = error_rate(eval_y, decode_all(head, eval_x, settings.batch_size, device))
+            hypotheses = decode_all(head, eval_x, settings.batch_size, device)
+            edits, lengths = edit_counts(eval_y, hypotheses), [len(y) for y in eval_y]
+            result[kind] = pooled_rate(edits, lengths)
+            result["utterances"][kind] = {
+                "edits": edits, "ref_lengths": lengths, "hypotheses": [vocab.decode(h) for h in hypotheses]
+            }
             result["layer_weights"][kind] = head.layer_weights().cpu().tolist()
             result["training"][kind] = info
             logger.info(
@@ -126,6 +133,7 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
                 info["best_step"],
             )
         results.append(result)
+    add_intervals(results, settings.seed)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     summary.update(train_clips=[c.utt_id for c in train], eval_clips=[c.utt_id for c in evaluation])
     paths = write_outputs(results, summary, settings.out)
@@ -133,6 +141,23 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         print(format_table(results))
     print(f"probe: {paths['json']}, layer weights: {paths['png']}")
     return results
+
+
+def add_intervals(results: list[dict], seed: int) -> None:
+    """``result["vs_first"][kind]``: the relative difference against the first upstream and its paired
+    bootstrap 95 % interval (:mod:`.stats`), for every upstream after the first."""
+    from s3prl_laser.probe.stats import holds_zero, paired_bootstrap
+
+    first = results[0]
+    for result in results[1:]:
+        result["vs_first"] = {}
+        for kind, scores in result["utterances"].items():
+            reference = first["utterances"][kind]
+            interval = paired_bootstrap(reference["edits"], scores["edits"], scores["ref_lengths"], seed=seed)
+            relative = (result[kind] - first[kind]) / first[kind] if first[kind] else None
+            result["vs_first"][kind] = {
+                "relative": relative, "interval95": list(interval), "within_noise": holds_zero(interval)
+            }  # fmt: skip
 
 
 def upstream_label(text: str) -> str:
