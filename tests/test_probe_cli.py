@@ -90,10 +90,13 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
     )  # same seed, same numbers
 
 
-def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog):
+def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog, capsys):
     argv = ["--data", str(demo_corpus), "--upstream", f"hubert_local:{tiny_hubert_ckpt}",
             "--out", str(tmp_path), "--train-hours", "0.01", "--dev-minutes", "0.1", *FAST]  # fmt: skip
     assert main(argv) == 0
+    assert "one upstream: add the model to compare with, e.g. its base, as a second --upstream" in (
+        capsys.readouterr().out
+    )  # a one-row table says how to add the base
     (cached,) = (tmp_path / "cache").glob("*.f16")
     cached.write_bytes(cached.read_bytes()[:100])  # truncated
     caplog.clear()
@@ -179,11 +182,20 @@ def test_demo_report_shows_the_probe_of_tuned_and_base(tmp_path, capsys):
             "probe_steps=3"]  # fmt: skip
     assert finetune.main(argv) == 0
     shown = capsys.readouterr().out
-    assert "CTC probe (s3prl_laser.probe), tuned vs base on the same clips:" in shown
-    results = json.loads((out / "probe" / "probe.json").read_text())
-    names = [entry["name"] for entry in results["upstreams"]]
-    assert names == ["hubert_laser", "hubert_local"]  # the tuned upstream first, then its base
-    assert json.loads((out / "demo_report.json").read_text())["probe"]
+    results = json.loads((out / "probe" / "probe.json").read_text())["upstreams"]
+    assert [entry["name"] for entry in results] == ["hubert_local", "hubert_laser"]  # the base: reference
+    lines = shown.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("LASER demo: did tuning help?"))
+    low, high = (100 * x for x in results[1]["vs_first"]["cer"]["interval95"])
+    answer = lines[first + 2]  # the answer leads: the probe's CER, base then tuned, with its interval
+    assert answer.startswith("CTC probe CER (10 dev-clean clips)") and "lower is better" in answer
+    assert f"{100 * results[0]['cer']:.2f} %" in answer and f"{100 * results[1]['cer']:.2f} %" in answer
+    assert f"[{low:+.1f}, {high:+.1f}] %" in answer
+    ratio = lines[first + 3]
+    assert ratio.startswith("same / other clip (upstream last layer)") and "lower is better" in ratio
+    assert "raw: grows" in shown  # the raw divergence says why it grows
+    assert lines[-1].startswith("next, on your own data: python -m s3prl_laser.finetune --upstream hubert")
+    assert json.loads((out / "demo_report.json").read_text())["probe"][1]["vs_first"]["cer"]["interval95"]
 
 
 def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, tmp_path):

@@ -185,17 +185,17 @@ def check_probe_base(cfg, out: Path) -> None:
 
 
 def probe_tuned_and_base(cfg, tuned: Path, out: Path, device, show: bool = True) -> list[dict]:
-    """``probe: true`` in a finetune run: the tuned upstream (``<upstream>_laser:tuned``) against its base
-    (``<upstream>:<ckpt>``: any ``--ckpt``, see :mod:`s3prl_laser.probe.bases`; s3prl's ``<upstream>_base``
-    without one) on ``cfg.data``, seed ``cfg.seed``.
+    """``probe: true`` in a finetune run: the run's base first, the reference (``<upstream>:<ckpt>``: any
+    ``--ckpt``, see :mod:`s3prl_laser.probe.bases`; s3prl's ``<upstream>_base`` without one), then the tuned
+    upstream (``<upstream>_laser:tuned``), on ``cfg.data``, seed ``cfg.seed``.
 
     ``cfg`` is the run's :class:`~s3prl_laser.training.config.LaserConfig`; outputs go to ``out``.
     """
     base = run_base(cfg)
-    logger.info("probe: %s_laser against %s on %s", cfg.upstream, base, cfg.data)
+    logger.info("probe: %s_laser against its base %s on %s", cfg.upstream, base, cfg.data)
     settings = ProbeSettings(
         data=cfg.data,
-        upstreams=[f"{cfg.upstream}_laser:{tuned}", base],
+        upstreams=[base, f"{cfg.upstream}_laser:{tuned}"],  # the base is the reference: "vs first"
         out=out,
         seed=cfg.seed,
         steps=cfg.probe_steps,
