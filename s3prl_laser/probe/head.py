@@ -4,11 +4,12 @@
 with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an MLP with ``hidden > 0``)
 -> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
 
-The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size: it is
-the step's cost. It runs clip by clip in float32 (each clip converted into one reused buffer, then one
-matrix-vector product; the backward pass converts it again instead of keeping a float32 copy), so a step
-holds one clip in float32 beside the float16 batch. Layer normalisation, when asked, is done once per clip
-when the features are made (:func:`normalise_layers`), not at every step.
+The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size. It runs
+clip by clip in float32, 32 frames at a time (converted into one reused buffer small enough to stay in the
+CPU's cache, then a matrix-vector product; the backward pass converts them again instead of keeping a
+float32 copy), so a step holds no float32 copy of the batch. Layer normalisation, when asked, is done once
+per clip when the features are made (:func:`normalise_layers`), not at every step. The CTC loss (torch's)
+is then about half of a step's CPU time.
 
 :func:`train_head` runs a fixed step budget of AdamW on seeded random batches of the training clips,
 evaluates the CTC loss on a dev slice every ``eval_every`` steps and stops after ``patience`` evaluations
@@ -53,35 +54,44 @@ def normalise_layers(clip: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(clip.float(), clip.shape[-1:]).to(clip.dtype)
 
 
+CHUNK_FRAMES = 32  # frames converted to float32 at a time: 13 layers x 32 x 768 x 4 B = 1.3 MB, cache-sized
+
+
 class _LayerMix(torch.autograd.Function):
     """``sum_l w[l] * clip[l]`` per clip, padded to ``[B, F_max, C]`` float32; gradient for ``w`` only."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, scratch: torch.Tensor, *clips: torch.Tensor) -> torch.Tensor:
-        layers, dim = clips[0].shape[0], clips[0].shape[2]
-        out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), dim)
+        out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), clips[0].shape[2])
         for i, clip in enumerate(clips):
-            flat = _as_float32(clip, scratch)  # [L, F_i * C]
-            torch.mv(flat.t(), weights, out=out[i, : clip.shape[1]].view(-1))
-        ctx.clips, ctx.scratch, ctx.layers = clips, scratch, layers
+            for start, flat in _float32_chunks(clip, scratch):  # [L, n * C]
+                rows = out[i, start : start + flat.shape[1] // clip.shape[2]]
+                torch.mv(flat.t(), weights, out=rows.view(-1))
+        ctx.clips, ctx.scratch = clips, scratch
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_w = grad.new_zeros(ctx.layers)
+        grad_w = grad.new_zeros(ctx.clips[0].shape[0])
         for i, clip in enumerate(ctx.clips):
-            flat = _as_float32(clip, ctx.scratch)
-            grad_w += flat @ grad[i, : clip.shape[1]].reshape(-1)
+            for start, flat in _float32_chunks(clip, ctx.scratch):
+                rows = grad[i, start : start + flat.shape[1] // clip.shape[2]]
+                grad_w.addmv_(flat, rows.reshape(-1))
         return grad_w, None, *([None] * len(ctx.clips))
 
 
-def _as_float32(clip: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """``clip [L, F, C]`` as float32 ``[L, F * C]``, converted into the head's reused buffer ``scratch``."""
-    if clip.dtype == torch.float32:
-        return clip.reshape(clip.shape[0], -1)
-    flat = scratch[: clip.numel()].view(clip.shape[0], -1)
-    flat.view_as(clip).copy_(clip)
-    return flat
+def _float32_chunks(clip: torch.Tensor, scratch: torch.Tensor):
+    """``(first frame, [L, n * C] float32)`` for chunks of ``CHUNK_FRAMES`` frames of ``clip [L, F, C]``,
+    each converted into the head's reused buffer ``scratch`` (float32 clips are viewed, not copied)."""
+    layers, frames, dim = clip.shape
+    for start in range(0, frames, CHUNK_FRAMES):
+        part = clip[:, start : start + CHUNK_FRAMES]
+        if clip.dtype == torch.float32 and part.is_contiguous():
+            yield start, part.reshape(layers, -1)
+            continue
+        flat = scratch[: part.numel()].view(layers, part.shape[1], dim)
+        flat.copy_(part)
+        yield start, flat.view(layers, -1)
 
 
 class ProbeHead(nn.Module):
@@ -93,7 +103,7 @@ class ProbeHead(nn.Module):
             if hidden == 0
             else nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, vocab_size))
         )
-        self._scratch = torch.empty(0)  # one clip in float32, reused (not part of the state)
+        self._scratch = torch.empty(0)  # a chunk of a clip in float32, reused (not part of the state)
 
     def layer_weights(self) -> torch.Tensor:
         """The softmax layer weights ``[L]``."""
@@ -103,7 +113,7 @@ class ProbeHead(nn.Module):
         """``clips`` ``[L, F_i, C]`` -> (log-probabilities ``[B, F_max, V]``, frames ``[B]``)."""
         device = self.weights.device
         clips = [c.to(device, non_blocking=True) for c in clips]
-        need = max(c.numel() for c in clips)
+        need = clips[0].shape[0] * CHUNK_FRAMES * clips[0].shape[2]
         if self._scratch.numel() < need or self._scratch.device != device:
             self._scratch = torch.empty(need, device=device)
         mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self._scratch, *clips)
