@@ -209,3 +209,15 @@ def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, 
     assert "probe=true: data" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+
+def test_seeds_report_the_spread_of_the_first_seeds_figure(demo_corpus, tiny_hubert_ckpt, tmp_path, capsys):
+    argv = ["--data", str(demo_corpus), "--upstream", f"hubert:{tiny_hubert_ckpt}", "--out", str(tmp_path),
+            "--train-hours", "0.01", "--dev-minutes", "0.1", "--seeds", "2", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    (result,) = json.loads((tmp_path / "probe.json").read_text())["upstreams"]
+    rates = result["seeds"]["cer"]
+    assert len(rates) == 2 and rates[0] == result["cer"]  # the table's figure is the first seed's
+    scores = result["utterances"]["cer"]
+    assert result["cer"] == sum(scores["edits"]) / sum(scores["ref_lengths"])
+    assert f"CER over 2 seeds {100 * min(rates):.2f}-{100 * max(rates):.2f} %" in capsys.readouterr().out

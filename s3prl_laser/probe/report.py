@@ -52,6 +52,13 @@ def format_table(results: list[dict]) -> str:
         if "utterances" in results[0] and kinds
         else "lower is better"
     )
+    for r in results:
+        for kind, rates in r.get("seeds", {}).items():
+            lines.append(
+                f"{r['upstream']}: {kind.upper()} over {len(rates)} seeds {100 * min(rates):.2f}-"
+                f"{100 * max(rates):.2f} % (spread {100 * (max(rates) - min(rates)):.2f} points; the table "
+                "shows the first seed)"
+            )
     if len(results) == 1:
         lines.append(
             "one upstream: add the model to compare with, e.g. its base, as a second --upstream "

@@ -40,6 +40,7 @@ class ProbeSettings:
     patience: int = 5
     seed: int = 0
     layer_norm: bool = True  # each layer normalised over its channels before the weighted sum
+    seeds: int = 1  # heads trained per upstream and target kind (seed, seed + 1, ...): the seed's spread
     device: str | None = None
     cache: Path | None = None  # default: <out>/cache
 
@@ -132,6 +133,18 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
                 info["steps"],
                 info["best_step"],
             )
+            if settings.seeds > 1:  # the same head again with other seeds: how much the seed alone moves it
+                rates = [result[kind]]
+                for extra in range(1, settings.seeds):
+                    again, _ = train_head(
+                        Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop),
+                        [train_y[i] for i in stop], len(vocab),
+                        dataclasses.replace(head_settings, seed=settings.seed + extra), device,
+                        desc=f"{kind} head {spec.name}, seed {settings.seed + extra}",
+                    )  # fmt: skip
+                    again_hypotheses = decode_all(again, eval_x, settings.batch_size, device)
+                    rates.append(pooled_rate(edit_counts(eval_y, again_hypotheses), lengths))
+                result.setdefault("seeds", {})[kind] = rates
         results.append(result)
     add_intervals(results, settings.seed)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
