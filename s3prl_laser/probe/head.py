@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -63,21 +64,38 @@ class _LayerMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: torch.Tensor, scratch: torch.Tensor, *clips: torch.Tensor) -> torch.Tensor:
         out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), clips[0].shape[2])
-        for i, clip in enumerate(clips):
-            for start, flat in _float32_chunks(clip, scratch):  # [L, n * C]
-                rows = out[i, start : start + flat.shape[1] // clip.shape[2]]
-                torch.mv(flat.t(), weights, out=rows.view(-1))
+        with _one_cpu_thread(weights.device):
+            for i, clip in enumerate(clips):
+                for start, flat in _float32_chunks(clip, scratch):  # [L, n * C]
+                    rows = out[i, start : start + flat.shape[1] // clip.shape[2]]
+                    torch.mv(flat.t(), weights, out=rows.view(-1))
         ctx.clips, ctx.scratch = clips, scratch
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_w = grad.new_zeros(ctx.clips[0].shape[0])
-        for i, clip in enumerate(ctx.clips):
-            for start, flat in _float32_chunks(clip, ctx.scratch):
-                rows = grad[i, start : start + flat.shape[1] // clip.shape[2]]
-                grad_w.addmv_(flat, rows.reshape(-1))
+        with _one_cpu_thread(grad.device):
+            for i, clip in enumerate(ctx.clips):
+                for start, flat in _float32_chunks(clip, ctx.scratch):
+                    rows = grad[i, start : start + flat.shape[1] // clip.shape[2]]
+                    grad_w.addmv_(flat, rows.reshape(-1))
         return grad_w, None, *([None] * len(ctx.clips))
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the many small chunk operations on one CPU thread: each would otherwise start and join a team of
+    threads, which costs more than the chunk itself, and far more when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _float32_chunks(clip: torch.Tensor, scratch: torch.Tensor):
