@@ -8,12 +8,18 @@ by an assumed sustained bf16 throughput (``--gpu-tflops``, default 990 x 0.25: a
 
     python benchmarks/probe.py                      # about 2-4 minutes on 2 CPU cores
     python benchmarks/probe.py --clips 4 --steps 3  # quicker, noisier
+    python benchmarks/probe.py --head-only          # the head step alone, before and after (about 1 min)
+
+The head step is timed twice in one run: as it was (raw float16 features padded to ``[B, L, F, C]``, every
+layer normalised at every step) and as the probe runs it now (features normalised once per clip when made,
+a float32 clip-by-clip weighted sum), alternating, with medians of wall and CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +37,7 @@ from finetune_throughput import build_checkpoint  # noqa: E402  (a sibling scrip
 from s3prl_laser.console import setup_console  # noqa: E402
 from s3prl_laser.probe.clips import Clip  # noqa: E402
 from s3prl_laser.probe.features import UpstreamSpec, extract  # noqa: E402
-from s3prl_laser.probe.head import ProbeHead, ctc_loss  # noqa: E402
+from s3prl_laser.probe.head import ProbeHead, ctc_loss, normalise_layers  # noqa: E402
 
 CLIP_SECONDS = 12.3  # LibriSpeech train-clean-100 mean utterance length
 TARGETS_PER_SECOND = 15  # characters per second of read speech, about
@@ -47,62 +53,134 @@ def write_clips(folder: Path, count: int) -> list[Clip]:
     return clips
 
 
-def time_head_steps(feats: list[torch.Tensor], steps: int, batch: int) -> tuple[float, float]:
-    """(median seconds per head step, FLOPs per step) with ``batch`` clips drawn from ``feats``."""
-    head = ProbeHead(feats[0].shape[0], feats[0].shape[2], 29)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3)
+class PerStepHead(torch.nn.Module):
+    """The head step as it was before: the batch padded to ``[B, L, F, C]`` float16, every layer normalised
+    at every step in float32, an einsum over layers (kept here as the baseline the benchmark compares to)."""
+
+    def __init__(self, head: ProbeHead) -> None:
+        super().__init__()
+        self.weights, self.out = head.weights, head.out
+
+    def forward(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = torch.tensor([c.shape[1] for c in clips])
+        x = clips[0].new_zeros(len(clips), clips[0].shape[0], int(frames.max()), clips[0].shape[2])
+        for i, c in enumerate(clips):
+            x[i, :, : c.shape[1]] = c
+        normed = torch.nn.functional.layer_norm(x.float(), x.shape[-1:])
+        mixed = torch.einsum("l,blfc->bfc", torch.softmax(self.weights, dim=0), normed)
+        return torch.log_softmax(self.out(mixed), dim=-1), frames
+
+
+def time_head_steps(
+    feats: list[torch.Tensor], steps: int, batch: int
+) -> tuple[dict[str, tuple[float, float]], float, dict[str, float]]:
+    """Per-step ``{"before": (median wall s, median CPU s), "after": ...}``, FLOPs of a step, and how far the
+    two agree on one batch (relative difference of the loss and of the layer weights' gradient).
+
+    Before: raw float16 features, normalised at every step. After: features normalised once per clip (as
+    the probe stores them), the head's float32 clip-by-clip weighted sum. Steps alternate between the two,
+    so a load that comes and goes weighs on both alike.
+    """
     chosen = [feats[i % len(feats)] for i in range(batch)]
+    normed = [normalise_layers(c) for c in chosen]  # what the probe's feature cache holds
     targets = [[1 + (j % 28) for j in range(int(CLIP_SECONDS * TARGETS_PER_SECOND))]] * batch
+    after = ProbeHead(feats[0].shape[0], feats[0].shape[2], 29)
+    before = PerStepHead(after)
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=2e-3) for n, m in (("b", before), ("a", after))}
 
-    def step() -> None:
-        loss = ctc_loss(head, chosen, targets, torch.device("cpu"))
-        optimizer.zero_grad()
+    def loss_of(head, clips):
+        return ctc_loss(head, clips, targets)
+
+    def step(name: str) -> None:
+        head, clips = (before, chosen) if name == "before" else (after, normed)
+        loss = loss_of(head, clips)
+        optimizers[name[0]].zero_grad()
         loss.backward()
-        optimizer.step()
+        optimizers[name[0]].step()
 
+    agreement = {}
+    grads = {}
+    for name, head, clips in (("before", before, chosen), ("after", after, normed)):
+        head.zero_grad()
+        loss = loss_of(head, clips)
+        loss.backward()
+        grads[name] = (float(loss), head.weights.grad.clone())
+    agreement["loss"] = abs(grads["after"][0] - grads["before"][0]) / abs(grads["before"][0])
+    diff = (grads["after"][1] - grads["before"][1]).abs().max() / grads["before"][1].abs().max()
+    agreement["layer weight gradient"] = float(diff)
     with FlopCounterMode(display=False) as counter:
-        step()
-    times = []
+        step("after")
+    step("before")
+    times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), counter.get_total_flops()
+        for name in ("before", "after"):
+            wall, cpu = time.perf_counter(), time.process_time()
+            step(name)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    medians = {
+        name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+        for name, ts in times.items()
+    }
+    return medians, counter.get_total_flops(), agreement
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=8, help="12.3 s clips to extract (default 8)")
-    parser.add_argument("--steps", type=int, default=5, help="timed head steps (default 5)")
+    parser.add_argument("--steps", type=int, default=7, help="timed head steps of each kind (default 7)")
+    parser.add_argument(
+        "--head-only", action="store_true", help="time the head step alone, on random features of that size"
+    )
     parser.add_argument("--gpu-tflops", type=float, default=990 * 0.25, help="assumed sustained GPU TFLOP/s")
     args = parser.parse_args(argv)
     setup_console(logging.INFO, "%(message)s")
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint("hubert", Path(tmp) / "base.pt", tiny=False, seed=0)
-        clips = write_clips(Path(tmp), args.clips)
-        spec = UpstreamSpec("hubert_local", str(ckpt))
-        extract(spec, clips[:1], torch.device("cpu"))  # warm-up
-        start = time.perf_counter()
-        with FlopCounterMode(display=False) as counter:
-            feats = extract(spec, clips, torch.device("cpu"))
-        extract_s = time.perf_counter() - start
-    audio_s = CLIP_SECONDS * len(clips)
-    step_s, step_flops = time_head_steps(feats, args.steps, 16)
-    per_hour = extract_s / audio_s * 3600
-    extract_flops_hour = counter.get_total_flops() / audio_s * 3600
+    load_before = os.getloadavg()[0]
+    per_hour = extract_flops_hour = None
+    if args.head_only:
+        frames = int(CLIP_SECONDS * 50) - 1  # 50 frames per second, as the CNN gives
+        generator = torch.Generator().manual_seed(0)
+        feats = [torch.randn(13, frames, 768, generator=generator).half() for _ in range(args.clips)]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = build_checkpoint("hubert", Path(tmp) / "base.pt", tiny=False, seed=0)
+            clips = write_clips(Path(tmp), args.clips)
+            spec = UpstreamSpec("hubert_local", str(ckpt))
+            extract(spec, clips[:1], torch.device("cpu"))  # warm-up
+            start = time.perf_counter()
+            with FlopCounterMode(display=False) as counter:
+                feats = extract(spec, clips, torch.device("cpu"))
+            extract_s = time.perf_counter() - start
+        audio_s = CLIP_SECONDS * len(clips)
+        per_hour = extract_s / audio_s * 3600
+        extract_flops_hour = counter.get_total_flops() / audio_s * 3600
+    steps, step_flops, agreement = time_head_steps(feats, args.steps, 16)
     gpu = args.gpu_tflops * 1e12
-    # tuned + base on 1 h + 20 min: extraction of 4/3 h each, then at most 2000 head steps each (chars)
-    cpu_total = 2 * (per_hour * 4 / 3 + 2000 * step_s)
-    gpu_total = 2 * (extract_flops_hour * 4 / 3 + 2000 * step_flops) / gpu
     threads = torch.get_num_threads()
-    print(f"base-size HuBERT (random init), CPU, {threads} threads, {len(clips)} x {CLIP_SECONDS} s")
-    print(f"{'':<44}{'CPU (measured)':>16}{'1 GPU (projected)':>20}")
-    print(f"{'extraction, s per hour of audio':<44}{per_hour:>16.0f}{extract_flops_hour / gpu:>20.1f}")
-    print(f"{'head step (16 clips, 13 x 768), s':<44}{step_s:>16.3f}{step_flops / gpu:>20.4f}")
-    label = "tuned + base, 1 h + 20 min, 2000 steps, min"
-    print(f"{label:<44}{cpu_total / 60:>16.0f}{gpu_total / 60:>20.1f}")
-    print(f"(GPU: FLOPs / {args.gpu_tflops:.0f} TFLOP/s; feature extraction "
-          f"{extract_flops_hour / 1e15:.1f} PFLOP per hour, head step {step_flops / 1e9:.1f} GFLOP)")
+    print(f"base-size HuBERT (random init), CPU, {threads} threads, {len(feats)} x {CLIP_SECONDS} s; load "
+          f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
+    print(f"{'':<48}{'CPU wall':>10}{'CPU time':>10}{'1 GPU (projected)':>20}")
+    if per_hour is not None:
+        label = "extraction, s per hour of audio"
+        print(f"{label:<48}{per_hour:>10.0f}{'':>10}{extract_flops_hour / gpu:>20.1f}")
+    for name in ("before", "after"):
+        wall, cpu = steps[name]
+        label = f"head step (16 clips, 13 x 768), s, {name}"
+        print(f"{label:<48}{wall:>10.3f}{cpu:>10.3f}{step_flops / gpu:>20.4f}")
+    if per_hour is not None:
+        # tuned + base on 1 h + 20 min: extraction of 4/3 h each, then at most 2000 head steps each (chars)
+        for name in ("before", "after"):
+            cpu_total = 2 * (per_hour * 4 / 3 + 2000 * steps[name][0])
+            gpu_total = 2 * (extract_flops_hour * 4 / 3 + 2000 * step_flops) / gpu
+            label = f"tuned + base, 1 h + 20 min, 2000 steps, min, {name}"
+            print(f"{label:<48}{cpu_total / 60:>10.0f}{'':>10}{gpu_total / 60:>20.1f}")
+        print(f"(feature extraction {extract_flops_hour / 1e15:.1f} PFLOP per hour)")
+    print(f"median of {args.steps} steps each, before and after alternating; CPU time = process time (all "
+          "threads), less sensitive to other jobs than wall time")
+    print(f"after vs before on one batch: loss {agreement['loss']:.1e}, layer weight gradient "
+          f"{agreement['layer weight gradient']:.1e} (relative; float16 rounding of the normalised features)")
+    print(f"GPU projection: FLOPs / {args.gpu_tflops:.0f} TFLOP/s sustained (assumed: 25 % of an H100's "
+          f"dense bf16 peak), head step {step_flops / 1e9:.1f} GFLOP; it ignores host-to-device copies "
+          "(about 200 MB of features per step) and kernel launches, which bound the head step on a GPU")
     return 0
 
 

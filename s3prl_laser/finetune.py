@@ -185,8 +185,10 @@ def resolve_run(args: argparse.Namespace, env: DistEnv) -> RunPlan | None:
         check_source(cfg.ckpt, "--ckpt")
     if cfg.probe:  # the end-of-run probe needs LibriSpeech's train-clean-100 and dev-clean: say so now
         from s3prl_laser.probe.clips import probe_root
+        from s3prl_laser.probe.runner import check_probe_base
 
         probe_root(cfg.data, "probe=true: data")
+        check_probe_base(cfg, out / "probe")  # and a base it can load
     clips = run_clips(cfg, out, env, args.resume, found)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)

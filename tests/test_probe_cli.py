@@ -17,6 +17,16 @@ import warm_processes
 from s3prl_laser.fixtures import build_tiny_hubert
 from s3prl_laser.probe.cli import main
 
+
+def levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
 FAST = ["--steps", "60", "--eval-every", "20", "--patience", "2", "--batch-size", "8"]
 
 
@@ -38,8 +48,22 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
     results = report["upstreams"]
     assert [r["name"] for r in results] == ["hubert_laser", "hubert_local"]
     assert results[1]["ckpt"] == str(tiny_hubert_ckpt)
+    # the CER again, from the transcripts of dev-clean and the hypotheses kept in probe.json, by a
+    # Levenshtein distance written here: pooled edits over pooled length of exactly the evaluation clips
+    transcripts = {
+        line.split(" ", 1)[0]: line.split(" ", 1)[1].strip()
+        for trans in (demo_corpus / "dev-clean").glob("*/*/*.trans.txt")
+        for line in trans.read_text().splitlines() if line.strip()
+    }  # fmt: skip
+    references = ["|".join(transcripts[u].split()) for u in report["settings"]["eval_clips"]]
     for r in results:
-        assert 0.0 <= r["cer"] <= 1.5 and 0.0 <= r["per"] <= 1.5
+        scores = r["utterances"]["cer"]
+        hypotheses = [h.replace(" ", "|") for h in scores["hypotheses"]]
+        edits = [levenshtein(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
+        assert scores["ref_lengths"] == [len(ref) for ref in references] and scores["edits"] == edits
+        assert r["cer"] == pytest.approx(sum(edits) / sum(len(ref) for ref in references), abs=1e-12)
+        per = r["utterances"]["per"]
+        assert r["per"] == pytest.approx(sum(per["edits"]) / sum(per["ref_lengths"]), abs=1e-12)
         for kind in ("cer", "per"):
             assert len(r["layer_weights"][kind]) == 5  # 4 layers + the CNN output
             assert sum(r["layer_weights"][kind]) == pytest.approx(1.0, abs=1e-5)
@@ -49,9 +73,14 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
         u.startswith(("1", "2")) for u in report["settings"]["train_clips"] + report["settings"]["eval_clips"]
     )
     assert "less than the" in caplog.text
+    for kind in ("cer", "per"):  # the interval of the second row holds its own relative difference
+        entry = results[1]["vs_first"][kind]
+        assert entry["relative"] == pytest.approx((results[1][kind] - results[0][kind]) / results[0][kind])
+        assert entry["interval95"][0] <= entry["relative"] <= entry["interval95"][1]
+        assert entry["within_noise"] == (entry["interval95"][0] <= 0 <= entry["interval95"][1])
     assert (tmp_path / "probe_layers.png").stat().st_size > 0
     table = (tmp_path / "probe_table.txt").read_text()
-    assert "CER" in table and "PER" in table and "hubert_local" in table
+    assert "CER" in table and "PER" in table and "hubert_local" in table and "95 % interval" in table
     # a second probe of the same upstreams on the same clips reads the features back from the cache
     caplog.clear()
     assert main(argv) == 0
@@ -61,11 +90,14 @@ def test_demo_corpus_end_to_end_chars_and_lexicon_then_cache(
     )  # same seed, same numbers
 
 
-def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog):
+def test_unreadable_cache_is_computed_again(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog, capsys):
     argv = ["--data", str(demo_corpus), "--upstream", f"hubert_local:{tiny_hubert_ckpt}",
             "--out", str(tmp_path), "--train-hours", "0.01", "--dev-minutes", "0.1", *FAST]  # fmt: skip
     assert main(argv) == 0
-    (cached,) = (tmp_path / "cache").glob("*.pt")
+    assert "one upstream: add the model to compare with, e.g. its base, as a second --upstream" in (
+        capsys.readouterr().out
+    )  # a one-row table says how to add the base
+    (cached,) = (tmp_path / "cache").glob("*.f16")
     cached.write_bytes(cached.read_bytes()[:100])  # truncated
     caplog.clear()
     assert main(argv) == 0
@@ -86,7 +118,7 @@ def test_missing_dev_clean_is_one_line_exit_2(demo_corpus, tiny_hubert_ckpt, tmp
 @pytest.mark.parametrize(
     ("upstream", "message"),
     [("hubert_lokal", "s3prl has no upstream named 'hubert_lokal' (did you mean hubert_local"),
-     ("hubert_local:{missing}", "does not exist")],
+     ("hubert_local:{missing}", "no such file or folder"), ("hubert_laser:{missing}", "does not exist")],
 )  # fmt: skip
 def test_unknown_upstream_or_missing_checkpoint_exit_2(demo_corpus, tmp_path, caplog, upstream, message):
     spec = upstream.format(missing=tmp_path / "nope.pt")
@@ -150,11 +182,20 @@ def test_demo_report_shows_the_probe_of_tuned_and_base(tmp_path, capsys):
             "probe_steps=3"]  # fmt: skip
     assert finetune.main(argv) == 0
     shown = capsys.readouterr().out
-    assert "CTC probe (s3prl_laser.probe), tuned vs base on the same clips:" in shown
-    results = json.loads((out / "probe" / "probe.json").read_text())
-    names = [entry["name"] for entry in results["upstreams"]]
-    assert names == ["hubert_laser", "hubert_local"]  # the tuned upstream first, then its base
-    assert json.loads((out / "demo_report.json").read_text())["probe"]
+    results = json.loads((out / "probe" / "probe.json").read_text())["upstreams"]
+    assert [entry["name"] for entry in results] == ["hubert_local", "hubert_laser"]  # the base: reference
+    lines = shown.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("LASER demo: did tuning help?"))
+    low, high = (100 * x for x in results[1]["vs_first"]["cer"]["interval95"])
+    answer = lines[first + 2]  # the answer leads: the probe's CER, base then tuned, with its interval
+    assert answer.startswith("CTC probe CER (10 dev-clean clips)") and "lower is better" in answer
+    assert f"{100 * results[0]['cer']:.2f} %" in answer and f"{100 * results[1]['cer']:.2f} %" in answer
+    assert f"[{low:+.1f}, {high:+.1f}] %" in answer
+    ratio = lines[first + 3]
+    assert ratio.startswith("same / other clip (upstream last layer)") and "lower is better" in ratio
+    assert "raw: grows" in shown  # the raw divergence says why it grows
+    assert lines[-1].startswith("next, on your own data: python -m s3prl_laser.finetune --upstream hubert")
+    assert json.loads((out / "demo_report.json").read_text())["probe"][1]["vs_first"]["cer"]["interval95"]
 
 
 def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, tmp_path):
@@ -168,3 +209,15 @@ def test_probe_true_without_the_probe_splits_stops_before_training(demo_corpus, 
     assert "probe=true: data" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+
+def test_seeds_report_the_spread_of_the_first_seeds_figure(demo_corpus, tiny_hubert_ckpt, tmp_path, capsys):
+    argv = ["--data", str(demo_corpus), "--upstream", f"hubert:{tiny_hubert_ckpt}", "--out", str(tmp_path),
+            "--train-hours", "0.01", "--dev-minutes", "0.1", "--seeds", "2", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    (result,) = json.loads((tmp_path / "probe.json").read_text())["upstreams"]
+    rates = result["seeds"]["cer"]
+    assert len(rates) == 2 and rates[0] == result["cer"]  # the table's figure is the first seed's
+    scores = result["utterances"]["cer"]
+    assert result["cer"] == sum(scores["edits"]) / sum(scores["ref_lengths"])
+    assert f"CER over 2 seeds {100 * min(rates):.2f}-{100 * max(rates):.2f} %" in capsys.readouterr().out

@@ -57,7 +57,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--patience", type=int, default=5, help="evaluations without improvement before stopping"
     )
+    parser.add_argument(
+        "--no-layer-norm", dest="layer_norm", action="store_false",
+        help="sum the layers as they are (s3prl's Featurizer default) instead of each layer-normalised first",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, default=1,
+        help="train each head K times (seeds SEED..SEED+K-1) and report the spread (default 1)",
+    )  # fmt: skip
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cache", help="feature cache folder (default: OUT/cache)")
     return parser
@@ -76,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_console(logging.INFO, fmt="%(message)s")
     try:
-        for key in ("train_hours", "dev_minutes", "steps", "batch_size", "lr", "eval_every", "patience"):
+        for key in ("train_hours", "dev_minutes", "steps", "batch_size", "lr", "eval_every", "patience",
+                    "seeds"):  # fmt: skip
             if not getattr(args, key) > 0:
                 raise UserInputError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be > 0")
         settings = ProbeSettings(
             data=args.data, upstreams=args.upstream, out=Path(args.out), lexicons=args.lexicon,
             train_hours=args.train_hours, dev_minutes=args.dev_minutes, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, eval_every=args.eval_every,
-            patience=args.patience, seed=args.seed,
+            patience=args.patience, seed=args.seed, layer_norm=args.layer_norm, seeds=args.seeds,
             device=args.device, cache=Path(args.cache) if args.cache else None,
         )  # fmt: skip
         run_probe(settings)

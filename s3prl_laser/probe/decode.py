@@ -13,7 +13,8 @@ from __future__ import annotations
 import editdistance
 import torch
 
-from s3prl_laser.probe.head import ProbeHead, pad_batch
+from s3prl_laser.probe.features import release
+from s3prl_laser.probe.head import ProbeHead
 
 
 def greedy_decode(log_probs: torch.Tensor) -> list[int]:
@@ -22,10 +23,15 @@ def greedy_decode(log_probs: torch.Tensor) -> list[int]:
     return [s for i, s in enumerate(best) if s != 0 and (i == 0 or s != best[i - 1])]
 
 
+def edit_counts(references: list[list[int]], hypotheses: list[list[int]]) -> list[int]:
+    """Edit distance (substitutions, deletions, insertions) of each hypothesis from its reference."""
+    return [editdistance.eval(r, h) for r, h in zip(references, hypotheses, strict=True)]
+
+
 def error_rate(references: list[list[int]], hypotheses: list[list[int]]) -> float:
-    """Total edit distance over total reference length (CER for characters, PER for phones)."""
-    edits = sum(editdistance.eval(r, h) for r, h in zip(references, hypotheses, strict=True))
-    return edits / max(1, sum(len(r) for r in references))
+    """Total edit distance over total reference length (CER for characters, PER for phones): pooled over
+    the corpus, so a long utterance weighs more than a short one (not the mean of per-utterance rates)."""
+    return sum(edit_counts(references, hypotheses)) / max(1, sum(len(r) for r in references))
 
 
 @torch.no_grad()
@@ -36,7 +42,8 @@ def decode_all(
     head.eval()
     hypotheses = []
     for i in range(0, len(feats), batch_size):
-        x, frames = pad_batch(feats[i : i + batch_size])
-        log_probs = head(x.to(device)).cpu()
+        log_probs, frames = head([feats[j] for j in range(i, min(i + batch_size, len(feats)))])
+        log_probs = log_probs.cpu()
+        release(feats)
         hypotheses += [greedy_decode(lp[:n]) for lp, n in zip(log_probs, frames.tolist(), strict=True)]
     return hypotheses

@@ -1,8 +1,15 @@
 """The probe's head and its training: SUPERB's softmax layer weights, then a linear CTC head.
 
-``ProbeHead``: features ``[B, L, F, C]`` (every hidden layer) -> each layer normalised (layer norm without
-parameters), summed with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an
-MLP with ``hidden > 0``) -> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
+``ProbeHead``: clips ``[L, F_i, C]`` (every hidden layer, as :func:`normalise_layers` left them) -> summed
+with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an MLP with ``hidden > 0``)
+-> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
+
+The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size. It runs
+clip by clip in float32, 32 frames at a time (converted into one reused buffer small enough to stay in the
+CPU's cache, then a matrix-vector product; the backward pass converts them again instead of keeping a
+float32 copy), so a step holds no float32 copy of the batch. Layer normalisation, when asked, is done once
+per clip when the features are made (:func:`normalise_layers`), not at every step. The CTC loss (torch's)
+is then about half of a step's CPU time.
 
 :func:`train_head` runs a fixed step budget of AdamW on seeded random batches of the training clips,
 evaluates the CTC loss on a dev slice every ``eval_every`` steps and stops after ``patience`` evaluations
@@ -16,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -24,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from s3prl_laser.probe.features import release
 
 logger = logging.getLogger("s3prl_laser.probe")
 
@@ -39,6 +49,69 @@ class HeadSettings:
     seed: int = 0
 
 
+def normalise_layers(clip: torch.Tensor) -> torch.Tensor:
+    """``[L, F, C]`` -> each frame of each layer layer-normalised (no parameters), in float32, returned as
+    ``clip``'s dtype: the per-layer normalisation, done once per clip."""
+    return F.layer_norm(clip.float(), clip.shape[-1:]).to(clip.dtype)
+
+
+CHUNK_FRAMES = 32  # frames converted to float32 at a time: 13 layers x 32 x 768 x 4 B = 1.3 MB, cache-sized
+
+
+class _LayerMix(torch.autograd.Function):
+    """``sum_l w[l] * clip[l]`` per clip, padded to ``[B, F_max, C]`` float32; gradient for ``w`` only."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, scratch: torch.Tensor, *clips: torch.Tensor) -> torch.Tensor:
+        out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), clips[0].shape[2])
+        with _one_cpu_thread(weights.device):
+            for i, clip in enumerate(clips):
+                for start, flat in _float32_chunks(clip, scratch):  # [L, n * C]
+                    rows = out[i, start : start + flat.shape[1] // clip.shape[2]]
+                    torch.mv(flat.t(), weights, out=rows.view(-1))
+        ctx.clips, ctx.scratch = clips, scratch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_w = grad.new_zeros(ctx.clips[0].shape[0])
+        with _one_cpu_thread(grad.device):
+            for i, clip in enumerate(ctx.clips):
+                for start, flat in _float32_chunks(clip, ctx.scratch):
+                    rows = grad[i, start : start + flat.shape[1] // clip.shape[2]]
+                    grad_w.addmv_(flat, rows.reshape(-1))
+        return grad_w, None, *([None] * len(ctx.clips))
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the many small chunk operations on one CPU thread: each would otherwise start and join a team of
+    threads, which costs more than the chunk itself, and far more when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _float32_chunks(clip: torch.Tensor, scratch: torch.Tensor):
+    """``(first frame, [L, n * C] float32)`` for chunks of ``CHUNK_FRAMES`` frames of ``clip [L, F, C]``,
+    each converted into the head's reused buffer ``scratch`` (float32 clips are viewed, not copied)."""
+    layers, frames, dim = clip.shape
+    for start in range(0, frames, CHUNK_FRAMES):
+        part = clip[:, start : start + CHUNK_FRAMES]
+        if clip.dtype == torch.float32 and part.is_contiguous():
+            yield start, part.reshape(layers, -1)
+            continue
+        flat = scratch[: part.numel()].view(layers, part.shape[1], dim)
+        flat.copy_(part)
+        yield start, flat.view(layers, -1)
+
+
 class ProbeHead(nn.Module):
     def __init__(self, layers: int, dim: int, vocab_size: int, hidden: int = 0) -> None:
         super().__init__()
@@ -48,36 +121,34 @@ class ProbeHead(nn.Module):
             if hidden == 0
             else nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, vocab_size))
         )
+        self._scratch = torch.empty(0)  # a chunk of a clip in float32, reused (not part of the state)
 
     def layer_weights(self) -> torch.Tensor:
         """The softmax layer weights ``[L]``."""
         return F.softmax(self.weights.detach(), dim=0)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """``feats [B, L, F, C]`` -> log-probabilities ``[B, F, V]``."""
-        normed = F.layer_norm(feats.float(), feats.shape[-1:])
-        mixed = torch.einsum("l,blfc->bfc", F.softmax(self.weights, dim=0), normed)
-        return F.log_softmax(self.out(mixed), dim=-1)
-
-
-def pad_batch(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, F_i, C]`` each -> ``([B, L, F_max, C], frames [B])``."""
-    frames = torch.tensor([f.shape[1] for f in feats])
-    padded = feats[0].new_zeros(len(feats), feats[0].shape[0], int(frames.max()), feats[0].shape[2])
-    for i, f in enumerate(feats):
-        padded[i, :, : f.shape[1]] = f
-    return padded, frames
+    def forward(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clips`` ``[L, F_i, C]`` -> (log-probabilities ``[B, F_max, V]``, frames ``[B]``)."""
+        device = self.weights.device
+        clips = [c.to(device, non_blocking=True) for c in clips]
+        need = clips[0].shape[0] * CHUNK_FRAMES * clips[0].shape[2]
+        if self._scratch.numel() < need or self._scratch.device != device:
+            self._scratch = torch.empty(need, device=device)
+        mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self._scratch, *clips)
+        frames = torch.tensor([c.shape[1] for c in clips])
+        return F.log_softmax(self.out(mixed), dim=-1), frames
 
 
 def ctc_loss(
-    head: ProbeHead, feats: list[torch.Tensor], targets: list[list[int]], device: torch.device
+    head: ProbeHead, feats: list[torch.Tensor], targets: list[list[int]], device: torch.device | None = None
 ) -> torch.Tensor:
-    """Mean CTC loss (per target symbol) of a batch of clips."""
-    x, frames = pad_batch(feats)
-    log_probs = head(x.to(device)).transpose(0, 1)  # [F, B, V]
+    """Mean CTC loss (per target symbol) of a batch of clips (``device``: unused, the head's is used)."""
+    log_probs, frames = head(list(feats))
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     lengths = torch.tensor([len(seq) for seq in targets])
-    return F.ctc_loss(log_probs, flat, frames, lengths, blank=0, reduction="mean", zero_infinity=True)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1), flat, frames, lengths, blank=0, reduction="mean", zero_infinity=True
+    )
 
 
 @torch.no_grad()
@@ -88,11 +159,12 @@ def dev_loss(
     batch_size: int,
     device: torch.device,
 ) -> float:
-    losses = [
-        float(ctc_loss(head, feats[i : i + batch_size], targets[i : i + batch_size], device))
-        * len(feats[i : i + batch_size])
-        for i in range(0, len(feats), batch_size)
-    ]
+    losses = []
+    for i in range(0, len(feats), batch_size):
+        rows = range(i, min(i + batch_size, len(feats)))
+        loss = ctc_loss(head, [feats[j] for j in rows], [targets[j] for j in rows], device)
+        losses.append(float(loss) * len(rows))
+        release(feats)
     return sum(losses) / len(feats)
 
 
@@ -127,6 +199,8 @@ def train_head(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            del loss  # the graph, and with it the clips of this step
+            release(train_x)  # a memory-mapped store: this step's pages leave the process
             bar.update(1)
             if step % settings.eval_every == 0 or step == settings.steps:
                 current = dev_loss(head, dev_x, dev_y, settings.batch_size, device)

@@ -39,6 +39,8 @@ class ProbeSettings:
     eval_every: int = 100
     patience: int = 5
     seed: int = 0
+    layer_norm: bool = True  # each layer normalised over its channels before the weighted sum
+    seeds: int = 1  # heads trained per upstream and target kind (seed, seed + 1, ...): the seed's spread
     device: str | None = None
     cache: Path | None = None  # default: <out>/cache
 
@@ -56,17 +58,21 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
     import torch
 
+    from s3prl_laser.probe.bases import resolve_upstream
     from s3prl_laser.probe.clips import probe_clips, probe_root
-    from s3prl_laser.probe.decode import decode_all, error_rate
-    from s3prl_laser.probe.features import UpstreamSpec, check_upstream, load_or_extract
+    from s3prl_laser.probe.decode import decode_all, edit_counts
+    from s3prl_laser.probe.features import Rows, check_upstream, load_or_extract
     from s3prl_laser.probe.head import HeadSettings, train_head
     from s3prl_laser.probe.report import format_table, write_outputs
+    from s3prl_laser.probe.stats import pooled_rate
     from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
-    specs = [UpstreamSpec.parse(u) for u in settings.upstreams]
+    cache = settings.cache or settings.out / "cache"
+    labels = [upstream_label(u) for u in settings.upstreams]
     # user mistakes first, before any audio is read or model loaded: the data folders (a cheap check, made
-    # before s3prl is imported), then the upstreams
+    # before s3prl is imported), then the upstreams (a base in another format is converted once, cached)
     probe_root(settings.data)
+    specs = [resolve_upstream(u, cache) for u in settings.upstreams]
     for spec in specs:
         check_upstream(spec)
     lexicon = read_lexicons(settings.lexicons) if settings.lexicons else None
@@ -83,7 +89,6 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         kinds["per"] = (Vocabulary.of(phones), phones)
     fit, stop = split_dev_slice(len(train), settings.seed)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cache = settings.cache or settings.out / "cache"
     head_settings = HeadSettings(
         settings.steps,
         settings.batch_size,
@@ -94,36 +99,54 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         settings.seed,
     )
     results = []
-    for spec in specs:
-        feats = load_or_extract(spec, train + evaluation, device, cache)
-        train_x, eval_x = feats[: len(train)], feats[len(train) :]
+    for label, spec in zip(labels, specs, strict=True):
+        feats = load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm)
+        eval_x = Rows(feats, range(len(train), len(feats)))
         result = {
-            "upstream": str(spec),
-            "name": spec.name,
+            "upstream": label,  # as the user wrote it (a relative path made absolute)
+            "name": spec.name,  # the s3prl entry and checkpoint that loaded it
             "ckpt": spec.ckpt,
             "layer_weights": {},
             "training": {},
+            "utterances": {},  # per evaluation clip: edits, reference length, greedy hypothesis
         }
         for kind, (vocab, units) in kinds.items():
             targets = [vocab.encode(u) for u in units]
             train_y, eval_y = targets[: len(train)], targets[len(train) :]
             head, info = train_head(
-                [train_x[i] for i in fit], [train_y[i] for i in fit],
-                [train_x[i] for i in stop], [train_y[i] for i in stop],
+                Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop), [train_y[i] for i in stop],
                 len(vocab), head_settings, device, desc=f"{kind} head {spec.name}",
             )  # fmt: skip
-            result[kind] = error_rate(eval_y, decode_all(head, eval_x, settings.batch_size, device))
+            hypotheses = decode_all(head, eval_x, settings.batch_size, device)
+            edits, lengths = edit_counts(eval_y, hypotheses), [len(y) for y in eval_y]
+            result[kind] = pooled_rate(edits, lengths)
+            result["utterances"][kind] = {
+                "edits": edits, "ref_lengths": lengths, "hypotheses": [vocab.decode(h) for h in hypotheses]
+            }
             result["layer_weights"][kind] = head.layer_weights().cpu().tolist()
             result["training"][kind] = info
             logger.info(
                 "%s: %s %.2f %% (head: %d steps, best at %d)",
-                spec,
+                label,
                 kind.upper(),
                 100 * result[kind],
                 info["steps"],
                 info["best_step"],
             )
+            if settings.seeds > 1:  # the same head again with other seeds: how much the seed alone moves it
+                rates = [result[kind]]
+                for extra in range(1, settings.seeds):
+                    again, _ = train_head(
+                        Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop),
+                        [train_y[i] for i in stop], len(vocab),
+                        dataclasses.replace(head_settings, seed=settings.seed + extra), device,
+                        desc=f"{kind} head {spec.name}, seed {settings.seed + extra}",
+                    )  # fmt: skip
+                    again_hypotheses = decode_all(again, eval_x, settings.batch_size, device)
+                    rates.append(pooled_rate(edit_counts(eval_y, again_hypotheses), lengths))
+                result.setdefault("seeds", {})[kind] = rates
         results.append(result)
+    add_intervals(results, settings.seed)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     summary.update(train_clips=[c.utt_id for c in train], eval_clips=[c.utt_id for c in evaluation])
     paths = write_outputs(results, summary, settings.out)
@@ -133,18 +156,59 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     return results
 
 
+def add_intervals(results: list[dict], seed: int) -> None:
+    """``result["vs_first"][kind]``: the relative difference against the first upstream and its paired
+    bootstrap 95 % interval (:mod:`.stats`), for every upstream after the first."""
+    from s3prl_laser.probe.stats import holds_zero, paired_bootstrap
+
+    first = results[0]
+    for result in results[1:]:
+        result["vs_first"] = {}
+        for kind, scores in result["utterances"].items():
+            reference = first["utterances"][kind]
+            interval = paired_bootstrap(reference["edits"], scores["edits"], scores["ref_lengths"], seed=seed)
+            relative = (result[kind] - first[kind]) / first[kind] if first[kind] else None
+            result["vs_first"][kind] = {
+                "relative": relative, "interval95": list(interval), "within_noise": holds_zero(interval)
+            }  # fmt: skip
+
+
+def upstream_label(text: str) -> str:
+    """``text`` as the table shows it: a local checkpoint path made absolute, names kept as written."""
+    from s3prl_laser.probe.features import UpstreamSpec
+
+    _, _, ckpt = text.partition(":")
+    return str(UpstreamSpec.parse(text)) if ckpt and Path(ckpt).expanduser().exists() else text
+
+
+def run_base(cfg) -> str:
+    """The run's base as a probe upstream: ``<upstream>:<ckpt>``, or ``<upstream>`` (s3prl's default)."""
+    return f"{cfg.upstream}:{cfg.ckpt}" if cfg.ckpt else cfg.upstream
+
+
+def check_probe_base(cfg, out: Path) -> None:
+    """``probe: true``, at the start of a run: a base the probe cannot load is a ``UserInputError`` now
+    (read once, converted in memory, nothing written), not after training."""
+    from s3prl_laser.probe.bases import resolve_upstream
+
+    try:
+        resolve_upstream(run_base(cfg), out / "cache", write=False, option="probe=true: base")
+    except UserInputError as error:
+        raise UserInputError(f"{error} (the end-of-run probe loads it; set probe=false to skip it)") from None
+
+
 def probe_tuned_and_base(cfg, tuned: Path, out: Path, device, show: bool = True) -> list[dict]:
-    """``probe: true`` in a finetune run: the tuned upstream (``<upstream>_laser:tuned``) against its base
-    (``<upstream>_local:ckpt``, or s3prl's ``<upstream>_base`` without a ckpt) on ``cfg.data``, seed
-    ``cfg.seed``.
+    """``probe: true`` in a finetune run: the run's base first, the reference (``<upstream>:<ckpt>``: any
+    ``--ckpt``, see :mod:`s3prl_laser.probe.bases`; s3prl's ``<upstream>_base`` without one), then the tuned
+    upstream (``<upstream>_laser:tuned``), on ``cfg.data``, seed ``cfg.seed``.
 
     ``cfg`` is the run's :class:`~s3prl_laser.training.config.LaserConfig`; outputs go to ``out``.
     """
-    base = f"{cfg.upstream}_local:{cfg.ckpt}" if cfg.ckpt else f"{cfg.upstream}_base"
-    logger.info("probe: %s_laser against %s on %s", cfg.upstream, base, cfg.data)
+    base = run_base(cfg)
+    logger.info("probe: %s_laser against its base %s on %s", cfg.upstream, base, cfg.data)
     settings = ProbeSettings(
         data=cfg.data,
-        upstreams=[f"{cfg.upstream}_laser:{tuned}", base],
+        upstreams=[base, f"{cfg.upstream}_laser:{tuned}"],  # the base is the reference: "vs first"
         out=out,
         seed=cfg.seed,
         steps=cfg.probe_steps,

@@ -42,6 +42,12 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.symbols)
 
+    def decode(self, ids: list[int]) -> str:
+        """Symbols joined: characters as text (``|`` back to a space), other symbols space-separated."""
+        if self.symbols[1:] == CHARACTERS:
+            return "".join(self.symbols[i] for i in ids).replace("|", " ")
+        return " ".join(self.symbols[i] for i in ids)
+
     def encode(self, units: list[str]) -> list[int]:
         index = {s: i for i, s in enumerate(self.symbols)}
         return [index[u] for u in units if u in index]

@@ -81,22 +81,63 @@ def plot_alignments(before: torch.Tensor, after: torch.Tensor, path: Path, title
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
     for ax, matrix, name in zip(axes, (before, after), ("before tuning", "after tuning"), strict=True):
         image = ax.imshow(matrix.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
-        ax.set_title(f"expected alignment E = ∂sdtw/∂C, {name}")
+        ax.set_title(f"expected alignment E = ∂sdtw/∂C, {name}", fontsize=10)
         ax.set_xlabel("perturbed view: frame")
         ax.set_ylabel("clean view: frame")
     fig.colorbar(image, ax=axes, shrink=0.85, label="alignment probability")
-    fig.suptitle(title)
+    fig.suptitle(
+        f"{title}\nbetter alignment: a thin, bright diagonal (each frame of one view matched to the same "
+        "moment of the other), not a blur",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# which direction is better, for each metric of the report (the raw divergences say why they grow instead)
+READING = {
+    "divergence_ratio_upstream": "lower is better: one clip's views closer than two clips'",
+    "divergence_ratio_projection": "lower is better",
+    "far_distance_upstream": "collapse guard: must stay well above 0",
+    "far_distance_projection": "collapse guard: must stay well above 0",
+    "divergence_projection": "raw: grows as training spreads the frames; read the ratio",
+    "divergence_other_projection": "raw: the scale the ratio divides by",
+}
+ORDER = ("divergence_ratio_upstream", "divergence_ratio_projection", "far_distance_upstream",
+         "far_distance_projection", "divergence_projection", "divergence_other_projection")  # fmt: skip
+
+
+def probe_row(probe: list[dict]) -> tuple[str, str, str, str] | None:
+    """``(label, base CER, tuned CER, reading)`` from the probe's results (base first, then the tuned
+    upstream, whose ``vs_first`` holds the relative change and its 95 % interval); None without a CER."""
+    if len(probe) < 2 or "cer" not in probe[-1] or "vs_first" not in probe[-1]:
+        return None
+    base, tuned = probe[0], probe[-1]
+    entry = tuned["vs_first"]["cer"]
+    low, high = entry["interval95"]
+    change = "" if entry["relative"] is None else f"{100 * entry['relative']:+.1f} %, "
+    verdict = "within noise" if entry["within_noise"] else ("better" if high < 0 else "worse")
+    reading = f"lower is better: {change}95 % interval [{100 * low:+.1f}, {100 * high:+.1f}] %, {verdict}"
+    clips = len(tuned.get("utterances", {}).get("cer", {}).get("edits", []))
+    label = f"CTC probe CER ({clips} dev-clean clips)" if clips else "CTC probe CER"
+    return label, f"{100 * base['cer']:.2f} %", f"{100 * tuned['cer']:.2f} %", reading
+
+
 def format_table(report: dict) -> str:
+    """The answer first (the probe's CER with its interval, the same/other ratio), each row saying which
+    direction is better; the raw divergences last, saying why they grow."""
     lines = [
-        f"LASER demo: {report['clips']} held-out clips ({', '.join(HELD_OUT_SPLITS)}), clean vs perturbed",
-        f"{'metric':<44}{'before':>10}{'after':>10}",
+        f"LASER demo: did tuning help? {report['clips']} held-out clips ({', '.join(HELD_OUT_SPLITS)}), "
+        "clean vs perturbed view of each",
+        f"{'metric':<44}{'before':>10}{'after':>10}  reading",
     ]
-    for key, label in METRICS.items():
-        lines.append(f"{label:<44}{report['before'][key]:>10.4f}{report['after'][key]:>10.4f}")
+    row = probe_row(report.get("probe") or [])
+    if row is not None:
+        lines.append(f"{row[0]:<44}{row[1]:>10}{row[2]:>10}  {row[3]}")
+    for key in ORDER:
+        lines.append(
+            f"{METRICS[key]:<44}{report['before'][key]:>10.4f}{report['after'][key]:>10.4f}  {READING[key]}"
+        )
     return "\n".join(lines)
 
 
@@ -185,22 +226,26 @@ def demo_report(
         },
     }
     if probe is not None:
-        keep = ("upstream", "name", "ckpt", "cer", "per")
+        keep = ("upstream", "name", "ckpt", "cer", "per", "vs_first")
         report["probe"] = [{k: r[k] for k in keep if k in r} for r in probe]
+        report["probe_utterances"] = len(probe[-1].get("utterances", {}).get("cer", {}).get("edits", []))
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     phases.next(f"drawing {out / 'demo_alignment.png'}")
     title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
     plot_alignments(alignments["before"], alignments["after"], out / "demo_alignment.png", title)
     phases.next("done")
-    print(format_table(report))
+    print(format_table({**report, "probe": probe} if probe is not None else report))
     print(
         f"upstreams loaded through s3prl: before = S3PRLUpstream({before[0].name!r}, {before[0].ckpt}), "
         f"after = S3PRLUpstream({loaded.name!r}, {loaded.ckpt});\nthe latter's last layer vs the tuned model "
         f"in memory: max |diff| = {gap:.1e}"
     )
     if probe is not None:
-        from s3prl_laser.probe.report import format_table as probe_table
-
-        print("CTC probe (s3prl_laser.probe), tuned vs base on the same clips:\n" + probe_table(probe))
+        probe_out = out / "probe"
+        print(f"probe: {probe_out / 'probe_table.txt'} (CER per upstream), {probe_out / 'probe.json'}")
     print(f"report: {out / 'demo_report.json'}, picture: {out / 'demo_alignment.png'}")
+    print(
+        f"next, on your own data: python -m s3prl_laser.finetune --upstream {cfg.upstream} "
+        f"--data /data/LibriSpeech --out runs/{cfg.upstream} probe=true  (docs/training.md)"
+    )
     return report

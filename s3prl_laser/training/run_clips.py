@@ -123,10 +123,10 @@ def source_changes(clips: RunClips, current: list[AudioItem]) -> tuple[int, int]
 
 
 def new_run_clips(cfg, items: list[AudioItem]) -> RunClips:
-    """A new run's clips: :func:`~s3prl_laser.training.heldout.validation_split` of the source's ``items``."""
-    from s3prl_laser.training.heldout import validation_split
+    """A new run's clips: :func:`~s3prl_laser.training.heldout.split_held_out` of the source's ``items``."""
+    from s3prl_laser.training.heldout import split_held_out
 
-    held_out, train, where = validation_split(cfg, items)
+    held_out, train, where = split_held_out(cfg, items)
     return RunClips(train, held_out, where, len(train) < len(items))
 
 
@@ -136,7 +136,7 @@ def resumed_run_clips(cfg, out: Path, current: list[AudioItem], started, is_main
     none out gets ``dev-clean`` if ``eval_every`` turns validation on and the source has it; otherwise turning
     validation on is refused. A run without a list (from before runs kept one) gets one now, split as it
     started (``started``: the config of its checkpoint)."""
-    from s3prl_laser.training.heldout import validation_split
+    from s3prl_laser.training.heldout import split_held_out
 
     found = read_run_clips(out)
     if found is None:
@@ -160,7 +160,7 @@ def resumed_run_clips(cfg, out: Path, current: list[AudioItem], started, is_main
         return RunClips(clips.train, [], f"off (eval_every=0){kept}", clips.held_out_from_source)
     if clips.held_out:
         return clips
-    held_out, train, where = validation_split(cfg, clips.train)
+    held_out, train, where = split_held_out(cfg, clips.train)
     if len(train) == len(clips.train):  # dev-clean beside the source, or too few clips: none moves
         return RunClips(clips.train, held_out, where, False)
     raise UserInputError(
