@@ -69,9 +69,9 @@ def test_what_s3prl_0418_imports_from_torchaudio_resolves_in_a_fresh_interpreter
 import torchaudio
 torchaudio.set_audio_backend("sox_io")
 from torchaudio.sox_effects import apply_effects_tensor
-from s3prl_laser.plugin import shims as compat
-print(torchaudio.set_audio_backend is compat.set_audio_backend, apply_effects_tensor.__module__)
-if apply_effects_tensor.__module__ == compat.__name__:  # the stand-in (the real one may need libsox)
+from s3prl_laser.plugin import shims
+print(torchaudio.set_audio_backend is shims.set_audio_backend, apply_effects_tensor.__module__)
+if apply_effects_tensor.__module__ == shims.__name__:  # the stand-in (the real one may need libsox)
     try:
         apply_effects_tensor(None, 16000, [["rate", "8000"]])
     except RuntimeError as error:

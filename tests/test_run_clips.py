@@ -14,7 +14,7 @@ from test_resume import no_model, one_line
 from s3prl_laser.data import AudioItem
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.finetune import main
-from s3prl_laser.training import checkpoints as checkpointing
+from s3prl_laser.training import checkpoints
 from s3prl_laser.training.config import resolve_config
 from s3prl_laser.training.run_clips import (
     RunClips,
@@ -48,7 +48,7 @@ def manifest_run(tmp_path_factory, tiny_hubert_ckpt, clips) -> Path:
 
 def interrupted_at(run: Path, step: int) -> Path:
     """``run`` as if it had been killed right after its checkpoint of ``step``."""
-    for later, path in checkpointing.list_checkpoints(run):
+    for later, path in checkpoints.list_checkpoints(run):
         if later > step:
             path.unlink()
     (run / "hubert_laser.pt").unlink()
