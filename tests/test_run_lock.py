@@ -143,4 +143,6 @@ def test_torchrun_refused_by_a_held_lock_exits_2_on_every_rank(tmp_path, tiny_hu
         assert f"[rank {rank}] ERROR s3prl_laser.finetune: error: --out {out} is in use by another" in log
     assert len(REFUSED.findall("\n".join(line.split(": ", 1)[-1] for line in log.splitlines()))) == 2, log
     exits = re.findall(r"exitcode\s*:\s*(-?\d+)", log)
-    assert exits and set(exits) == {"2"}, log  # every rank exits 2, none is killed by torchrun
+    # every rank refused (its own line above) and exits 2, unless torchrun, which ends the other workers as
+    # soon as one fails, sent it SIGTERM after the first rank's exit 2: never another failure
+    assert "2" in exits and set(exits) <= {"2", str(-signal.SIGTERM)}, log
