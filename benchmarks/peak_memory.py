@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser.data import PairBatch, clip_limit_samples, view_stretch
+from s3prl_laser.names import UPSTREAMS
 from s3prl_laser.training.config import resolve_config
 from s3prl_laser.training.loop import train_step
 from s3prl_laser.training.parts import build_model
@@ -46,18 +47,20 @@ from measure import sync  # noqa: E402
 from s3prl_laser.fixtures import build_tiny  # noqa: E402
 from s3prl_laser.training.config import read_preset  # noqa: E402
 
-LARGE_ARCH = {  # HuBERT/WavLM Large: 24 pre-LN layers of 1024 dims, layer-norm CNN with bias
+LARGE_ARCH = {  # HuBERT/WavLM/wav2vec 2.0 Large: 24 pre-LN layers of 1024 dims, layer-norm CNN with bias
     **BASE_ARCH, "encoder_layers": 24, "encoder_embed_dim": 1024, "encoder_ffn_embed_dim": 4096,
     "encoder_attention_heads": 16, "layer_norm_first": True, "extractor_mode": "layer_norm",
     "conv_bias": True,
 }  # fmt: skip
+# data2vec-audio large is post-LN (every layer keeps activations) with base's positional convolutions
+LARGE_ARCH_OF = {"data2vec": {**LARGE_ARCH, "layer_norm_first": False, "conv_pos": 95, "pos_conv_depth": 5}}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--upstream", default="hubert", choices=("hubert", "wavlm"))
+    parser.add_argument("--upstream", default="hubert", choices=UPSTREAMS)
     parser.add_argument("--size", default="base", choices=("base", "large"),
                         help="model size (large: 24 layers, 1024 dims, pre-LN) and preset")  # fmt: skip
     parser.add_argument("--shapes", nargs="+", default=["1x4", "1x8", "2x4"], help="PAIRSxSECONDS per step")
@@ -90,7 +93,8 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str, size: st
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if size == "large":
-            ckpt = build_tiny(upstream, Path(tmp) / "large.pt", seed=0, **LARGE_ARCH)
+            arch = LARGE_ARCH_OF.get(upstream, LARGE_ARCH)
+            ckpt = build_tiny(upstream, Path(tmp) / "large.pt", seed=0, **arch)
         else:
             ckpt = build_checkpoint(upstream, Path(tmp) / "base.pt", tiny=False, seed=0)
         cfg = dataclasses.replace(resolve_config(upstream), ckpt=str(ckpt))
@@ -107,7 +111,7 @@ def measure_one(upstream: str, pairs: int, seconds: float, device: str, size: st
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
         before = vm_rss_bytes()
     start = sync(env.device)
-    result = train_step(parts, [batch], cfg, env, stop_signal=None)
+    result = train_step(parts, [batch], cfg, env, None)
     elapsed = sync(env.device) - start
     peak = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else vm_hwm_bytes()
     return {"pairs": pairs, "seconds": seconds, "peak": peak, "before": before, "step_s": elapsed,

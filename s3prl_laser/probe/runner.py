@@ -56,96 +56,22 @@ def split_dev_slice(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
     """Probe every upstream; write the outputs into ``settings.out``; return one result dict per upstream."""
-    import torch
-
-    from s3prl_laser.probe.bases import resolve_upstream
-    from s3prl_laser.probe.clips import probe_clips, probe_root
-    from s3prl_laser.probe.decode import decode_all, edit_counts
-    from s3prl_laser.probe.features import Rows, check_upstream, load_or_extract
-    from s3prl_laser.probe.head import HeadSettings, train_head
+    from s3prl_laser.probe.clips import probe_clips
     from s3prl_laser.probe.report import format_table, write_outputs
-    from s3prl_laser.probe.stats import pooled_rate
-    from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units, read_lexicons
 
     cache = settings.cache or settings.out / "cache"
-    labels = [upstream_label(u) for u in settings.upstreams]
-    # user mistakes first, before any audio is read or model loaded: the data folders (a cheap check, made
-    # before s3prl is imported), then the upstreams (a base in another format is converted once, cached)
-    probe_root(settings.data)
-    specs = [resolve_upstream(u, cache) for u in settings.upstreams]
-    for spec in specs:
-        check_upstream(spec)
-    lexicon = read_lexicons(settings.lexicons) if settings.lexicons else None
+    specs, lexicon = checked_inputs(settings, cache)  # user mistakes first, before any audio is read
     train, evaluation = probe_clips(settings.data, settings.train_hours, settings.dev_minutes, settings.seed)
     logger.info(
         "probe clips: %d training (%.1f min, %d speakers), %d evaluation (%.1f min, %d speakers)",
         len(train), sum(c.seconds for c in train) / 60, len({c.speaker for c in train}),
         len(evaluation), sum(c.seconds for c in evaluation) / 60, len({c.speaker for c in evaluation}),
     )  # fmt: skip
-    texts = [c.text for c in train + evaluation]
-    kinds = {"cer": (Vocabulary.characters(), [char_units(t) for t in texts])}
-    if lexicon is not None:
-        phones = phone_units(texts, lexicon, ", ".join(map(str, settings.lexicons)))
-        kinds["per"] = (Vocabulary.of(phones), phones)
-    fit, stop = split_dev_slice(len(train), settings.seed)
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    head_settings = HeadSettings(
-        settings.steps,
-        settings.batch_size,
-        settings.lr,
-        settings.hidden,
-        settings.eval_every,
-        settings.patience,
-        settings.seed,
-    )
-    results = []
-    for label, spec in zip(labels, specs, strict=True):
-        feats = load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm)
-        eval_x = Rows(feats, range(len(train), len(feats)))
-        result = {
-            "upstream": label,  # as the user wrote it (a relative path made absolute)
-            "name": spec.name,  # the s3prl entry and checkpoint that loaded it
-            "ckpt": spec.ckpt,
-            "layer_weights": {},
-            "training": {},
-            "utterances": {},  # per evaluation clip: edits, reference length, greedy hypothesis
-        }
-        for kind, (vocab, units) in kinds.items():
-            targets = [vocab.encode(u) for u in units]
-            train_y, eval_y = targets[: len(train)], targets[len(train) :]
-            head, info = train_head(
-                Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop), [train_y[i] for i in stop],
-                len(vocab), head_settings, device, desc=f"{kind} head {spec.name}",
-            )  # fmt: skip
-            hypotheses = decode_all(head, eval_x, settings.batch_size, device)
-            edits, lengths = edit_counts(eval_y, hypotheses), [len(y) for y in eval_y]
-            result[kind] = pooled_rate(edits, lengths)
-            result["utterances"][kind] = {
-                "edits": edits, "ref_lengths": lengths, "hypotheses": [vocab.decode(h) for h in hypotheses]
-            }
-            result["layer_weights"][kind] = head.layer_weights().cpu().tolist()
-            result["training"][kind] = info
-            logger.info(
-                "%s: %s %.2f %% (head: %d steps, best at %d)",
-                label,
-                kind.upper(),
-                100 * result[kind],
-                info["steps"],
-                info["best_step"],
-            )
-            if settings.seeds > 1:  # the same head again with other seeds: how much the seed alone moves it
-                rates = [result[kind]]
-                for extra in range(1, settings.seeds):
-                    again, _ = train_head(
-                        Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop),
-                        [train_y[i] for i in stop], len(vocab),
-                        dataclasses.replace(head_settings, seed=settings.seed + extra), device,
-                        desc=f"{kind} head {spec.name}, seed {settings.seed + extra}",
-                    )  # fmt: skip
-                    again_hypotheses = decode_all(again, eval_x, settings.batch_size, device)
-                    rates.append(pooled_rate(edit_counts(eval_y, again_hypotheses), lengths))
-                result.setdefault("seeds", {})[kind] = rates
-        results.append(result)
+    kinds = probe_targets(settings, [c.text for c in train + evaluation], lexicon)
+    results = [
+        probe_upstream(settings, upstream_label(upstream), spec, train, evaluation, kinds, cache)
+        for upstream, spec in zip(settings.upstreams, specs, strict=True)
+    ]
     add_intervals(results, settings.seed)
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     summary.update(train_clips=[c.utt_id for c in train], eval_clips=[c.utt_id for c in evaluation])
@@ -154,6 +80,104 @@ def run_probe(settings: ProbeSettings, show: bool = True) -> list[dict]:
         print(format_table(results))
     print(f"probe: {paths['json']}, layer weights: {paths['png']}")
     return results
+
+
+def checked_inputs(settings: ProbeSettings, cache: Path) -> tuple[list, dict | None]:
+    """The data folders (a cheap check, made before s3prl is imported), then the upstreams (a base in another
+    format is converted once, cached) and the lexicons: ``(specs, lexicon)``; a mistake raises
+    ``UserInputError`` before any audio is read or model loaded."""
+    from s3prl_laser.probe.bases import resolve_upstream
+    from s3prl_laser.probe.clips import probe_root
+    from s3prl_laser.probe.features import check_upstream
+    from s3prl_laser.probe.targets import read_lexicons
+
+    probe_root(settings.data)
+    specs = [resolve_upstream(u, cache) for u in settings.upstreams]
+    for spec in specs:
+        check_upstream(spec)
+    return specs, read_lexicons(settings.lexicons) if settings.lexicons else None
+
+
+def probe_targets(settings: ProbeSettings, texts: list[str], lexicon: dict | None) -> dict:
+    """Per error rate (``cer``, and ``per`` with a lexicon): its vocabulary and each clip's units."""
+    from s3prl_laser.probe.targets import Vocabulary, char_units, phone_units
+
+    kinds = {"cer": (Vocabulary.characters(), [char_units(t) for t in texts])}
+    if lexicon is not None:
+        phones = phone_units(texts, lexicon, ", ".join(map(str, settings.lexicons)))
+        kinds["per"] = (Vocabulary.of(phones), phones)
+    return kinds
+
+
+def probe_upstream(settings: ProbeSettings, label: str, spec, train: list, evaluation: list, kinds: dict,
+                   cache: Path) -> dict:  # fmt: skip
+    """One upstream: its features (extracted or from the cache), then a head per error rate trained and
+    scored on the evaluation clips (``--seeds``: trained again with other seeds)."""
+    import torch
+
+    from s3prl_laser.probe.features import load_or_extract
+
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    feats = load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm)
+    result = {
+        "upstream": label,  # as the user wrote it (a relative path made absolute)
+        "name": spec.name,  # the s3prl entry and checkpoint that loaded it
+        "ckpt": spec.ckpt,
+        "layer_weights": {},
+        "training": {},
+        "utterances": {},  # per evaluation clip: edits, reference length, greedy hypothesis
+    }
+    for kind, (vocab, units) in kinds.items():
+        targets = [vocab.encode(u) for u in units]
+        score_kind(settings, result, kind, vocab, feats, targets, len(train), spec.name, device)
+    return result
+
+
+def score_kind(settings: ProbeSettings, result: dict, kind: str, vocab, feats, targets: list, n_train: int,
+               name: str, device) -> None:  # fmt: skip
+    """Train the ``kind`` head on the training clips' features (early stopping on a held slice), decode the
+    evaluation clips, and put the pooled error rate, each clip's edits and the head's layer weights into
+    ``result``."""
+    from s3prl_laser.probe.decode import decode_all, edit_counts
+    from s3prl_laser.probe.features import Rows
+    from s3prl_laser.probe.head import HeadSettings, train_head
+    from s3prl_laser.probe.stats import pooled_rate
+
+    fit, stop = split_dev_slice(n_train, settings.seed)
+    eval_x = Rows(feats, range(n_train, len(feats)))
+    train_y, eval_y = targets[:n_train], targets[n_train:]
+    head_settings = HeadSettings(
+        settings.steps, settings.batch_size, settings.lr, settings.hidden, settings.eval_every,
+        settings.patience, settings.seed,
+    )  # fmt: skip
+
+    def trained(seed: int, desc: str):
+        return train_head(
+            Rows(feats, fit), [train_y[i] for i in fit], Rows(feats, stop), [train_y[i] for i in stop],
+            len(vocab), dataclasses.replace(head_settings, seed=seed), device, desc=desc,
+        )  # fmt: skip
+
+    head, info = trained(settings.seed, f"{kind} head {name}")
+    hypotheses = decode_all(head, eval_x, settings.batch_size, device)
+    edits, lengths = edit_counts(eval_y, hypotheses), [len(y) for y in eval_y]
+    result[kind] = pooled_rate(edits, lengths)
+    result["utterances"][kind] = {
+        "edits": edits, "ref_lengths": lengths, "hypotheses": [vocab.decode(h) for h in hypotheses]
+    }
+    result["layer_weights"][kind] = head.layer_weights().cpu().tolist()
+    result["training"][kind] = info
+    logger.info(
+        "%s: %s %.2f %% (head: %d steps, best at %d)",
+        result["upstream"], kind.upper(), 100 * result[kind], info["steps"], info["best_step"],
+    )  # fmt: skip
+    if settings.seeds > 1:  # the same head again with other seeds: how much the seed alone moves it
+        rates = [result[kind]]
+        for extra in range(1, settings.seeds):
+            seed = settings.seed + extra
+            again, _ = trained(seed, f"{kind} head {name}, seed {seed}")
+            again_hypotheses = decode_all(again, eval_x, settings.batch_size, device)
+            rates.append(pooled_rate(edit_counts(eval_y, again_hypotheses), lengths))
+        result.setdefault("seeds", {})[kind] = rates
 
 
 def add_intervals(results: list[dict], seed: int) -> None:

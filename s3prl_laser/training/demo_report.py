@@ -191,6 +191,21 @@ def demo_report(
     ``probe``: the results of :func:`s3prl_laser.probe.runner.run_probe` (``probe: true``), shown and kept.
     """
     phases = PhaseLog()
+    pairs, gap, results, alignments = measure_both(cfg, before, after, tuned_in_memory, phases)
+    report = report_of(cfg, pairs, results, before, after, gap, probe)
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    phases.next(f"drawing {out / 'demo_alignment.png'}")
+    title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
+    plot_alignments(alignments["before"], alignments["after"], out / "demo_alignment.png", title)
+    phases.next("done")
+    show_report(cfg, report, before, after, gap, out, probe)
+    return report
+
+
+def measure_both(cfg: LaserConfig, before, after, tuned_in_memory: nn.Module, phases: PhaseLog):
+    """The held-out pairs, how far the written upstream (through s3prl) is from the model in memory, and the
+    metrics and first pair's alignment of the models before and after tuning: ``(pairs, gap, results,
+    alignments)``."""
     phases.next(f"clean and perturbed views of {cfg.report_clips} held-out clips")
     pairs = held_out_pairs(cfg)
     if not pairs:
@@ -205,6 +220,14 @@ def demo_report(
         with eval_mode(base, head):
             results[name] = measure(base, head, pairs, cfg.gamma)
             alignments[name] = first_pair_alignment(base, head, pairs, cfg.gamma)
+    return pairs, gap, results, alignments
+
+
+def report_of(cfg: LaserConfig, pairs: list, results: dict, before, after, gap: float,
+              probe: list[dict] | None) -> dict:  # fmt: skip
+    """The report's JSON: the clips, the metrics before and after, how each upstream was loaded, what each
+    metric means, and the probe's figures when there are some."""
+    loaded = after[0]
     report = {
         "clips": len(pairs),
         "paths": [path for path, _, _ in pairs],
@@ -229,11 +252,14 @@ def demo_report(
         keep = ("upstream", "name", "ckpt", "cer", "per", "vs_first")
         report["probe"] = [{k: r[k] for k in keep if k in r} for r in probe]
         report["probe_utterances"] = len(probe[-1].get("utterances", {}).get("cer", {}).get("edits", []))
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
-    phases.next(f"drawing {out / 'demo_alignment.png'}")
-    title = f"{Path(pairs[0][0]).name}: clean vs perturbed view, {cfg.upstream} projection space"
-    plot_alignments(alignments["before"], alignments["after"], out / "demo_alignment.png", title)
-    phases.next("done")
+    return report
+
+
+def show_report(cfg: LaserConfig, report: dict, before, after, gap: float, out: Path,
+                probe: list[dict] | None) -> None:  # fmt: skip
+    """The report's table on the screen, how each upstream was loaded, where the files are, what to run
+    next."""
+    loaded = after[0]
     print(format_table({**report, "probe": probe} if probe is not None else report))
     print(
         f"upstreams loaded through s3prl: before = S3PRLUpstream({before[0].name!r}, {before[0].ckpt}), "
@@ -248,4 +274,3 @@ def demo_report(
         f"next, on your own data: python -m s3prl_laser.finetune --upstream {cfg.upstream} "
         f"--data /data/LibriSpeech --out runs/{cfg.upstream} probe=true  (docs/training.md)"
     )
-    return report
