@@ -105,7 +105,7 @@ def test_s3prl_name_resolves_offline_from_s3prls_download_cache(hub, tiny_hubert
     ("upstream", "message"),
     [("hubert_laser:{folder}", "is a folder, not a checkpoint file"),
      ("hubert:{folder}", "is a folder without config.json"),
-     ("wavlm:{hubert}", "is not an s3prl wavlm checkpoint (it looks like a hubert checkpoint)")],
+     ("wavlm:{hubert}", "is not an s3prl wavlm checkpoint (it looks like a hubert checkpoint")],
 )  # fmt: skip
 def test_a_folder_or_another_family_is_named_exit_2(demo_corpus, tiny_hubert_ckpt, tmp_path, caplog, upstream,
                                                    message):  # fmt: skip
