@@ -1,7 +1,7 @@
 """The probe's resident memory does not grow with the features: a store larger than the bound, trained on
 and decoded whole, scaled down (tiny clips, a bound of 40 MB against 128 MB of features).
 
-The head runs in a child process that reports its peak resident set size (``resource.getrusage``) after a
+The head runs in a child process that reports its peak resident set size (``VmHWM``) after a
 warm-up step and at the end; the same child then holds every clip in memory at once, to show the
 measurement sees features that are resident.
 """
@@ -18,14 +18,17 @@ CLIPS, LAYERS, FRAMES, DIM = 320, 5, 400, 100  # 400 kB of float16 per clip, 128
 BOUND_MB = 40
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 from s3prl_laser.probe.decode import decode_all
 from s3prl_laser.probe.features import Rows, open_store
 from s3prl_laser.probe.head import HeadSettings, train_head
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process' own peak. getrusage's ru_maxrss is carried over fork and exec, so a child of a
+    # large pytest process would report its parent's size from the start.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 torch.set_num_threads(1)
 store = open_store(__import__("pathlib").Path(sys.argv[1]), int(sys.argv[2]))

@@ -44,8 +44,9 @@ PRELOAD = ("torch", "torch._dynamo", "torchaudio", "s3prl", "numpy", "yaml", "tq
 # torch.distributed, by this project (S3PRL_LASER_*) or by the tests' fault-injection scripts.
 READ_AT_RUN_TIME = frozenset(
     {"PYTEST_CURRENT_TEST", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-     "MASTER_PORT", "LINEAR_ADAMW", "SIGNAL_TWICE", "SIGNAL_AT", "FAIL_SAVE", "OOM_RANKS"}
-)  # fmt: skip
+     "MASTER_PORT", "LINEAR_ADAMW", "SIGNAL_TWICE", "SIGNAL_AT", "SIGNAL_PART", "FAIL_SAVE", "OOM_RANKS",
+     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"}
+)  # fmt: skip  (the SLURM ids: read when a run takes its lock; one server per job id would use them all up)
 MAX_SERVERS = 3  # distinct environments; further ones run cold
 _LENGTH = struct.Struct("!Q")
 
