@@ -189,12 +189,12 @@ def unwrap(obj):
     return obj
 
 
-def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
-    """Convert an original fairseq HuBERT checkpoint dict to s3prl's "converted" format.
+def fairseq_configs(state: dict, where: str, config_classes) -> tuple[dict, dict, str]:
+    """``(task_cfg, model_cfg, name)`` of an original fairseq checkpoint, as plain containers.
 
-    Does what ``s3prl/upstream/hubert/convert.py::load_and_convert_fairseq_ckpt`` does, without fairseq:
-    ``task_cfg = cfg["task"]``, ``model_cfg = cfg["model"]`` (old checkpoints: both from ``args``),
-    ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
+    ``cfg["task"]`` and ``cfg["model"]`` with the model's ``_name``; old checkpoints keep one flat ``args``
+    Namespace instead, of which the entries that ``config_classes()`` (the task's and the model's config
+    dataclasses, imported only then) know are kept, with ``args.arch`` as the name.
     """
     if state.get("cfg") is not None:
         cfg = unwrap(state["cfg"])
@@ -204,17 +204,30 @@ def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
                 f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
             )
         task_cfg, model_cfg = (to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
-    elif state.get("args") is not None:
-        # Legacy checkpoints keep one flat Namespace; keep the entries s3prl's config dataclasses know.
-        from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
-
+        return task_cfg, model_cfg, str(model_cfg.get("_name", ""))
+    if state.get("args") is not None:
         args = dict(state["args"])
         task_cfg, model_cfg = (
             {k: to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
-            for dc in (HubertPretrainingConfig, HubertConfig)
+            for dc in config_classes()
         )
-    else:
-        raise UserInputError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+        return task_cfg, model_cfg, str(args.get("arch", ""))
+    raise UserInputError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+
+
+def convert_fairseq_hubert(state: dict, where: str = "checkpoint") -> dict:
+    """Convert an original fairseq HuBERT checkpoint dict to s3prl's "converted" format.
+
+    Does what ``s3prl/upstream/hubert/convert.py::load_and_convert_fairseq_ckpt`` does, without fairseq:
+    ``task_cfg = cfg["task"]``, ``model_cfg = cfg["model"]`` (old checkpoints: both from ``args``),
+    ``model_weight = state["model"]``, ``dictionaries_symbols`` from ``task_state["dictionaries"]``.
+    """
+    def config_classes():
+        from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertPretrainingConfig
+
+        return HubertPretrainingConfig, HubertConfig
+
+    task_cfg, model_cfg, _ = fairseq_configs(state, where, config_classes)
     dictionaries = (state.get("task_state") or {}).get("dictionaries")
     if not isinstance(dictionaries, list | tuple) or not dictionaries:
         raise UserInputError(

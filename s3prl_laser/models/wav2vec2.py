@@ -132,29 +132,15 @@ def convert_fairseq(upstream: str, state: dict, where: str) -> dict:
     """
     from torch import Tensor
 
-    from s3prl_laser.models.fairseq_import import to_plain, unwrap
+    from s3prl_laser.models.fairseq_import import fairseq_configs
 
-    if state.get("cfg") is not None:
-        cfg = unwrap(state["cfg"])
-        if not isinstance(cfg, dict) or not {"model", "task"} <= set(cfg):
-            found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
-            raise UserInputError(
-                f"{where}: expected a fairseq cfg with 'model' and 'task' sections, found {found}"
-            )
-        task_cfg, model_cfg = (to_plain(cfg[k], f"{where}:cfg.{k}") for k in ("task", "model"))
-        name = str(model_cfg.get("_name", ""))
-    elif state.get("args") is not None:
+    def config_classes():
         from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig
         from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig
 
-        args = dict(state["args"])
-        task_cfg, model_cfg = (
-            {k: to_plain(args[k], f"{where}:args.{k}") for k in dc.__dataclass_fields__ if k in args}
-            for dc in (AudioPretrainingConfig, Data2VecAudioConfig)
-        )
-        name = str(args.get("arch", ""))
-    else:
-        raise UserInputError(f"{where}: fairseq checkpoint has neither 'cfg' nor 'args'")
+        return AudioPretrainingConfig, Data2VecAudioConfig
+
+    task_cfg, model_cfg, name = fairseq_configs(state, where, config_classes)
     found = "data2vec" if name.startswith("data2vec") else "hubert" if name.startswith("hubert") else name
     if not name.startswith(upstream) and found != upstream:
         raise UserInputError(
