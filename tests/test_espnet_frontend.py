@@ -24,7 +24,8 @@ import warm_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
-FRONTEND = r"""
+# ESPnet's S3prlFrontend, step by step (tests/test_espnet_frontend_families.py runs it too)
+FRONTEND_HELPERS = r"""
 import json, sys
 import torch
 import s3prl
@@ -52,6 +53,9 @@ def espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature):
     return featurizer(feats[-1:], feats_lens[-1:])
 
 
+"""
+
+FRONTEND = FRONTEND_HELPERS + r"""
 def transformers_reference(ckpt, wav):
     # transformers' HubertModel / WavLMModel on the same weights (models/hf_export): another implementation
     import torch.nn.functional as F

@@ -17,44 +17,15 @@ come from the installed start-up hook. Two tests, each in a child process:
 """
 
 import json
-import re
 import sys
-from pathlib import Path
 
 import pytest
 import warm_processes
+from test_espnet_frontend import FRONTEND_HELPERS, espnet_yaml
 
-REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("wav2vec2", "data2vec")
 
-FRONTEND = r"""
-import json, sys
-import torch
-import s3prl
-from s3prl.nn import Featurizer, S3PRLUpstream
-
-
-def espnet_frontend(name, path_or_url):
-    # S3prlFrontend.__init__ with frontend_conf = {"upstream": name, "path_or_url": path_or_url}
-    assert name in S3PRLUpstream.available_names(), name
-    upstream = S3PRLUpstream(name, path_or_url=path_or_url, normalize=False, extra_conf=None)
-    switched = False
-    if getattr(upstream.upstream, "model", None):
-        if getattr(upstream.upstream.model, "feature_grad_mult", None) is not None:
-            upstream.upstream.model.feature_grad_mult = 1.0
-            switched = True
-    upstream.eval()
-    return upstream, Featurizer(upstream, layer_selections=None), switched
-
-
-def espnet_forward(upstream, featurizer, wavs, lens, multilayer_feature):
-    # S3prlFrontend.forward with layer = -1 and tile_factor = 1
-    feats, feats_lens = upstream(wavs, lens)
-    if multilayer_feature:
-        return featurizer(feats, feats_lens)
-    return featurizer(feats[-1:], feats_lens[-1:])
-
-
+FRONTEND = FRONTEND_HELPERS + r"""
 torch.manual_seed(0)
 wavs, lens = torch.randn(2, 16000), torch.tensor([16000, 9000])
 report = {}
@@ -137,12 +108,6 @@ for upstream, ckpt in ckpts:
     }
 print(json.dumps(report))
 """
-
-
-def espnet_yaml() -> str:
-    """The first ``yaml`` block of docs/recipes.md's "In ESPnet" section."""
-    section = (REPO / "docs" / "recipes.md").read_text().split("## In ESPnet", 1)[1]
-    return re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
 
 
 @pytest.mark.espnet
