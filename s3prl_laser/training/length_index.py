@@ -32,7 +32,7 @@ from s3prl_laser.data import (
 )
 from s3prl_laser.errors import UserInputError
 from s3prl_laser.training.config import LaserConfig
-from s3prl_laser.training.ranks import DistEnv, PeerFailure, broadcast_object
+from s3prl_laser.training.ranks import DistEnv, decided_by_rank0
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -120,32 +120,22 @@ def load_or_build_index(
     same list; a data error is raised on every rank, before any model is loaded and before ``out`` is
     created."""
     path, key = out / INDEX_NAME, index_key(cfg) if cfg.data is not None else None
-    error, failed = None, None
-    if env.is_main:
-        try:
-            items = read_index(path, key) if key is not None else None
-            if items is None:
-                items = scan(cfg, jobs or scan_jobs())
-                out.mkdir(parents=True, exist_ok=True)
-                write_index(path, items, key)
-                logger.info("data: length index written to %s (delete it to rescan)", path)
-            else:
-                logger.info("data: lengths read from %s (delete it to rescan)", path)
-                if not cfg.allow_held_out_splits:
-                    refuse_held_out(items, path)
-        except UserInputError as raised:  # the same one-line error on every rank
-            error = str(raised)
-        except Exception as raised:  # a bug or a storage fault: its traceback here, a one-liner elsewhere
-            if not env.distributed:
-                raise
-            failed = raised
-    error, crashed = broadcast_object(env, (error, failed is not None))
-    if failed is not None:
-        raise failed
-    if crashed:
-        raise PeerFailure(f"rank 0 failed while building the length index {path}; see its traceback")
-    if error is not None:
-        raise UserInputError(error)
+
+    def rank0_items() -> list[AudioItem]:
+        items = read_index(path, key) if key is not None else None
+        if items is None:
+            items = scan(cfg, jobs or scan_jobs())
+            out.mkdir(parents=True, exist_ok=True)
+            write_index(path, items, key)
+            logger.info("data: length index written to %s (delete it to rescan)", path)
+        else:
+            logger.info("data: lengths read from %s (delete it to rescan)", path)
+            if not cfg.allow_held_out_splits:
+                refuse_held_out(items, path)
+        return items
+
+    # the same one-line data error on every rank
+    items = decided_by_rank0(env, f"building the length index {path}", rank0_items)
     if not env.is_main:
         items = read_index(path, key)
         if items is None:

@@ -213,6 +213,36 @@ def run_together(env: DistEnv, what: str, work: Callable[[], T]) -> T:
     return result
 
 
+def decided_by_rank0(
+    env: DistEnv, what: str, work: Callable[[], T], refusal: type[Exception] = UserInputError
+) -> T | None:
+    """Run ``work()`` on rank 0 alone and return its result there (None on the other ranks).
+
+    A ``refusal`` it raises (a user's mistake, one line) is raised with the same message on every rank; any
+    other failure keeps its traceback on rank 0 and reaches the others as :class:`PeerFailure` naming
+    ``what``, so that no rank waits in a later collective for one that failed. On one process a refusal is
+    raised the same way, anything else as it is.
+    """
+    result, message, failed = None, None, None
+    if env.is_main:
+        try:
+            result = work()
+        except refusal as raised:
+            message = str(raised)
+        except Exception as raised:  # a bug or a storage fault: its traceback here, a one-liner elsewhere
+            if not env.distributed:
+                raise
+            failed = raised
+    message, crashed = broadcast_object(env, (message, failed is not None))
+    if failed is not None:
+        raise failed
+    if crashed:
+        raise PeerFailure(f"rank 0 failed while {what}; see its traceback")
+    if message is not None:
+        raise refusal(message)
+    return result
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         try:

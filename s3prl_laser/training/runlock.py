@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from s3prl_laser.errors import UserInputError
-from s3prl_laser.training.ranks import DistEnv, PeerFailure, broadcast_object
+from s3prl_laser.training.ranks import DistEnv, decided_by_rank0
 
 logger = logging.getLogger("s3prl_laser.finetune")
 
@@ -157,23 +157,7 @@ def take_run_lock(out: Path, env: DistEnv) -> None:
     """Rank 0 takes the lock of ``out`` (:func:`try_lock`) and keeps it until :func:`release_run_lock`; every
     rank then raises the same ``RunLockedError`` when it is held by another run, so that the refused run
     exits 2 on every rank before any of them writes."""
-    refusal, failed = None, None
-    if env.is_main:
-        try:
-            _held.append(try_lock(out))
-        except RunLockedError as error:
-            refusal = str(error)
-        except Exception as error:  # a storage fault: its traceback here, a one-liner on the other ranks
-            if not env.distributed:
-                raise
-            failed = error
-    refusal, crashed = broadcast_object(env, (refusal, failed is not None))
-    if failed is not None:
-        raise failed
-    if crashed:
-        raise PeerFailure(f"rank 0 failed while taking the lock of {out}; see its traceback")
-    if refusal is not None:
-        raise RunLockedError(refusal)
+    decided_by_rank0(env, f"taking the lock of {out}", lambda: _held.append(try_lock(out)), RunLockedError)
 
 
 def release_run_lock() -> None:
