@@ -149,24 +149,31 @@ def _converted_state(task_cfg, model_cfg, model) -> dict:
     }
 
 
+def _audio_configs(model_config, defaults: dict, overrides: dict):
+    """wav2vec 2.0 / data2vec's ``AudioPretrainingConfig`` (not normalised unless overridden) and
+    ``model_config`` built from ``defaults``, each override routed to the config that has the field."""
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig
+
+    fields = {
+        "model": {f.name for f in dataclasses.fields(model_config)},
+        "task": {f.name for f in dataclasses.fields(AudioPretrainingConfig)},
+    }
+    routed = _split_overrides(overrides, fields)
+    task_cfg = AudioPretrainingConfig(**{"normalize": False, **routed["task"]})
+    return task_cfg, model_config(**{**defaults, **routed["model"]})
+
+
 def tiny_wav2vec2_state(seed: int = 0, **overrides) -> dict:
     """Build a tiny random-init wav2vec 2.0 (with its quantizer, as base) in s3prl's converted format.
 
     ``overrides`` are ``Wav2Vec2Config`` / ``AudioPretrainingConfig`` fields (``normalize=True``,
     ``layer_norm_first=True`` for the pre-LN large layout, ...).
     """
-    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config, Wav2Vec2Model
+    from s3prl.upstream.wav2vec2.wav2vec2_model import Wav2Vec2Config, Wav2Vec2Model
 
-    fields = {
-        "model": {f.name for f in dataclasses.fields(Wav2Vec2Config)},
-        "task": {f.name for f in dataclasses.fields(AudioPretrainingConfig)},
-    }
-    routed = _split_overrides(overrides, fields)
-    task_cfg = AudioPretrainingConfig(**{"normalize": False, **routed["task"]})
-    model_cfg = Wav2Vec2Config(
-        **{**BASE_TRAINING, "mask_prob": 0.65, "quantize_targets": True, **TINY_W2V_QUANTIZER, **TINY_ARCH,
-           **routed["model"]}  # fmt: skip
-    )
+    defaults = {**BASE_TRAINING, "mask_prob": 0.65, "quantize_targets": True, **TINY_W2V_QUANTIZER,
+                **TINY_ARCH}  # fmt: skip
+    task_cfg, model_cfg = _audio_configs(Wav2Vec2Config, defaults, overrides)
     return _converted_state(task_cfg, model_cfg, _seeded_build(seed, lambda: Wav2Vec2Model(model_cfg)))
 
 
@@ -177,18 +184,10 @@ def tiny_data2vec_state(seed: int = 0, **overrides) -> dict:
     several layers. ``overrides`` are ``Data2VecAudioConfig`` / ``AudioPretrainingConfig`` fields.
     """
     from s3prl.upstream.data2vec.data2vec_model import Data2VecAudioConfig, Data2VecAudioModel
-    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig
 
-    fields = {
-        "model": {f.name for f in dataclasses.fields(Data2VecAudioConfig)},
-        "task": {f.name for f in dataclasses.fields(AudioPretrainingConfig)},
-    }
-    routed = _split_overrides(overrides, fields)
-    task_cfg = AudioPretrainingConfig(**{"normalize": False, **routed["task"]})
-    model_cfg = Data2VecAudioConfig(
-        **{**BASE_TRAINING, "extractor_mode": "layer_norm", "average_top_k_layers": 2, **TINY_ARCH,
-           **TINY_DATA2VEC_POS, **routed["model"]}  # fmt: skip
-    )
+    defaults = {**BASE_TRAINING, "extractor_mode": "layer_norm", "average_top_k_layers": 2, **TINY_ARCH,
+                **TINY_DATA2VEC_POS}  # fmt: skip
+    task_cfg, model_cfg = _audio_configs(Data2VecAudioConfig, defaults, overrides)
 
     def build():
         model = Data2VecAudioModel(model_cfg)
