@@ -8,11 +8,14 @@ by an assumed sustained bf16 throughput (``--gpu-tflops``, default 990 x 0.25: a
 
     python benchmarks/probe.py                      # about 2-4 minutes on 2 CPU cores
     python benchmarks/probe.py --clips 4 --steps 3  # quicker, noisier
-    python benchmarks/probe.py --head-only          # the head step alone, before and after (about 1 min)
+    python benchmarks/probe.py --head-only          # the head step alone, the three ways (about 1 min)
 
-The head step is timed twice in one run: as it was (raw float16 features padded to ``[B, L, F, C]``, every
-layer normalised at every step) and as the probe runs it now (features normalised once per clip when made,
-a float32 clip-by-clip weighted sum), alternating, with medians of wall and CPU time.
+The head step is timed three ways in one run, alternating, with medians of wall and CPU time:
+- "first": as the probe first ran it (raw float16 features padded to ``[B, L, F, C]``, every layer normalised
+  at every step, an einsum, torch's ctc_loss);
+- "torch": features normalised once per clip when made, a float32 clip-by-clip weighted sum on torch's
+  operations, torch's ctc_loss (``HeadSettings(backend="torch")``: what runs without a C compiler);
+- "now": the same features on our C kernels (the weighted sum and the CTC loss; ``backend="auto"``).
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ def write_clips(folder: Path, count: int) -> list[Clip]:
 
 
 class PerStepHead(torch.nn.Module):
-    """The head step as it was before: the batch padded to ``[B, L, F, C]`` float16, every layer normalised
-    at every step in float32, an einsum over layers (kept here as the baseline the benchmark compares to)."""
+    """The head step as it first was: the batch padded to ``[B, L, F, C]`` float16, every layer normalised
+    at every step in float32, an einsum over layers, torch's ctc_loss (kept here as the first baseline)."""
 
     def __init__(self, head: ProbeHead) -> None:
         super().__init__()
         self.weights, self.out = head.weights, head.out
+
+    def in_c(self) -> bool:
+        return False
 
     def forward(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         frames = torch.tensor([c.shape[1] for c in clips])
@@ -71,49 +77,59 @@ class PerStepHead(torch.nn.Module):
         return torch.log_softmax(self.out(mixed), dim=-1), frames
 
 
+VARIANTS = ("first", "torch", "now")
+
+
 def time_head_steps(
     feats: list[torch.Tensor], steps: int, batch: int
-) -> tuple[dict[str, tuple[float, float]], float, dict[str, float]]:
-    """Per-step ``{"before": (median wall s, median CPU s), "after": ...}``, FLOPs of a step, and how far the
-    two agree on one batch (relative difference of the loss and of the layer weights' gradient).
+) -> tuple[dict[str, tuple[float, float]], float, dict[str, dict[str, float]]]:
+    """Per-step ``{variant: (median wall s, median CPU s)}`` for :data:`VARIANTS`, FLOPs of a step, and how
+    far "torch" and "now" agree with "first" on one batch (relative difference of the loss and of the layer
+    weights' gradient).
 
-    Before: raw float16 features, normalised at every step. After: features normalised once per clip (as
-    the probe stores them), the head's float32 clip-by-clip weighted sum. Steps alternate between the two,
-    so a load that comes and goes weighs on both alike.
+    "first" steps on the raw float16 features, normalised at every step; "torch" and "now" on features
+    normalised once per clip (as the probe stores them). Steps alternate between the three, so a load that
+    comes and goes weighs on all alike. The three heads start from the same parameters.
     """
     chosen = [feats[i % len(feats)] for i in range(batch)]
     normed = [normalise_layers(c) for c in chosen]  # what the probe's feature cache holds
     targets = [[1 + (j % 28) for j in range(int(CLIP_SECONDS * TARGETS_PER_SECOND))]] * batch
-    after = ProbeHead(feats[0].shape[0], feats[0].shape[2], 29)
-    before = PerStepHead(after)
-    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=2e-3) for n, m in (("b", before), ("a", after))}
-
-    def loss_of(head, clips):
-        return ctc_loss(head, clips, targets)
+    heads = {name: ProbeHead(feats[0].shape[0], feats[0].shape[2], 29, backend=backend)
+             for name, backend in (("torch", "torch"), ("now", "auto"))}
+    heads["now"].load_state_dict(heads["torch"].state_dict())
+    first = ProbeHead(feats[0].shape[0], feats[0].shape[2], 29)
+    first.load_state_dict(heads["torch"].state_dict())
+    heads["first"] = PerStepHead(first)
+    inputs = {"first": chosen, "torch": normed, "now": normed}
+    optimizers = {name: torch.optim.AdamW(head.parameters(), lr=2e-3) for name, head in heads.items()}
+    if not heads["now"].in_c():
+        raise SystemExit("benchmarks/probe.py: the probe head's C kernels did not build here (see above)")
 
     def step(name: str) -> None:
-        head, clips = (before, chosen) if name == "before" else (after, normed)
-        loss = loss_of(head, clips)
-        optimizers[name[0]].zero_grad()
+        loss = ctc_loss(heads[name], inputs[name], targets)
+        optimizers[name].zero_grad()
         loss.backward()
-        optimizers[name[0]].step()
+        optimizers[name].step()
 
-    agreement = {}
     grads = {}
-    for name, head, clips in (("before", before, chosen), ("after", after, normed)):
-        head.zero_grad()
-        loss = loss_of(head, clips)
+    for name in VARIANTS:
+        heads[name].zero_grad()
+        loss = ctc_loss(heads[name], inputs[name], targets)
         loss.backward()
-        grads[name] = (float(loss), head.weights.grad.clone())
-    agreement["loss"] = abs(grads["after"][0] - grads["before"][0]) / abs(grads["before"][0])
-    diff = (grads["after"][1] - grads["before"][1]).abs().max() / grads["before"][1].abs().max()
-    agreement["layer weight gradient"] = float(diff)
+        grads[name] = (float(loss), heads[name].weights.grad.clone())
+    loss0, grad0 = grads["first"]
+    agreement = {
+        name: {"loss": abs(grads[name][0] - loss0) / abs(loss0),
+               "layer weight gradient": float((grads[name][1] - grad0).abs().max() / grad0.abs().max())}
+        for name in ("torch", "now")
+    }
     with FlopCounterMode(display=False) as counter:
-        step("after")
-    step("before")
-    times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        step("torch")
+    for name in VARIANTS:
+        step(name)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
     for _ in range(steps):
-        for name in ("before", "after"):
+        for name in VARIANTS:
             wall, cpu = time.perf_counter(), time.process_time()
             step(name)
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
@@ -162,22 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     if per_hour is not None:
         label = "extraction, s per hour of audio"
         print(f"{label:<48}{per_hour:>10.0f}{'':>10}{extract_flops_hour / gpu:>20.1f}")
-    for name in ("before", "after"):
+    for name in VARIANTS:
         wall, cpu = steps[name]
         label = f"head step (16 clips, 13 x 768), s, {name}"
         print(f"{label:<48}{wall:>10.3f}{cpu:>10.3f}{step_flops / gpu:>20.4f}")
     if per_hour is not None:
         # tuned + base on 1 h + 20 min: extraction of 4/3 h each, then at most 2000 head steps each (chars)
-        for name in ("before", "after"):
+        for name in VARIANTS:
             cpu_total = 2 * (per_hour * 4 / 3 + 2000 * steps[name][0])
             gpu_total = 2 * (extract_flops_hour * 4 / 3 + 2000 * step_flops) / gpu
             label = f"tuned + base, 1 h + 20 min, 2000 steps, min, {name}"
             print(f"{label:<48}{cpu_total / 60:>10.0f}{'':>10}{gpu_total / 60:>20.1f}")
         print(f"(feature extraction {extract_flops_hour / 1e15:.1f} PFLOP per hour)")
-    print(f"median of {args.steps} steps each, before and after alternating; CPU time = process time (all "
-          "threads), less sensitive to other jobs than wall time")
-    print(f"after vs before on one batch: loss {agreement['loss']:.1e}, layer weight gradient "
-          f"{agreement['layer weight gradient']:.1e} (relative; float16 rounding of the normalised features)")
+    print(f"median of {args.steps} steps each, the three alternating; CPU time = process time (all threads), "
+          "less sensitive to other jobs than wall time")
+    print(f"head step speed-up, now vs first: {steps['first'][0] / steps['now'][0]:.1f}x, now vs torch: "
+          f"{steps['torch'][0] / steps['now'][0]:.1f}x (wall)")
+    for name in ("torch", "now"):
+        print(f"{name} vs first on one batch: loss {agreement[name]['loss']:.1e}, layer weight gradient "
+              f"{agreement[name]['layer weight gradient']:.1e} (relative; the features are normalised before "
+              "their float16 rounding instead of after)")
     print(f"GPU projection: FLOPs / {args.gpu_tflops:.0f} TFLOP/s sustained (assumed: 25 % of an H100's "
           f"dense bf16 peak), head step {step_flops / 1e9:.1f} GFLOP; it ignores host-to-device copies "
           "(about 200 MB of features per step) and kernel launches, which bound the head step on a GPU")

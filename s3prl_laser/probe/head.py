@@ -4,12 +4,15 @@
 with learnable softmax weights ``w [L]`` -> ``[B, F, C]`` -> a linear layer (or an MLP with ``hidden > 0``)
 -> log-probabilities ``[B, F, V]`` over the vocabulary (index 0: CTC blank).
 
-The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size. It runs
-clip by clip in float32, 32 frames at a time (converted into one reused buffer small enough to stay in the
-CPU's cache, then a matrix-vector product; the backward pass converts them again instead of keeping a
-float32 copy), so a step holds no float32 copy of the batch. Layer normalisation, when asked, is done once
-per clip when the features are made (:func:`normalise_layers`), not at every step. The CTC loss (torch's)
-is then about half of a step's CPU time.
+The weighted sum reads every layer of every clip of a batch, about 200 MB of float16 at base size, and the
+CTC loss runs over 16 clips of about 600 frames. On the CPU both run on our C kernels (:mod:`.kernels`):
+the float16 values are converted in registers, each read once per pass, so a step holds no float32 copy of
+the batch; the CTC forward-backward runs in log space with vectorised log-sum-exp, the clips split over
+the CPU's threads. Elsewhere (a GPU, ``backend="torch"``, or no C compiler) torch's operations do the same:
+the sum clip by clip in float32, 32 frames at a time (converted into one reused buffer small enough to
+stay in the CPU's cache, then a matrix-vector product; the backward pass converts them again), and torch's
+``ctc_loss``. Layer normalisation, when asked, is done once per clip when the features are made
+(:func:`normalise_layers`), not at every step.
 
 :func:`train_head` runs a fixed step budget of AdamW on seeded random batches of the training clips,
 evaluates the CTC loss on a dev slice every ``eval_every`` steps and stops after ``patience`` evaluations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from s3prl_laser.probe import kernels
 from s3prl_laser.probe.features import release
 
 logger = logging.getLogger("s3prl_laser.probe")
@@ -47,6 +51,7 @@ class HeadSettings:
     eval_every: int = 100  # dev-slice CTC loss every this many steps
     patience: int = 5  # stop after this many evaluations without a better dev loss
     seed: int = 0
+    backend: str = "auto"  # ProbeHead's: "auto" (our C kernels on the CPU) or "torch"
 
 
 def normalise_layers(clip: torch.Tensor) -> torch.Tensor:
@@ -59,28 +64,54 @@ CHUNK_FRAMES = 32  # frames converted to float32 at a time: 13 layers x 32 x 768
 
 
 class _LayerMix(torch.autograd.Function):
-    """``sum_l w[l] * clip[l]`` per clip, padded to ``[B, F_max, C]`` float32; gradient for ``w`` only."""
+    """``sum_l w[l] * clip[l]`` per clip, padded to ``[B, F_max, C]`` float32; gradient for ``w`` only.
+
+    ``in_c``: the C kernels (:mod:`.kernels`, on the CPU); otherwise torch's operations on a reused float32
+    chunk buffer ``scratch``."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, scratch: torch.Tensor, *clips: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, in_c: bool, scratch: torch.Tensor, *clips: torch.Tensor):
+        ctx.clips, ctx.scratch, ctx.in_c = clips, scratch, in_c
+        if in_c:
+            return kernels.mix_forward(weights, clips)
         out = weights.new_zeros(len(clips), max(c.shape[1] for c in clips), clips[0].shape[2])
         with _one_cpu_thread(weights.device):
             for i, clip in enumerate(clips):
                 for start, flat in _float32_chunks(clip, scratch):  # [L, n * C]
                     rows = out[i, start : start + flat.shape[1] // clip.shape[2]]
                     torch.mv(flat.t(), weights, out=rows.view(-1))
-        ctx.clips, ctx.scratch = clips, scratch
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        unused = [None] * (len(ctx.clips) + 2)
+        if ctx.in_c:
+            return kernels.mix_backward(ctx.clips, grad), *unused
         grad_w = grad.new_zeros(ctx.clips[0].shape[0])
         with _one_cpu_thread(grad.device):
             for i, clip in enumerate(ctx.clips):
                 for start, flat in _float32_chunks(clip, ctx.scratch):
                     rows = grad[i, start : start + flat.shape[1] // clip.shape[2]]
                     grad_w.addmv_(flat, rows.reshape(-1))
-        return grad_w, None, *([None] * len(ctx.clips))
+        return grad_w, *unused
+
+
+class _Ctc(torch.autograd.Function):
+    """Mean over clips of each clip's CTC negative log-likelihood over its target length (at least 1), as
+    torch's ``ctc_loss(reduction="mean", zero_infinity=True)``, by the C kernel (:func:`.kernels.ctc`)."""
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, frames: list[int], targets: list[list[int]]) -> torch.Tensor:
+        nll, feasible, grad = kernels.ctc(log_probs, frames, targets, with_grad=ctx.needs_input_grad[0])
+        scale = 1.0 / (torch.tensor([max(len(t), 1) for t in targets], dtype=torch.float64) * len(targets))
+        if grad is not None:
+            ctx.save_for_backward(grad, scale.float())
+        return (torch.where(feasible, nll, 0.0) * scale).sum().to(log_probs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad, scale = ctx.saved_tensors
+        return grad * (scale * grad_out).view(-1, 1, 1), None, None
 
 
 @contextlib.contextmanager
@@ -112,9 +143,20 @@ def _float32_chunks(clip: torch.Tensor, scratch: torch.Tensor):
         yield start, flat.view(layers, -1)
 
 
+BACKENDS = ("auto", "torch")
+
+
 class ProbeHead(nn.Module):
-    def __init__(self, layers: int, dim: int, vocab_size: int, hidden: int = 0) -> None:
+    """``backend``: ``"auto"`` runs the layer mix and the CTC loss on our C kernels on the CPU (when they
+    build; torch's operations otherwise and on a GPU), ``"torch"`` on torch's operations always."""
+
+    def __init__(
+        self, layers: int, dim: int, vocab_size: int, hidden: int = 0, backend: str = "auto"
+    ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"ProbeHead: backend={backend!r}; expected one of {', '.join(BACKENDS)}")
+        self.backend = backend
         self.weights = nn.Parameter(torch.zeros(layers))  # softmax -> uniform at start, as SUPERB
         self.out = (
             nn.Linear(dim, vocab_size)
@@ -134,9 +176,13 @@ class ProbeHead(nn.Module):
         need = clips[0].shape[0] * CHUNK_FRAMES * clips[0].shape[2]
         if self._scratch.numel() < need or self._scratch.device != device:
             self._scratch = torch.empty(need, device=device)
-        mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self._scratch, *clips)
+        mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self.in_c(), self._scratch, *clips)
         frames = torch.tensor([c.shape[1] for c in clips])
         return F.log_softmax(self.out(mixed), dim=-1), frames
+
+    def in_c(self) -> bool:
+        """Whether this head's steps run on the C kernels (:mod:`.kernels`)."""
+        return self.backend == "auto" and self.weights.device.type == "cpu" and kernels.available()
 
 
 def ctc_loss(
@@ -144,6 +190,8 @@ def ctc_loss(
 ) -> torch.Tensor:
     """Mean CTC loss (per target symbol) of a batch of clips (``device``: unused, the head's is used)."""
     log_probs, frames = head(list(feats))
+    if head.in_c():
+        return _Ctc.apply(log_probs, frames.tolist(), [list(t) for t in targets])
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     lengths = torch.tensor([len(seq) for seq in targets])
     return F.ctc_loss(
@@ -186,7 +234,9 @@ def train_head(
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        head = ProbeHead(train_x[0].shape[0], train_x[0].shape[2], vocab_size, settings.hidden).to(device)
+        head = ProbeHead(
+            train_x[0].shape[0], train_x[0].shape[2], vocab_size, settings.hidden, settings.backend
+        ).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr)
     best = (float("inf"), 0, copy.deepcopy(head.state_dict()))
     waited, step = 0, 0

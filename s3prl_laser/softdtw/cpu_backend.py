@@ -5,103 +5,31 @@ to LANES pairs ("lanes", 8 or 16: one build per width, the narrower one for grou
 padding lanes waste neither time nor memory); the lanes of a call are split into groups that run on
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL, so they run in parallel).
 
-Build: the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3 -ffast-math -march=native``,
-into ``$S3PRL_LASER_HOME`` (default ``~/.cache/s3prl_laser``) under a name keyed by a hash of the
-source, flags and CPU; written atomically, so concurrent first uses are safe. Without a compiler,
-:func:`load_library` raises :class:`KernelBuildError`.
+Build: :mod:`s3prl_laser.cbuild`, the system C compiler (``$CC``, else ``cc``/``gcc``) with ``-O3
+-ffast-math -march=native``, into ``$S3PRL_LASER_HOME`` (default ``~/.cache/s3prl_laser``) under a name
+keyed by a hash of the source, flags and CPU; written atomically, so concurrent first uses are safe.
+Without a compiler, :func:`load_library` raises :class:`KernelBuildError`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from s3prl_laser import cbuild
+from s3prl_laser.cbuild import KernelBuildError, cache_dir  # noqa: F401  (part of this module's API)
+
 LANE_WIDTHS = (8, 16)  # the -DLANES builds of sdtw_cpu.c
 SOURCE = Path(__file__).with_name("sdtw_cpu.c")
-FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fno-strict-aliasing"]
-NATIVE_FLAGS = ["-march=native", "-mprefer-vector-width=512"]
 _SUFFIX = {torch.float32: "float", torch.float64: "double"}
 
 SMALL_WORK = 1 << 18  # cells x lanes below which one thread does everything (threads cost more)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-class KernelBuildError(RuntimeError):
-    """The CPU kernel could not be compiled or loaded (no C compiler, or the compiler failed)."""
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels live: ``$S3PRL_LASER_HOME`` or ``~/.cache/s3prl_laser``."""
-    root = os.environ.get("S3PRL_LASER_HOME")
-    return Path(root) if root else Path.home() / ".cache" / "s3prl_laser"
-
-
-def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    raise KernelBuildError("no C compiler found (set $CC or install gcc) for the soft-DTW CPU kernel; "
-                           "use backend='reference' instead")
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _compile(cc: str, target: Path, flags: list[str]) -> None:
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        objects = []
-        for real in _SUFFIX.values():
-            for lanes in LANE_WIDTHS:
-                obj = Path(tmp) / f"sdtw_{real}_{lanes}.o"
-                defines = [f"-DSDTW_REAL={real}", f"-DLANES={lanes}"]
-                cmd = [cc, *flags, *defines, "-c", str(SOURCE), "-o", str(obj)]
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                objects.append(str(obj))
-        partial = Path(tmp) / target.name
-        subprocess.run([cc, *flags, *objects, "-o", str(partial), "-lm"], check=True, capture_output=True,
-                       text=True)
-        os.replace(partial, target)  # atomic: a concurrent loader sees the old file or the whole new one
-
-
-def _build() -> Path:
-    if not SOURCE.is_file():
-        raise KernelBuildError(f"{SOURCE} is missing from this installation (package data "
-                               "s3prl_laser.softdtw = *.c); reinstall, or use backend='reference'")
-    cc = _compiler()
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
-        key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu_id().encode()])).hexdigest()
-        target = directory / f"sdtw_cpu-{key[:16]}.so"
-        if target.exists():
-            return target
-        try:
-            _compile(cc, target, flags)
-            return target
-        except subprocess.CalledProcessError as err:
-            errors.append(err.stderr.strip())
-    raise KernelBuildError(f"compiling {SOURCE.name} with {cc} failed: {errors[-1][-2000:]}")
 
 
 def load_library() -> ctypes.CDLL:
@@ -109,16 +37,12 @@ def load_library() -> ctypes.CDLL:
     global _library
     with _lock:
         if _library is None:
-            path = _build()
-            try:
-                library = ctypes.CDLL(str(path))
-            except OSError as err:
-                raise KernelBuildError(f"loading {path} failed: {err}") from err
-            for real in _SUFFIX.values():
-                for lanes in LANE_WIDTHS:
-                    getattr(library, f"sdtw_forward_{real}_{lanes}").restype = None
-                    getattr(library, f"sdtw_backward_{real}_{lanes}").restype = None
-            _library = library
+            variants = [[f"-DSDTW_REAL={real}", f"-DLANES={lanes}"]
+                        for real in _SUFFIX.values() for lanes in LANE_WIDTHS]
+            path = cbuild.build(SOURCE, variants, "the soft-DTW CPU kernel",
+                                "use backend='reference' instead")
+            _library = cbuild.load(path, [f"sdtw_{way}_{real}_{lanes}" for way in ("forward", "backward")
+                                          for real in _SUFFIX.values() for lanes in LANE_WIDTHS])
     return _library
 
 
@@ -153,23 +77,6 @@ def _ptr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool with at least ``workers`` threads, created on first use."""
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size < workers:
-            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="softdtw"), workers
-        return _pool
-
-
-def _run(calls: list[tuple]) -> None:
-    """Run every group's ``(fn, *args)``: the first here, the others on the pool (ctypes drops the GIL)."""
-    futures = [_executor(len(calls) - 1).submit(*call) for call in calls[1:]]
-    calls[0][0](*calls[0][1:])
-    for future in futures:
-        future.result()
-
-
 def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
             gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Values ``[P]``; saves the lane-group bounds and one ``R`` table per group (see ``reference.py``)."""
@@ -191,7 +98,7 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
                       ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),
                       *(_ptr(lanes, k * len(group)) for k in range(5)), real(gamma), _ptr(R),
                       _ptr(buf), _ptr(values, group.start)))
-    _run(calls)
+    cbuild.run_parallel(calls)
     bounds = torch.tensor([g.start for g in groups] + [groups[-1].stop])
     return values, (bounds, *tables)
 
@@ -218,7 +125,7 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
                       ctypes.c_int64(k), ctypes.c_int64(N), ctypes.c_int64(M),
                       *(_ptr(lanes, i * k) for i in range(8)), _ptr(grad, group.start), real(gamma), _ptr(R),
                       _ptr(work)))
-    _run(calls)
+    cbuild.run_parallel(calls)
     return outs
 
 
