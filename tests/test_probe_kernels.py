@@ -64,6 +64,15 @@ def test_ctc_without_any_alignment_is_marked_and_has_no_gradient():
     assert abs(float(nll[1]) - float(brute_force_nll(lp[1].double(), [1, 1]))) < 1e-5
 
 
+def test_a_diverged_head_gives_nan_as_torch_does():
+    lp = torch.randn(2, 10, 5, generator=torch.Generator().manual_seed(2)).log_softmax(-1)
+    lp[1, 3, 2] = float("nan")
+    nll, _, grad = kernels.ctc(lp, [10, 10], [[1, 2], [1, 2]])
+    want = F.ctc_loss(lp[1:].transpose(0, 1), torch.tensor([[1, 2]]), torch.tensor([10]), torch.tensor([2]))
+    assert want.isnan() and nll[1].isnan() and grad[1].isnan().all()
+    assert nll[0].isfinite() and grad[0].isfinite().all()
+
+
 def torch_ctc(logits: torch.Tensor, frames: list[int], targets: list[list[int]]) -> torch.Tensor:
     flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long)
     return F.ctc_loss(

@@ -19,7 +19,8 @@
  * This is the gradient with respect to the log-probabilities themselves (torch's ctc_loss returns one that
  * is only right once it has passed back through a log_softmax; after a log_softmax the two are equal).
  * "Minus infinity" is NEG, a finite stand-in, since the kernels are built with -ffast-math (which assumes
- * no infinities): a clip whose targets no alignment of its T frames can produce gets feasible = 0.
+ * no infinities): a clip whose targets no alignment of its T frames can produce gets feasible = 0 (and
+ * feasible = -1 if its work space could not be allocated). The caller keeps non-finite inputs out.
  * The log-sum-exp loops vectorise (glibc's libmvec expf/logf under -ffast-math), which is what makes this
  * faster than torch's scalar CPU loop.
  */
@@ -163,7 +164,7 @@ static inline int64_t window_hi(int64_t states, int64_t t) {
 }
 
 /* One clip's CTC: returns nll = -log p (feasible[0] = 1), or 0 with feasible[0] = 0 when no alignment of
- * the T frames yields the targets; grad [T, V] (zeroed by the caller), unless NULL, receives d nll / d lp. */
+ * the T frames yields the targets (-1: out of memory); grad [T, V] (zeroed by the caller), unless NULL, receives d nll / d lp. */
 static double ctc_clip(const float *lp, int64_t T, int64_t V, const int64_t *tgt, int64_t S, int64_t blank,
                        float *grad, int64_t *feasible) {
     /* grad == NULL: the loss alone (no backward variables) */
@@ -177,7 +178,11 @@ static double ctc_clip(const float *lp, int64_t T, int64_t V, const int64_t *tgt
     float *post = malloc(sizeof(float) * states);
     double nll = 0.0;
     *feasible = 0;
-    if (T <= 0 || !label || !skip || !skip_back || !alpha || !beta || !emit || !post) goto done;
+    if (!label || !skip || !skip_back || !alpha || !beta || !emit || !post) {
+        *feasible = -1;
+        goto done;
+    }
+    if (T <= 0) goto done;
     for (int64_t s = 0; s < states; s++) label[s] = s % 2 ? tgt[s / 2] : blank;
     for (int64_t s = 0; s < width; s++) skip[s] = skip_back[s] = NEG;
     for (int64_t s = 2; s < states; s++)
@@ -262,6 +267,6 @@ void ctc_batch(int64_t B, const float *lp, int64_t stride, int64_t V, const int6
         float *clip_grad = grad ? grad + b * stride : NULL;
         nll[b] = ctc_clip(lp + b * stride, frames[b], V, targets + offsets[b], offsets[b + 1] - offsets[b], blank,
                           clip_grad, feasible + b);
-        if (clip_grad && !feasible[b]) memset(clip_grad, 0, sizeof(float) * frames[b] * V);
+        if (clip_grad && feasible[b] != 1) memset(clip_grad, 0, sizeof(float) * frames[b] * V);
     }
 }

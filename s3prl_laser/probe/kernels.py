@@ -161,7 +161,8 @@ def ctc(
     rows) against ``targets[b]``: (negative log-likelihood ``[B]`` float64, whether an alignment exists
     ``[B]`` bool, gradient of each clip's negative log-likelihood with respect to ``log_probs``; zero where
     no alignment exists and in the padding rows; None without ``with_grad``, which skips the backward
-    recursion)."""
+    recursion). A clip whose log-probabilities are not all finite gets NaN in both, as with torch's
+    ``ctc_loss``: a diverged head shows as a NaN loss, never as a plausible number."""
     library = load_library()
     lp = log_probs.detach().float().contiguous()
     batch, t_max, vocab = lp.shape
@@ -205,4 +206,11 @@ def ctc(
             )
         )
     cbuild.run_parallel(calls)
+    if (feasible < 0).any():
+        raise MemoryError(f"probe ctc: no memory for the work space of a clip of {t_max} frames")
+    finite = torch.stack([lp[b, : frames[b]].isfinite().all() for b in range(batch)])
+    if not finite.all():
+        nll[~finite] = float("nan")
+        if grad is not None:
+            grad[~finite] = float("nan")
     return nll, feasible.bool(), grad
