@@ -11,15 +11,20 @@ fine-tune throughput and peak memory per preset. Prints three tables and writes 
 2. soft-DTW timings (``benchmarks/softdtw.py``'s timers): ours (Triton) and pysdtw's CUDA path, one term
    forward, its backward, and the divergence forward + backward; pysdtw's own limits (its CUDA kernel
    stops at 1024 frames) show as "failed", and a missing pysdtw says so (``pip install -e '.[bench]'``);
-3. fine-tuning (``benchmarks/finetune_throughput.py``'s timed steps): base-size random-init HuBERT and
+3. the probe (``benchmarks/probe.py``'s ``time_probe``): ``python -m s3prl_laser.probe`` end to end on a
+   tuned model and its base (random-init base-size HuBERTs) at the default 1 h + 20 min of audio, every
+   head running its 2000 steps; the goal is at most 5 minutes on one H100;
+4. fine-tuning (``benchmarks/finetune_throughput.py``'s timed steps): base-size random-init HuBERT and
    WavLM with each preset as configured (bf16 autocast on CUDA), pairs/s, the projected hours of the
    paper's recipe (3600 steps x 8 pairs) and the peak memory of the run.
 
 Sections stop being started once ``--budget-s`` seconds have passed (default 8 minutes); what was not run
-is reported as such. Exit code 1 when a correctness check fails.
+is reported as such. ``--only probe`` (or any comma-separated list of correctness, softdtw, probe,
+finetune) runs those sections alone. Exit code 1 when a correctness check fails.
 
     make gpu-check                                                       # on a GPU machine
     python benchmarks/gpu_check.py --out runs/gpu_check.json
+    python benchmarks/gpu_check.py --only probe --out runs/gpu_check_probe.json      # the probe alone
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json   # CPU, CI
 ``--smoke`` runs every section at tiny sizes on the CPU (tiny models, 2 steps): the Triton kernels through
 the interpreter when ``TRITON_INTERPRET=1``, otherwise the CPU kernel stands in for them.
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import finetune_throughput
 import peak_memory
+import probe as probe_bench
 import softdtw as softdtw_bench
 import torch
 from measure import exact_cpu_rss
@@ -62,7 +68,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the CI path)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no section after this long")
     parser.add_argument("--steps", type=int, default=20, help="timed fine-tuning steps per upstream")
+    parser.add_argument(
+        "--only", type=sections, default=SECTIONS, metavar="SECTIONS",
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )  # fmt: skip
     return parser
+
+
+SECTIONS = ("correctness", "softdtw", "probe", "finetune")
+PROBE_GOAL_S = 300  # tuned + base at 1 h + 20 min on one H100
+
+
+def sections(text: str) -> tuple[str, ...]:
+    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(SECTIONS)}")
+    return chosen
 
 
 def plan(smoke: bool, steps: int) -> dict:
@@ -78,6 +101,9 @@ def plan(smoke: bool, steps: int) -> dict:
             "finetune": ["--tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-seconds", "2",
                          "--workers", "0", "--eval-clips", "2", "--device", "cpu"],
             "worst_step": (1, 0.5),  # pairs, seconds per view: a small base-size step
+            # benchmarks/probe.py's time_probe: tiny models, 2 s clips, a few head steps
+            "probe": {"device": "cpu", "train_hours": 0.01, "dev_minutes": 0.3, "steps": 3, "tiny": True,
+                      "clip_seconds": 2.0},
         }
     return {
         "device": torch.device("cuda"),
@@ -88,6 +114,7 @@ def plan(smoke: bool, steps: int) -> dict:
         "timing": ["--batch", "8", "--dim", "256", "--repeats", "5"],
         "finetune": ["--steps", str(steps), "--warmup", "3", "--device", "cuda"],  # each preset as configured
         "worst_step": None,  # the largest micro-batch each preset's max_batch_seconds admits
+        "probe": {"device": "cuda", "train_hours": 1.0, "dev_minutes": 20.0, "steps": 2000},  # the defaults
     }
 
 
@@ -243,6 +270,19 @@ def worst_step_memory(p: dict, upstream: str) -> dict:
 
 def print_tables(report: dict) -> None:
     print(f"# {report['device']}, torch {report['torch']}, triton {report['triton']}")
+    ran = report["sections"]
+    if "correctness" in ran:
+        print_correctness(report)
+    if report["probe"]:
+        print_probe(report["probe"])
+    if "softdtw" in ran:
+        print_softdtw(report)
+    if "finetune" in ran:
+        print_finetune(report)
+    print(f"\n{report['elapsed_s']:.0f} s; report: {report['out']}")
+
+
+def print_correctness(report: dict) -> None:
     print("\n## correctness (relative error against the float64 reference)")
     print(f"| {'check':<34} | {'dtype':<7} | {'size':<26} | {'tiles':>5} | {'errors':<44} | {'ok':<4} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 28}|{'-' * 7}|{'-' * 46}|{'-' * 6}|")
@@ -254,6 +294,20 @@ def print_tables(report: dict) -> None:
         tiles = r.get("tiles per longest diagonal", "")
         print(f"| {r['check']:<34} | {r['dtype']:<7} | {r['size']:<26} | {tiles!s:>5} | {errors:<44} "
               f"| {'yes' if r['passed'] else 'NO':<4} |")
+
+
+def print_probe(probe: dict) -> None:
+    print("\n## the probe: python -m s3prl_laser.probe, tuned + base, every head its whole step budget")
+    if "failed" in probe:
+        print(f"FAILED after {probe['seconds']:.0f} s: {probe['failed']}")
+        return
+    goal = f", goal {probe['goal s']} s" if "goal s" in probe else " (smoke: tiny models)"
+    print(f"{probe['train hours']:g} h + {probe['dev minutes']:g} min, {probe['steps']} steps, "
+          f"{probe['device']}: {probe['seconds']:.0f} s{goal}; head steps run {probe['head steps run']}, "
+          f"CER % {probe['CER %']} (noise audio, random transcripts)")
+
+
+def print_softdtw(report: dict) -> None:
     print("\n## soft-DTW, ms (medians); div = divergence forward + backward (3 terms)")
     print(f"| {'N x M':<16} | {'method':<16} | {'fwd ms':>8} | {'bwd ms':>8} | {'div ms':>8} "
           f"| {'peak MiB':>8} |")
@@ -264,6 +318,9 @@ def print_tables(report: dict) -> None:
             continue
         print(f"| {r['size']:<16} | {r['method']:<16} | {r['fwd']:8.2f} | {r['bwd']:8.2f} | {r['div']:8.2f} "
               f"| {r['mem']:8.1f} |")
+
+
+def print_finetune(report: dict) -> None:
     print("\n## fine-tuning, one process; 3600x8 h: projected hours of the paper's recipe at this speed")
     print("pairs: mean pairs per step; peak: over the timed run; worst step: pairs x seconds per view of the")
     print("largest micro-batch the preset's max_batch_seconds admits, one base-size step in a fresh process")
@@ -281,7 +338,6 @@ def print_tables(report: dict) -> None:
         print(f"| {r['preset']:<13} | {r['model']:<18} | {r['precision']:<9} | {r['pairs per step']:5.1f} "
               f"| {r['pairs/s']:8.2f} | {r['step s']:7.3f} | {r['peak MiB']:9.0f} | {r['3600x8 h']:8.2f} "
               f"| {r.get('worst step', 'not run'):<18} | {worst_peak:>12} |")
-    print(f"\n{report['elapsed_s']:.0f} s; report: {report['out']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "smoke": args.smoke,
-              "out": str(args.out), "correctness": [], "softdtw": [], "finetune": []}
+              "out": str(args.out), "sections": list(args.only), "correctness": [], "softdtw": [],
+              "probe": {}, "finetune": []}
     start = time.perf_counter()
 
     def in_budget(what: str) -> bool:
@@ -307,13 +364,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {what}: not run (time budget of {args.budget_s:.0f} s spent)")
         return False
 
-    print("# correctness ...", flush=True)
-    report["correctness"] = correctness(p)
-    if in_budget("soft-DTW timings"):
+    if "correctness" in args.only:
+        print("# correctness ...", flush=True)
+        report["correctness"] = correctness(p)
+    if "softdtw" in args.only and in_budget("soft-DTW timings"):
         print("# soft-DTW timings ...", flush=True)
         report["softdtw"] = softdtw_timings(p)
+    if "probe" in args.only and in_budget("the probe"):
+        print("# the probe, tuned + base ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            report["probe"] = probe_bench.time_probe(Path(tmp), **p["probe"])
+        if not args.smoke:
+            report["probe"]["goal s"] = PROBE_GOAL_S
     with tempfile.TemporaryDirectory() as tmp:
-        for upstream in UPSTREAMS:
+        for upstream in UPSTREAMS if "finetune" in args.only else ():
             if not in_budget(f"fine-tuning {upstream}"):
                 report["finetune"].append({"preset": f"{upstream}_laser", "note": "not run (time budget)"})
                 continue
@@ -327,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_tables(report)
     failed = [r["check"] for r in report["correctness"] if r.get("passed") is False]
+    if "failed" in report["probe"]:
+        failed.append("the probe")
     if failed:
         print(f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0

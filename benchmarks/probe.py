@@ -21,9 +21,11 @@ The head step is timed three ways in one run, alternating, with medians of wall 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +56,57 @@ def write_clips(folder: Path, count: int) -> list[Clip]:
         soundfile.write(path, (0.1 * rng.standard_normal(int(CLIP_SECONDS * 16000))).astype("float32"), 16000)
         clips.append(Clip(str(path), f"clip{i}", "0", "", CLIP_SECONDS))
     return clips
+
+
+def write_librispeech(
+    root: Path, train_seconds: float, dev_seconds: float, clip_seconds: float = CLIP_SECONDS, speakers=8
+) -> Path:
+    """A LibriSpeech-layout root of noise clips with random transcripts (about ``TARGETS_PER_SECOND``
+    characters a second): ``train-clean-100`` and ``dev-clean`` of about the given lengths, for timing the
+    probe end to end where no corpus can be downloaded. Speaker ids 9000 and up (no real one)."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    for split, seconds, first in (("train-clean-100", train_seconds, 9000), ("dev-clean", dev_seconds, 9500)):
+        count = max(speakers, round(seconds / clip_seconds))
+        lines: dict[Path, list[str]] = {}
+        for i in range(count):
+            speaker, chapter = first + i % speakers, 1
+            folder = root / split / str(speaker) / str(chapter)
+            folder.mkdir(parents=True, exist_ok=True)
+            utt = f"{speaker}-{chapter}-{i:04d}"
+            audio = (0.1 * rng.standard_normal(int(clip_seconds * 16000))).astype("float32")
+            soundfile.write(folder / f"{utt}.flac", audio, 16000)
+            chars, words = int(clip_seconds * TARGETS_PER_SECOND), []
+            while sum(len(w) + 1 for w in words) < chars:
+                words.append("".join(rng.choice(letters, int(rng.integers(2, 9)))))
+            lines.setdefault(folder / f"{speaker}-{chapter}.trans.txt", []).append(f"{utt} {' '.join(words)}")
+        for path, rows in lines.items():
+            path.write_text("\n".join(rows) + "\n")
+    return root
+
+
+def time_probe(workdir: Path, device: str, train_hours: float, dev_minutes: float, steps: int,
+               tiny: bool = False, clip_seconds: float = CLIP_SECONDS) -> dict:
+    """``python -m s3prl_laser.probe`` end to end, timed: a base and a "tuned" upstream (random-init base-size
+    HuBERTs of two seeds; tiny ones with ``tiny``) on a :func:`write_librispeech` corpus, every head running
+    its whole step budget (no early stop). Returns the wall seconds, the settings and the heads' steps."""
+    root = write_librispeech(workdir / "LibriSpeech", train_hours * 3600, dev_minutes * 60, clip_seconds)
+    base = build_checkpoint("hubert", workdir / "base.pt", tiny=tiny, seed=0)
+    tuned = build_checkpoint("hubert", workdir / "tuned.pt", tiny=tiny, seed=1)
+    out = workdir / "probe"
+    cmd = [sys.executable, "-m", "s3prl_laser.probe", "--data", str(root), "--out", str(out),
+           "--upstream", f"hubert:{base}", "--upstream", f"hubert:{tuned}", "--train-hours", str(train_hours),
+           "--dev-minutes", str(dev_minutes), "--steps", str(steps), "--patience", str(steps + 1),
+           "--device", device]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"seconds": seconds, "failed": (proc.stdout + proc.stderr)[-2000:]}
+    report = json.loads((out / "probe.json").read_text())
+    return {"seconds": seconds, "train hours": train_hours, "dev minutes": dev_minutes, "steps": steps,
+            "head steps run": [u["training"]["cer"]["steps"] for u in report["upstreams"]],
+            "CER %": [round(100 * u["cer"], 2) for u in report["upstreams"]], "device": device}
 
 
 class PerStepHead(torch.nn.Module):
