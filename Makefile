@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine, on the current lane (ESPnet's s3prl, today's torch):
 #   make demo   creates .venv if missing, installs the package, runs the LASER demo end to end
 #   make test   creates .venv if missing, installs the package with test extras, runs ruff and the test suite
-#   make gpu-check  on a GPU machine: kernels vs the reference, soft-DTW vs pysdtw, fine-tuning speed and
-#                   memory per preset (benchmarks/gpu_check.py; about 5-8 minutes; report in runs/)
+#   make gpu-check  on a GPU machine: kernels vs the reference, soft-DTW vs pysdtw, the probe end to end,
+#                   fine-tuning speed and memory per preset (benchmarks/gpu_check.py; about 10 minutes; report
+#                   in runs/)
 # The classic lane (PyPI's s3prl 0.4.18, torch 2.8) goes into its own venv:
 #   make LANE=classic test     (venv .venv-classic)
 # The espnet lane is an ESPnet environment that we join without changing it (venv .venv-espnet):
