@@ -80,39 +80,49 @@ def _compile(
         os.replace(partial, target)  # atomic: a concurrent loader sees the old file or the whole new one
 
 
+def _key(source: Path, cc: str, flags: list[str], variants: Sequence[Sequence[str]]) -> str:
+    """What a build depends on: the source, compiler, flags, variants and CPU (hashed, 16 hex digits)."""
+    parts = [
+        source.read_bytes(),
+        cc.encode(),
+        " ".join(flags).encode(),
+        repr([list(v) for v in variants]).encode(),
+        platform.machine().encode(),
+        _cpu_id().encode(),
+    ]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def build(source: Path, variants: Sequence[Sequence[str]], what: str, fallback: str) -> Path:
     """Compile ``source`` once per variant (each a list of ``-D`` defines) into one shared library in
     :func:`cache_dir`, or return the one already there; raises :class:`KernelBuildError`."""
     if not source.is_file():
         raise KernelBuildError(
             f"{source} is missing from this installation (package data "
-            f"{source.parent.name}/*.c); reinstall, or {fallback}"
+            f"{source.parent.name}/*.c): reinstall; {fallback}"
         )
     cc = compiler(what, fallback)
     directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
-        key = hashlib.sha256(
-            b"\0".join(
-                [
-                    source.read_bytes(),
-                    cc.encode(),
-                    " ".join(flags).encode(),
-                    repr(list(map(list, variants))).encode(),
-                    platform.machine().encode(),
-                    _cpu_id().encode(),
-                ]
-            )
-        ).hexdigest()
-        target = directory / f"{source.stem}-{key[:16]}.so"
-        if target.exists():
+    targets = [
+        (flags, directory / f"{source.stem}-{_key(source, cc, flags, variants)}.so")
+        for flags in (FLAGS + NATIVE_FLAGS, FLAGS)
+    ]
+    for _, target in targets:
+        if target.exists():  # built before, here or by a shared installation (the folder may be read-only)
             return target
+    errors = []
+    for flags, target in targets:
         try:
+            directory.mkdir(parents=True, exist_ok=True)
             _compile(cc, source, variants, target, flags)
             return target
         except subprocess.CalledProcessError as err:
             errors.append(err.stderr.strip())
+        except OSError as err:
+            raise KernelBuildError(
+                f"cannot write compiled kernels into {directory} ({err.strerror or err}): "
+                f"set $S3PRL_LASER_HOME to a writable folder; {fallback}"
+            ) from err
     raise KernelBuildError(f"compiling {source.name} with {cc} failed: {errors[-1][-2000:]}")
 
 

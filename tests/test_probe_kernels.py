@@ -213,7 +213,7 @@ def test_without_a_compiler_the_head_runs_on_torch_and_says_so_once(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "in_c False False" in proc.stdout
-    warning = "probe: the head's C kernels are unavailable (no C compiler found"
+    warning = "probe: the head's C kernels are unavailable (no C compiler found (set $CC or install gcc)"
     assert (proc.stdout + proc.stderr).count(warning) == 1
     assert "Traceback" not in proc.stderr
     with_c = subprocess.run(
@@ -227,3 +227,17 @@ def test_without_a_compiler_the_head_runs_on_torch_and_says_so_once(tmp_path):
     loss = {p.stdout.split("loss ")[1].split()[0] for p in (proc, with_c)}
     a, b = (float(x) for x in sorted(loss)) if len(loss) == 2 else (float(loss.pop()),) * 2
     assert abs(a - b) < 1e-5 * abs(a)
+
+
+def test_an_unwritable_kernel_folder_falls_back_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "S3PRL_LASER_HOME": str(blocker / "kernels")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "in_c False False" in proc.stdout
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "C kernels are unavailable" in line]
+    assert len(lines) == 1 and f"cannot write compiled kernels into {blocker / 'kernels'}" in lines[0], lines
+    assert "set $S3PRL_LASER_HOME to a writable folder" in lines[0]

@@ -49,7 +49,7 @@ def load_library() -> ctypes.CDLL:
                 SOURCE,
                 [[]],
                 "the probe head's CPU kernels",
-                "the probe head runs on torch's CPU operations instead",
+                "the probe head then runs on torch's CPU operations",
             )
             _library = cbuild.load(path, _FUNCTIONS)
     return _library
@@ -68,8 +68,7 @@ def available() -> bool:
     except cbuild.KernelBuildError as err:
         _failure = str(err)
         logger.warning(
-            "probe: the head's C kernels are unavailable (%s); using torch's CPU operations, "
-            "about three times slower",
+            "probe: the head's C kernels are unavailable (%s); its steps are about three times slower",
             _failure,
         )
         return False
