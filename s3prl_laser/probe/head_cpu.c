@@ -99,37 +99,26 @@ static float dot_f32(const float *row, const float *g, int64_t n) {
     return total;
 }
 
-/* out [F, C] = sum_l w[l] * x[l] for one clip x [L, F, C] (out's prior contents are ignored) */
-void mix_forward_f16(const uint16_t *x, int64_t L, int64_t F, int64_t C, const float *w, float *out) {
-    for (int64_t f = 0; f < F; f++) {
-        memset(out + f * C, 0, sizeof(float) * C);
-        for (int64_t l = 0; l < L; l++) axpy_f16(w[l], x + (l * F + f) * C, out + f * C, C);
+/* Per element type T (suffix: f16 stores float16 bits as uint16_t, f32 floats):
+ *   mix_forward_<suffix>:  out [F, C] = sum_l w[l] * x[l] for one clip x [L, F, C] (out's contents ignored)
+ *   mix_backward_<suffix>: gw [L] = sum_{f, c} x[l, f, c] * g[f, c], g [F, C] the gradient of out */
+#define MIX_FUNCTIONS(suffix, T)                                                                          \
+    void mix_forward_##suffix(const T *x, int64_t L, int64_t F, int64_t C, const float *w, float *out) {  \
+        for (int64_t f = 0; f < F; f++) {                                                                 \
+            memset(out + f * C, 0, sizeof(float) * C);                                                    \
+            for (int64_t l = 0; l < L; l++) axpy_##suffix(w[l], x + (l * F + f) * C, out + f * C, C);    \
+        }                                                                                                 \
+    }                                                                                                     \
+    void mix_backward_##suffix(const T *x, int64_t L, int64_t F, int64_t C, const float *g, float *gw) { \
+        double acc[L];                                                                                    \
+        for (int64_t l = 0; l < L; l++) acc[l] = 0.0;                                                     \
+        for (int64_t f = 0; f < F; f++)                                                                   \
+            for (int64_t l = 0; l < L; l++) acc[l] += dot_##suffix(x + (l * F + f) * C, g + f * C, C);    \
+        for (int64_t l = 0; l < L; l++) gw[l] = (float)acc[l];                                            \
     }
-}
 
-void mix_forward_f32(const float *x, int64_t L, int64_t F, int64_t C, const float *w, float *out) {
-    for (int64_t f = 0; f < F; f++) {
-        memset(out + f * C, 0, sizeof(float) * C);
-        for (int64_t l = 0; l < L; l++) axpy_f32(w[l], x + (l * F + f) * C, out + f * C, C);
-    }
-}
-
-/* gw [L] = sum_{f, c} x[l, f, c] * g[f, c] for one clip x [L, F, C] and its output's gradient g [F, C] */
-void mix_backward_f16(const uint16_t *x, int64_t L, int64_t F, int64_t C, const float *g, float *gw) {
-    double acc[L];
-    for (int64_t l = 0; l < L; l++) acc[l] = 0.0;
-    for (int64_t f = 0; f < F; f++)
-        for (int64_t l = 0; l < L; l++) acc[l] += dot_f16(x + (l * F + f) * C, g + f * C, C);
-    for (int64_t l = 0; l < L; l++) gw[l] = (float)acc[l];
-}
-
-void mix_backward_f32(const float *x, int64_t L, int64_t F, int64_t C, const float *g, float *gw) {
-    double acc[L];
-    for (int64_t l = 0; l < L; l++) acc[l] = 0.0;
-    for (int64_t f = 0; f < F; f++)
-        for (int64_t l = 0; l < L; l++) acc[l] += dot_f32(x + (l * F + f) * C, g + f * C, C);
-    for (int64_t l = 0; l < L; l++) gw[l] = (float)acc[l];
-}
+MIX_FUNCTIONS(f16, uint16_t)
+MIX_FUNCTIONS(f32, float)
 
 /* e^x for x <= 0, floored at e^-80 (1.8e-35, far below float32's resolution next to the 1 it is added
  * to): an argument that would underflow sends libmvec's vector expf to its slow scalar path. */
