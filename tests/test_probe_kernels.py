@@ -120,6 +120,27 @@ def test_ctc_batch_equals_torch_ctc_loss_value_and_gradient():
         assert got_grad[b, f:].abs().sum() == 0  # padding frames
 
 
+def test_ctc_of_a_confident_head_far_from_its_targets_equals_torch_in_float64():
+    # log-probabilities down to about -300: the log-space sums must neither underflow nor lose the paths
+    g = torch.Generator().manual_seed(5)
+    lp = (40 * torch.randn(3, 700, 29, generator=g, dtype=torch.float64)).log_softmax(-1)
+    frames, targets = (
+        [700, 650, 690],
+        [torch.randint(1, 29, (n,), generator=g).tolist() for n in (200, 300, 340)],
+    )
+    nll, feasible, _ = kernels.ctc(lp.float(), frames, targets)
+    assert lp.min() < -250 and feasible.all()
+    for b in range(3):
+        want = F.ctc_loss(
+            lp[b : b + 1, : frames[b]].transpose(0, 1),
+            torch.tensor([targets[b]]),
+            torch.tensor([frames[b]]),
+            torch.tensor([len(targets[b])]),
+            reduction="sum",
+        )
+        assert abs(nll[b].item() - want.item()) < 1e-5 * want.item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_layer_mix_equals_an_einsum_and_its_gradient(dtype):
     g = torch.Generator().manual_seed(3)
