@@ -262,3 +262,39 @@ def test_an_unwritable_kernel_folder_falls_back_with_one_line(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "C kernels are unavailable" in line]
     assert len(lines) == 1 and f"cannot write compiled kernels into {blocker / 'kernels'}" in lines[0], lines
     assert "set $S3PRL_LASER_HOME to a writable folder" in lines[0]
+
+
+def test_the_gpu_path_s_padded_mix_equals_the_c_kernel_and_its_gradient():
+    from s3prl_laser.probe.head import padded_mix
+
+    g = torch.Generator().manual_seed(4)
+    clips = [torch.randn(6, f, 40, generator=g).half() for f in (33, 20, 51)]
+    w = torch.softmax(torch.randn(6, generator=g), 0).requires_grad_()
+    mixed = padded_mix(w, clips)
+    assert torch.allclose(mixed.detach(), kernels.mix_forward(w.detach(), tuple(clips)), rtol=1e-5, atol=1e-5)
+    up = torch.randn(mixed.shape, generator=g)
+    (grad,) = torch.autograd.grad((mixed * up).sum(), w)
+    assert torch.allclose(grad, kernels.mix_backward(tuple(clips), up), rtol=1e-4, atol=1e-4)
+
+
+def test_features_copied_into_one_device_tensor_read_back_the_same(tmp_path):
+    from s3prl_laser.probe.features import CACHE_VERSION, DeviceStore, FeatureWriter, Rows, on_device, release
+
+    g = torch.Generator().manual_seed(6)
+    clips = [torch.randn(3, f, 8, generator=g) for f in (5, 9, 2, 7)]
+    writer = FeatureWriter(tmp_path / "f.f16", len(clips), {"version": CACHE_VERSION})
+    for i, clip in enumerate(clips):
+        writer.write(i, clip)
+    store = writer.finish()
+    assert on_device(store, torch.device("cpu")) is store  # the CPU reads the memory-mapped file
+    DeviceStore.CHUNK = 50  # several chunks, one ending inside a clip
+    try:
+        copied = DeviceStore(store, torch.device("cpu"))
+    finally:
+        DeviceStore.CHUNK = 1 << 27
+    assert len(copied) == len(store)
+    for i, clip in enumerate(clips):
+        assert torch.equal(copied[i], clip.half()) and torch.equal(copied[i], store[i])
+    release(Rows(copied, [0, 1]))  # nothing to give back: no error
+    with pytest.raises(IndexError):
+        copied[4]

@@ -8,11 +8,13 @@ The weighted sum reads every layer of every clip of a batch, about 200 MB of flo
 CTC loss runs over 16 clips of about 600 frames. On the CPU both run on our C kernels (:mod:`.kernels`):
 the float16 values are converted in registers, each read once per pass, so a step holds no float32 copy of
 the batch; the CTC forward-backward runs in log space with vectorised log-sum-exp, the clips split over
-the CPU's threads. Elsewhere (a GPU, ``backend="torch"``, or no C compiler) torch's operations do the same:
+the CPU's threads. With ``backend="torch"`` or no C compiler, torch's operations do the same on the CPU:
 the sum clip by clip in float32, 32 frames at a time (converted into one reused buffer small enough to
 stay in the CPU's cache, then a matrix-vector product; the backward pass converts them again), and torch's
-``ctc_loss``. Layer normalisation, when asked, is done once per clip when the features are made
-(:func:`normalise_layers`), not at every step.
+``ctc_loss``. On a GPU the batch is padded once and summed by one einsum (:func:`padded_mix`: memory is
+no concern there, kernel launches are), with torch's ``ctc_loss``, and the features are read from one
+tensor on the GPU when they fit (:func:`.features.on_device`). Layer normalisation, when asked, is done
+once per clip when the features are made (:func:`normalise_layers`), not at every step.
 
 :func:`train_head` runs a fixed step budget of AdamW on seeded random batches of the training clips,
 evaluates the CTC loss on a dev slice every ``eval_every`` steps and stops after ``patience`` evaluations
@@ -143,6 +145,15 @@ def _float32_chunks(clip: torch.Tensor, scratch: torch.Tensor):
         yield start, flat.view(layers, -1)
 
 
+def padded_mix(weights: torch.Tensor, clips: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_l w[l] * clip[l]`` of every clip at once: ``[B, L, F_max, C]`` zero-padded, in float32, one
+    einsum (the head's path on a GPU; its gradient is autograd's)."""
+    x = clips[0].new_zeros(len(clips), clips[0].shape[0], max(c.shape[1] for c in clips), clips[0].shape[2])
+    for i, clip in enumerate(clips):
+        x[i, :, : clip.shape[1]] = clip
+    return torch.einsum("l,blfc->bfc", weights, x.float())
+
+
 BACKENDS = ("auto", "torch")
 
 
@@ -174,9 +185,13 @@ class ProbeHead(nn.Module):
         device = self.weights.device
         clips = [c.to(device, non_blocking=True) for c in clips]
         need = clips[0].shape[0] * CHUNK_FRAMES * clips[0].shape[2]
-        if self._scratch.numel() < need or self._scratch.device != device:
+        if device.type == "cpu" and (self._scratch.numel() < need or self._scratch.device != device):
             self._scratch = torch.empty(need, device=device)
-        mixed = _LayerMix.apply(F.softmax(self.weights, dim=0), self.in_c(), self._scratch, *clips)
+        weights = F.softmax(self.weights, dim=0)
+        if device.type == "cpu":
+            mixed = _LayerMix.apply(weights, self.in_c(), self._scratch, *clips)
+        else:  # a GPU: the batch padded once, one einsum (memory is no concern there, kernel launches are)
+            mixed = padded_mix(weights, clips)
         frames = torch.tensor([c.shape[1] for c in clips])
         return F.log_softmax(self.out(mixed), dim=-1), frames
 

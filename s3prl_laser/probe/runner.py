@@ -115,10 +115,10 @@ def probe_upstream(settings: ProbeSettings, label: str, spec, train: list, evalu
     scored on the evaluation clips (``--seeds``: trained again with other seeds)."""
     import torch
 
-    from s3prl_laser.probe.features import load_or_extract
+    from s3prl_laser.probe.features import load_or_extract, on_device
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    feats = load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm)
+    feats = on_device(load_or_extract(spec, train + evaluation, device, cache, settings.layer_norm), device)
     result = {
         "upstream": label,  # as the user wrote it (a relative path made absolute)
         "name": spec.name,  # the s3prl entry and checkpoint that loaded it
