@@ -80,17 +80,11 @@ def _compile(
         os.replace(partial, target)  # atomic: a concurrent loader sees the old file or the whole new one
 
 
-def _key(source: Path, cc: str, flags: list[str], variants: Sequence[Sequence[str]]) -> str:
-    """What a build depends on: the source, compiler, flags, variants and CPU (hashed, 16 hex digits)."""
-    parts = [
-        source.read_bytes(),
-        cc.encode(),
-        " ".join(flags).encode(),
-        repr([list(v) for v in variants]).encode(),
-        platform.machine().encode(),
-        _cpu_id().encode(),
-    ]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+def _build_facts(source: Path, cc: str, variants: Sequence[Sequence[str]]) -> bytes:
+    """What every build of ``source`` depends on besides its flags: the source, compiler, variants and CPU."""
+    parts = [source.read_bytes(), cc.encode(), repr([list(v) for v in variants]).encode(),
+             platform.machine().encode(), _cpu_id().encode()]  # fmt: skip
+    return b"\0".join(parts)
 
 
 def build(source: Path, variants: Sequence[Sequence[str]], what: str, fallback: str) -> Path:
@@ -103,10 +97,11 @@ def build(source: Path, variants: Sequence[Sequence[str]], what: str, fallback: 
         )
     cc = compiler(what, fallback)
     directory = cache_dir()
-    targets = [
-        (flags, directory / f"{source.stem}-{_key(source, cc, flags, variants)}.so")
-        for flags in (FLAGS + NATIVE_FLAGS, FLAGS)
-    ]
+    facts = _build_facts(source, cc, variants)
+    targets = []
+    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+        key = hashlib.sha256(facts + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
+        targets.append((flags, directory / f"{source.stem}-{key}.so"))
     for _, target in targets:
         if target.exists():  # built before, here or by a shared installation (the folder may be read-only)
             return target
@@ -135,6 +130,12 @@ def load(path: Path, void_functions: Sequence[str]) -> ctypes.CDLL:
     for name in void_functions:
         getattr(library, name).restype = None
     return library
+
+
+def address(tensor, offset: int = 0) -> ctypes.c_void_p:
+    """A C pointer to element ``offset`` of a contiguous tensor (anything with ``data_ptr`` and
+    ``element_size``), for a ctypes call."""
+    return ctypes.c_void_p(tensor.data_ptr() + offset * tensor.element_size())
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

@@ -102,7 +102,28 @@ def cache_key(spec: UpstreamSpec, clips: list[Clip], layer_norm: bool = True) ->
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-class FeatureStore(Sequence):
+class _PackedClips(Sequence):
+    """Clips' ``[L, F_i, C]`` features one after another in one flat tensor ``_all``: clip ``i`` starts at
+    ``offsets[i]`` and has ``frames[i]`` frames; ``store[i]`` is a view."""
+
+    layers: int
+    dim: int
+    offsets: list[int]
+    frames: list[int]
+    _all: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self.frames):
+            raise IndexError(i)
+        count = self.layers * self.frames[i] * self.dim
+        flat = self._all[self.offsets[i] : self.offsets[i] + count]
+        return flat.view(self.layers, self.frames[i], self.dim)
+
+
+class FeatureStore(_PackedClips):
     """The features of a cache file: ``store[i]`` is clip ``i``'s ``[L, F, C]`` float16 tensor, memory-mapped
     (read from disk when first touched); :meth:`release` gives the pages touched back."""
 
@@ -117,22 +138,12 @@ class FeatureStore(Sequence):
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._all = torch.frombuffer(self._map, dtype=torch.float16)
 
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < len(self.frames):
-            raise IndexError(i)
-        count = self.layers * self.frames[i] * self.dim
-        flat = self._all[self.offsets[i] : self.offsets[i] + count]
-        return flat.view(self.layers, self.frames[i], self.dim)
-
     def release(self) -> None:
         """Drop the pages read so far from this process (read again from the file or its cache if needed)."""
         self._map.madvise(mmap.MADV_DONTNEED)
 
 
-class DeviceStore(Sequence):
+class DeviceStore(_PackedClips):
     """A :class:`FeatureStore` copied whole into one tensor on ``device`` (a GPU), so that head steps read
     their clips there instead of copying about 200 MB from the host at every step. The copy goes through in
     chunks, giving the host pages back after each, so it adds no resident host memory."""
@@ -146,17 +157,6 @@ class DeviceStore(Sequence):
         for start in range(0, store._all.numel(), self.CHUNK):
             self._all[start : start + self.CHUNK].copy_(store._all[start : start + self.CHUNK])
             store.release()
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < len(self.frames):
-            raise IndexError(i)
-        count = self.layers * self.frames[i] * self.dim
-        return self._all[self.offsets[i] : self.offsets[i] + count].view(
-            self.layers, self.frames[i], self.dim
-        )
 
 
 def on_device(feats: Sequence, device: torch.device, share: float = 0.5) -> Sequence:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from s3prl_laser import cbuild
+from s3prl_laser.cbuild import address
 
 logger = logging.getLogger("s3prl_laser.probe")
 
@@ -86,10 +87,6 @@ def _groups(sizes: list[int]) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
-
 def _checked(clips: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     out = []
     for clip in clips:
@@ -114,12 +111,12 @@ def mix_forward(weights: torch.Tensor, clips: tuple[torch.Tensor, ...]) -> torch
             clip = clips[i]
             out[i, clip.shape[1] :] = 0.0  # padding rows
             getattr(library, f"mix_forward_{_SUFFIX[clip.dtype]}")(
-                _ptr(clip),
+                address(clip),
                 ctypes.c_int64(layers),
                 ctypes.c_int64(clip.shape[1]),
                 ctypes.c_int64(dim),
-                _ptr(w),
-                _ptr(out[i]),
+                address(w),
+                address(out[i]),
             )
 
     cbuild.run_parallel([(work, group) for group in _groups([c.shape[1] for c in clips])])
@@ -137,12 +134,12 @@ def mix_backward(clips: tuple[torch.Tensor, ...], grad: torch.Tensor) -> torch.T
         for i in group:
             clip = clips[i]
             getattr(library, f"mix_backward_{_SUFFIX[clip.dtype]}")(
-                _ptr(clip),
+                address(clip),
                 ctypes.c_int64(layers),
                 ctypes.c_int64(clip.shape[1]),
                 ctypes.c_int64(dim),
-                _ptr(grad[i]),
-                _ptr(per_clip[i]),
+                address(grad[i]),
+                address(per_clip[i]),
             )
 
     cbuild.run_parallel([(work, group) for group in _groups([c.shape[1] for c in clips])])
@@ -185,23 +182,20 @@ def ctc(
     for group in _groups(frames):
         a = group.start
 
-        def at(t: torch.Tensor, index: int) -> ctypes.c_void_p:
-            return ctypes.c_void_p(t.data_ptr() + index * t.element_size())
-
         calls.append(
             (
                 library.ctc_batch,
                 ctypes.c_int64(len(group)),
-                at(lp, a * stride),
+                address(lp, a * stride),
                 ctypes.c_int64(stride),
                 ctypes.c_int64(vocab),
-                at(count, a),
-                _ptr(flat) if len(flat) else ctypes.c_void_p(0),
-                at(offsets, a),
+                address(count, a),
+                address(flat) if len(flat) else ctypes.c_void_p(0),
+                address(offsets, a),
                 ctypes.c_int64(blank),
-                at(grad, a * stride) if with_grad else ctypes.c_void_p(0),
-                at(nll, a),
-                at(feasible, a),
+                address(grad, a * stride) if with_grad else ctypes.c_void_p(0),
+                address(nll, a),
+                address(feasible, a),
             )
         )
     cbuild.run_parallel(calls)

@@ -20,7 +20,11 @@ from pathlib import Path
 import torch
 
 from s3prl_laser import cbuild
-from s3prl_laser.cbuild import KernelBuildError, cache_dir  # noqa: F401  (part of this module's API)
+from s3prl_laser.cbuild import (
+    KernelBuildError,  # noqa: F401  (part of this module's API)
+    address,
+    cache_dir,  # noqa: F401  (part of this module's API)
+)
 
 LANE_WIDTHS = (8, 16)  # the -DLANES builds of sdtw_cpu.c
 SOURCE = Path(__file__).with_name("sdtw_cpu.c")
@@ -73,10 +77,6 @@ def _width(group: range) -> int:
     return next(w for w in LANE_WIDTHS if len(group) <= w)
 
 
-def _ptr(t: torch.Tensor, offset: int = 0) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
-
-
 def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
             gamma: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Values ``[P]``; saves the lane-group bounds and one ``R`` table per group (see ``reference.py``)."""
@@ -96,8 +96,8 @@ def forward(costs: list[torch.Tensor], n: list[int], m: list[int], W: list[int],
         alive += [lanes, buf]
         calls.append((getattr(library, f"sdtw_forward_{_SUFFIX[dtype]}_{width}"),
                       ctypes.c_int64(len(group)), ctypes.c_int64(N), ctypes.c_int64(M),
-                      *(_ptr(lanes, k * len(group)) for k in range(5)), real(gamma), _ptr(R),
-                      _ptr(buf), _ptr(values, group.start)))
+                      *(address(lanes, k * len(group)) for k in range(5)), real(gamma), address(R),
+                      address(buf), address(values, group.start)))
     cbuild.run_parallel(calls)
     bounds = torch.tensor([g.start for g in groups] + [groups[-1].stop])
     return values, (bounds, *tables)
@@ -123,8 +123,8 @@ def backward(costs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], n: list
         k = len(group)
         calls.append((getattr(library, f"sdtw_backward_{_SUFFIX[dtype]}_{width}"),
                       ctypes.c_int64(k), ctypes.c_int64(N), ctypes.c_int64(M),
-                      *(_ptr(lanes, i * k) for i in range(8)), _ptr(grad, group.start), real(gamma), _ptr(R),
-                      _ptr(work)))
+                      *(address(lanes, i * k) for i in range(8)), address(grad, group.start), real(gamma),
+                      address(R), address(work)))
     cbuild.run_parallel(calls)
     return outs
 
