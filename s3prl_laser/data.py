@@ -688,6 +688,16 @@ def build_loader(
     )
 
 
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a loader's worker processes now. Its persistent workers otherwise live as long as the loader,
+    and an interpreter cannot exit while they do (they ignore SIGTERM: the main process stops a run).
+    torch has no public call for this; its iterator's own shutdown is the one it runs when freed."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
 def _audio_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
 

@@ -561,3 +561,28 @@ def test_torchrun_ranks_that_cut_their_batches_differently_stay_in_sync(
     state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out))
     assert state["step"] == 5 and state["pairs"] == 5 * 4 * 2
     assert state["data_position"] == {"epoch": 1, "batch": 0}
+
+
+def test_a_run_that_fails_mid_training_leaves_no_dataloader_worker(
+    tmp_path, tiny_hubert_ckpt, demo_corpus, monkeypatch
+):
+    import multiprocessing
+
+    from s3prl_laser.training import loop
+
+    real_step, calls = loop.train_step, []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted failure in step 2")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="planted failure in step 2") as failure:
+        finetune(tmp_path / "run", tiny_hubert_ckpt, demo_corpus, "steps=3", "num_workers=1")
+    # The traceback, still held here as by an uncaught exception, keeps train()'s frame alive. Its DataLoader
+    # workers ignore SIGTERM (the main process stops them), so if they outlived the failure, the interpreter's
+    # exit would wait on them forever instead of ending the job.
+    assert failure.value.__traceback__ is not None
+    assert multiprocessing.active_children() == []

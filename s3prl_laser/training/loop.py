@@ -43,6 +43,7 @@ from s3prl_laser.data import (
     clip_limit_samples,
     complete_pairs,
     default_workers,
+    stop_workers,
     view_stretch,
 )
 from s3prl_laser.errors import DamagedCheckpointError, UserInputError
@@ -491,6 +492,10 @@ def train(
             if stopping or done:
                 break
     finally:
+        # The workers stop here, not when the loader is freed: an exception's traceback keeps this frame
+        # and the loader alive, and the workers ignore SIGTERM, so the interpreter's exit would wait on them
+        # forever.
+        stop_workers(loader)
         progress.close()
         if writer is not None:
             writer.close()
