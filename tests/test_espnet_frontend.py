@@ -121,20 +121,21 @@ print(json.dumps(report))
 """
 
 
+def script_report(script: str, *args: str, cwd: Path) -> dict:
+    """Run ``script`` with ``args`` in a fresh interpreter in ``cwd``; the JSON object of its last line."""
+    done = warm_processes.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_laser_entries_work_as_espnet_builds_and_calls_them(tiny_hubert_ckpt, tiny_wavlm_ckpt, tmp_path):
     cases = [
         ("hubert_laser", "hubert_local", str(tiny_hubert_ckpt)),
         ("wavlm_laser", "wavlm_local", str(tiny_wavlm_ckpt)),
     ]
-    done = warm_processes.run(
-        [sys.executable, "-c", FRONTEND, json.dumps(cases)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = script_report(FRONTEND, json.dumps(cases), cwd=tmp_path)
     expected_frames = [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
     for name, result in report.items():
         assert result["switched"], f"{name}: ESPnet's feature_grad_mult switch found no model to apply to"
@@ -220,12 +221,7 @@ def test_espnets_own_s3prl_frontend_runs_hubert_laser_like_transformers_on_the_s
 ):
     config = espnet_yaml()
     assert "upstream: hubert_laser" in config and "frontend: s3prl" in config
-    done = warm_processes.run(
-        [sys.executable, "-c", REAL_FRONTEND, config, str(tiny_hubert_ckpt)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = script_report(REAL_FRONTEND, config, str(tiny_hubert_ckpt), cwd=tmp_path)
     assert report["class"] == "espnet2.asr.frontend.s3prl.S3prlFrontend"
     assert report["lens"] == [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
     assert report["output_size"] == 64

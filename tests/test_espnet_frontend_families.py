@@ -17,11 +17,9 @@ come from the installed start-up hook. Two tests, each in a child process:
 """
 
 import json
-import sys
 
 import pytest
-import warm_processes
-from test_espnet_frontend import FRONTEND_HELPERS, espnet_yaml
+from test_espnet_frontend import FRONTEND_HELPERS, espnet_yaml, script_report
 
 FAMILIES = ("wav2vec2", "data2vec")
 
@@ -58,15 +56,7 @@ def test_laser_entries_work_as_espnet_builds_and_calls_them(request, tmp_path):
         (f"{family}_laser", f"{family}_local", str(request.getfixturevalue(f"tiny_{family}_ckpt")))
         for family in FAMILIES
     ]
-    done = warm_processes.run(
-        [sys.executable, "-c", FRONTEND, json.dumps(cases)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = script_report(FRONTEND, json.dumps(cases), cwd=tmp_path)
     expected_frames = [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
     for name, result in report.items():
         assert result["switched"], f"{name}: ESPnet's feature_grad_mult switch found no model to apply to"
@@ -119,13 +109,8 @@ def test_espnets_own_s3prl_frontend_runs_laser_like_local(family, request, tmp_p
     config = espnet_yaml()
     assert "upstream: hubert_laser" in config and "frontend: s3prl" in config  # the entry is set below
     ckpt = str(request.getfixturevalue(f"tiny_{family}_ckpt"))
-    done = warm_processes.run(
-        [sys.executable, "-c", REAL_FRONTEND, config,
-         json.dumps([(f"{family}_laser", ckpt), (f"{family}_local", ckpt)])],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    pair = json.dumps([(f"{family}_laser", ckpt), (f"{family}_local", ckpt)])
+    report = script_report(REAL_FRONTEND, config, pair, cwd=tmp_path)
     laser, local = report[f"{family}_laser"], report[f"{family}_local"]
     assert laser["class"] == "espnet2.asr.frontend.s3prl.S3prlFrontend"
     assert laser["lens"] == local["lens"] == [50, 29]  # ceil(16000 / 320), ceil(9000 / 320)
