@@ -99,50 +99,40 @@ def _checked(clips: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return out
 
 
-def mix_forward(weights: torch.Tensor, clips: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """``[B, F_max, C]`` float32: clip ``i``'s ``sum_l weights[l] * clip[l]`` in rows ``:F_i``, then zeros."""
-    library, clips = load_library(), _checked(clips)
-    w = weights.detach().float().contiguous()
+def _each_clip(function: str, clips: list[torch.Tensor], operand, out) -> None:
+    """``<function>_<dtype>(clip, L, F, C, operand(i), out(i))`` for every clip ``i``, the clips split over
+    the threads."""
+    library = load_library()
     layers, dim = clips[0].shape[0], clips[0].shape[2]
-    out = torch.empty(len(clips), max(c.shape[1] for c in clips), dim)  # each clip's rows written once
 
     def work(group: range) -> None:
         for i in group:
             clip = clips[i]
-            out[i, clip.shape[1] :] = 0.0  # padding rows
-            getattr(library, f"mix_forward_{_SUFFIX[clip.dtype]}")(
-                address(clip),
-                ctypes.c_int64(layers),
-                ctypes.c_int64(clip.shape[1]),
-                ctypes.c_int64(dim),
-                address(w),
-                address(out[i]),
-            )
+            getattr(library, f"{function}_{_SUFFIX[clip.dtype]}")(
+                address(clip), ctypes.c_int64(layers), ctypes.c_int64(clip.shape[1]), ctypes.c_int64(dim),
+                address(operand(i)), address(out(i)),
+            )  # fmt: skip
 
     cbuild.run_parallel([(work, group) for group in _groups([c.shape[1] for c in clips])])
+
+
+def mix_forward(weights: torch.Tensor, clips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``[B, F_max, C]`` float32: clip ``i``'s ``sum_l weights[l] * clip[l]`` in rows ``:F_i``, then zeros."""
+    clips = _checked(clips)
+    w = weights.detach().float().contiguous()
+    out = torch.empty(len(clips), max(c.shape[1] for c in clips), clips[0].shape[2])  # rows written once
+    for i, clip in enumerate(clips):
+        out[i, clip.shape[1] :] = 0.0  # padding rows
+    _each_clip("mix_forward", clips, lambda i: w, lambda i: out[i])
     return out
 
 
 def mix_backward(clips: tuple[torch.Tensor, ...], grad: torch.Tensor) -> torch.Tensor:
     """``[L]`` float32: ``sum_i sum_{f < F_i, c} clip_i[l, f, c] * grad[i, f, c]``."""
-    library, clips = load_library(), _checked(clips)
+    clips = _checked(clips)
     grad = grad.float().contiguous()
-    layers, dim = clips[0].shape[0], clips[0].shape[2]
-    per_clip = torch.zeros(len(clips), layers)
-
-    def work(group: range) -> None:
-        for i in group:
-            clip = clips[i]
-            getattr(library, f"mix_backward_{_SUFFIX[clip.dtype]}")(
-                address(clip),
-                ctypes.c_int64(layers),
-                ctypes.c_int64(clip.shape[1]),
-                ctypes.c_int64(dim),
-                address(grad[i]),
-                address(per_clip[i]),
-            )
-
-    cbuild.run_parallel([(work, group) for group in _groups([c.shape[1] for c in clips])])
+    per_clip = torch.zeros(len(clips), clips[0].shape[0])
+    _each_clip("mix_backward", clips, lambda i: grad[i], lambda i: per_clip[i])
     return per_clip.sum(0)
 
 
@@ -181,7 +171,6 @@ def ctc(
     calls = []
     for group in _groups(frames):
         a = group.start
-
         calls.append(
             (
                 library.ctc_batch,
